@@ -1,0 +1,2 @@
+"""relaykern: RelayLLM inference and training."""
+import torch  # noqa: F401  (loads libc10/libtorch before relaykern._C)

@@ -1,0 +1,127 @@
+"""User-facing settings, validated on construction so a bad value fails before any work starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+"""``(generated_token_ids, logits[vocab]) -> logits``: applied to the SLM's logits of one row (as in vLLM/HF)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one model samples. ``temperature == 0`` means greedy; ``top_k == 0`` means no top-k cut."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    logprobs: bool = False
+    logits_processors: Sequence[LogitsProcessor] = ()
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and any(not s for s in self.stop):
+            raise ValueError("SamplingParams.stop strings must be non-empty")
+        self.logits_processors = tuple(self.logits_processors)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RelayConfig:
+    """The relay protocol's knobs (see relaykern/protocol.py for the grammar).
+
+    max_calls: commands served per request; a later command is left as text (``after_max_calls="continue"``)
+        or ends the request with ``finish_reason="max_calls"`` (``"finish"``).
+    max_call_tokens: cap on N; N is also capped by the request's remaining ``max_tokens``.
+    """
+
+    max_calls: int = 5
+    max_call_tokens: int = 4096
+    after_max_calls: Literal["continue", "finish"] = "continue"
+
+    def __post_init__(self) -> None:
+        if self.max_calls < 0:
+            raise ValueError(f"RelayConfig.max_calls must be >= 0, got {self.max_calls}")
+        if self.max_call_tokens < 1:
+            raise ValueError(f"RelayConfig.max_call_tokens must be >= 1, got {self.max_call_tokens}")
+        if self.after_max_calls not in ("continue", "finish"):
+            raise ValueError(f"RelayConfig.after_max_calls must be 'continue' or 'finish', got {self.after_max_calls!r}")
+
+
+@dataclass
+class EngineConfig:
+    """How one model is served: device, precision, paged KV pool, batching.
+
+    The pool is sized by ``num_blocks`` if given, else by ``kv_cache_memory_gb`` (GPU) or a small CPU default.
+    ``attention_backend`` picks the Triton kernels or their torch references (same results; the references are
+    the fallback where Triton cannot run).
+    """
+
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    attention_backend: Literal["triton", "torch"] | None = None
+    cuda_graphs: bool = True
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"EngineConfig.num_blocks must be >= 1, got {self.num_blocks}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("EngineConfig.max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.attention_backend not in (None, "triton", "torch"):
+            raise ValueError(f"EngineConfig.attention_backend must be 'triton' or 'torch', got {self.attention_backend!r}")
+        if isinstance(self.dtype, str):
+            try:
+                self.dtype = getattr(torch, self.dtype)
+            except AttributeError:
+                raise ValueError(f"EngineConfig.dtype: unknown dtype {self.dtype!r}") from None
+        self.device = resolve_device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        """bf16 on GPU, fp32 on CPU unless set."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def resolved_backend(self) -> str:
+        """Triton on GPU; the torch references on CPU unless Triton's interpreter is on."""
+        if self.attention_backend is not None:
+            return self.attention_backend
+        return "triton" if self.device.type == "cuda" else "torch"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None → cuda if available else cpu. Asking for CUDA without a GPU is an error, not a silent fallback."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available on this machine (use device='cpu')")
+    return device

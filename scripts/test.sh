@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs relaykern into ./.venv (torch pinned first, so pip never pulls a CUDA build), builds and runs the C++
+# unit tests with ctest, then runs pytest. Exits non-zero on any failure, including pytest's "no tests ran" (5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q --no-build-isolation -e ".[test,train]"
+python -c "import relaykern, relaykern._C, relaykern.kernels"
+
+mkdir -p build
+cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+      -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+cmake --build build/cpp -j 2 > build/cpp-build.log 2>&1 || { cat build/cpp-build.log; exit 1; }
+(cd build/cpp && ctest --output-on-failure)
+
+set +e
+python -m pytest -q "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$status"
