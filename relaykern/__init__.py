@@ -1,2 +1,26 @@
-"""relaykern: RelayLLM inference and training."""
-import torch  # noqa: F401  (loads libc10/libtorch before relaykern._C)
+"""relaykern: RelayLLM inference and training — a small model that calls a large one, paged KV for both."""
+import torch  # noqa: F401  (loads libtorch before relaykern._C)
+
+from relaykern.config import EngineConfig, RelayConfig, SamplingParams
+from relaykern.outputs import CallRecord, RelayOutput, RelayStats
+
+
+def __getattr__(name: str):
+    # The engine pulls in models, kernels and Triton: load it on first use so `import relaykern` stays light.
+    if name == "generate":
+        from relaykern.api import generate
+
+        return generate
+    if name in ("RelayEngine", "Engine"):
+        from relaykern.engine.relay import RelayEngine
+
+        return RelayEngine
+    if name == "load_qwen3_tokenizer":
+        from relaykern.tokenizer import load_qwen3_tokenizer
+
+        return load_qwen3_tokenizer
+    raise AttributeError(f"module 'relaykern' has no attribute {name!r}")
+
+
+__all__ = ["generate", "RelayEngine", "Engine", "SamplingParams", "RelayConfig", "EngineConfig", "RelayOutput",
+           "RelayStats", "CallRecord", "load_qwen3_tokenizer"]

@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Installs relaykern into ./.venv (torch pinned first, so pip never pulls a CUDA build), builds and runs the C++
-# unit tests with ctest, then runs pytest. Exits non-zero on any failure, including pytest's "no tests ran" (5).
+# Installs relaykern, builds and runs the C++ unit tests with ctest, then runs pytest. Exits non-zero on any
+# failure, including pytest's "no tests ran" (exit 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
+bash scripts/install.sh
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
-python -m pip install -q --no-build-isolation -e ".[test,train]"
-python -c "import relaykern, relaykern._C, relaykern.kernels"
 
 mkdir -p build
 cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \

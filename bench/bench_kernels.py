@@ -1,0 +1,143 @@
+"""GPU micro-benchmarks of the paged-KV kernels (Qwen3-8B attention shapes: 32 q heads, 8 kv heads, head_dim 128).
+
+    python bench/bench_kernels.py --out bench/results/kernels.json
+
+Figures: device-to-device copy bandwidth (the roofline), paged decode attention (bytes of K/V read per second, and
+that as a fraction of the copy bandwidth), paged extend attention against dense SDPA on the same shapes (SDPA reads
+a contiguous K/V with no block-table indirection: a yardstick, not a like-for-like), and store_kv. Each time is the
+median of triton.testing.do_bench (CUDA events, after warm-up). Prints a table and writes JSON with the device,
+versions and git commit.
+"""
+import argparse
+import json
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention.bias import causal_lower_right
+
+from relaykern.kernels.attention import paged_decode_attention, paged_extend_attention
+from relaykern.kernels.store_kv import store_kv
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"), help="JSON output path")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 256], help="KV cache block sizes")
+    parser.add_argument("--context", type=int, default=4096, help="context length (tokens already cached)")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per figure (ms)")
+    return parser.parse_args()
+
+
+def bench_ms(fn, rep_ms: int) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def paged_inputs(q_lens: list[int], context: int, block_size: int, dtype: torch.dtype) -> dict:
+    """Shuffled blocks (as a long-running pool has them); each sequence holds context + q_len tokens."""
+    seq_lens = [context + n for n in q_lens]
+    blocks_per_seq = -(-max(seq_lens) // block_size)
+    num_blocks = blocks_per_seq * len(q_lens)
+    kv_cache = torch.randn(2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    block_tables = torch.randperm(num_blocks, device="cuda").view(len(q_lens), blocks_per_seq).int()
+    cu_seqlens_q = torch.tensor([0] + q_lens, device="cuda").cumsum(0).int()
+    q = torch.randn(sum(q_lens), NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    return dict(q=q, kv_cache=kv_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+                seq_lens=torch.tensor(seq_lens, device="cuda", dtype=torch.int32), max_q_len=max(q_lens))
+
+
+def bench_copy(rep_ms: int) -> dict:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep_ms)
+    return {"name": "copy 1 GiB", "ms": ms, "GB/s": 2 * src.numel() / ms / 1e6}  # read + write
+
+
+def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int):
+    inputs = paged_inputs([1] * batch, context - 1, block_size, dtype)
+    scale = HEAD_DIM ** -0.5
+    ms = bench_ms(lambda: paged_decode_attention(inputs["q"], inputs["kv_cache"], inputs["block_tables"],
+                                                 inputs["seq_lens"], scale), rep_ms)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * inputs["kv_cache"].element_size()
+    gbs = kv_bytes / ms / 1e6
+    return {"name": f"decode bs{batch} ctx{context} block{block_size}", "ms": ms, "GB/s": gbs,
+            "fraction_of_copy": gbs / copy_gbs}
+
+
+def sdpa_extend(batch: int, q_len: int, context: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """Dense SDPA on the same shapes: batch x q_len rows over context + q_len contiguous keys (GQA, bottom-right
+    causal)."""
+    q = torch.randn(batch, NUM_Q_HEADS, q_len, HEAD_DIM, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, NUM_KV_HEADS, context + q_len, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2))
+    mask = causal_lower_right(q_len, context + q_len)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def bench_extend(batch: int, q_len: int, context: int, block_size: int, dtype: torch.dtype, rep_ms: int) -> dict:
+    inputs = paged_inputs([q_len] * batch, context, block_size, dtype)
+    scale = HEAD_DIM ** -0.5
+    ms = bench_ms(lambda: paged_extend_attention(inputs["q"], inputs["kv_cache"], inputs["block_tables"],
+                                                 inputs["seq_lens"], inputs["cu_seqlens_q"], q_len, scale), rep_ms)
+    sdpa_ms = bench_ms(sdpa_extend(batch, q_len, context, dtype), rep_ms)
+    visible_keys = batch * (q_len * context + q_len * (q_len + 1) // 2)
+    flops = 4 * NUM_Q_HEADS * HEAD_DIM * visible_keys
+    return {"name": f"extend bs{batch} q{q_len} ctx{context} block{block_size}", "ms": ms,
+            "TFLOP/s": flops / ms / 1e9, "sdpa_ms": sdpa_ms, "sdpa_over_ours": sdpa_ms / ms}
+
+
+def bench_store(num_tokens: int, block_size: int, dtype: torch.dtype, rep_ms: int) -> dict:
+    num_blocks = -(-num_tokens // block_size) * 4
+    kv_cache = torch.zeros(2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    key, value = (torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2))
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    ms = bench_ms(lambda: store_kv(key, value, kv_cache, slots), rep_ms)
+    moved = 2 * 2 * key.numel() * key.element_size()  # K and V, read + write
+    return {"name": f"store_kv T{num_tokens} block{block_size}", "ms": ms, "GB/s": moved / ms / 1e6}
+
+
+def print_table(rows: list[dict]) -> None:
+    for row in rows:
+        figures = "  ".join(f"{key}={value:.4g}" for key, value in row.items() if key != "name")
+        print(f"{row['name']:<40} {figures}")
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    copy = bench_copy(args.rep_ms)
+    rows = [copy]
+    for block_size in args.block_sizes:
+        for batch in (32, 1):
+            rows.append(bench_decode(batch, args.context, block_size, dtype, copy["GB/s"], args.rep_ms))
+        for batch, q_len in ((1, 16), (32, 16), (1, 512), (1, 2048)):
+            rows.append(bench_extend(batch, q_len, args.context, block_size, dtype, args.rep_ms))
+        for num_tokens in (32, 2048):
+            rows.append(bench_store(num_tokens, block_size, dtype, args.rep_ms))
+        torch.cuda.empty_cache()
+    print_table(rows)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "git_commit": git_commit(), "dtype": args.dtype, "heads": [NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM],
+              "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``relaykern generate | bench | train | eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from relaykern.config import RelayConfig, SamplingParams
+
+
+def force_command(tokenizer, at_step: int, n: int):
+    """A logits processor that makes the SLM write ``<call>n</call>`` at ``at_step`` (demos and tests: a random
+    model never calls on its own)."""
+    command = tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
+
+    def processor(generated: list[int], logits):
+        # The response also holds the LLM's tokens; count the SLM's position by what it has written since the start.
+        offset = len(generated) - at_step
+        if 0 <= offset < len(command) and generated[at_step:] == command[:offset]:
+            forced = logits.new_full(logits.shape, float("-inf"))
+            forced[command[offset]] = 0.0
+            return forced
+        return logits
+
+    return processor
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from relaykern.engine.relay import RelayEngine
+
+    slm, llm = args.slm, args.llm
+    if args.tiny:
+        from relaykern.tiny import save_tiny_checkpoint
+
+        root = Path(tempfile.mkdtemp(prefix="relaykern-tiny-"))
+        slm = save_tiny_checkpoint(root / "slm", hidden_size=64, seed=1)
+        llm = save_tiny_checkpoint(root / "llm", hidden_size=128, num_layers=3, seed=2)
+        print(f"built a tiny random SLM/LLM pair in {root}")
+    if slm is None:
+        print("error: give --slm DIR (and --llm DIR), or --tiny", file=sys.stderr)
+        return 2
+    engine = RelayEngine(slm, llm, relay=RelayConfig(max_calls=args.max_calls))
+    tok = engine.tokenizer
+    processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
+    sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+                              logits_processors=processors)
+    prompts = args.prompt or ["What is 17 * 23?"]
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    for prompt, out in zip(prompts, engine.generate(prompts, sampling)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids, "spans": out.spans,
+                              "finish_reason": out.finish_reason, "calls": out.stats.calls,
+                              "call_ratio": out.stats.call_ratio}))
+            continue
+        print(f"--- prompt: {prompt!r}")
+        for source, start, end in out.spans:
+            print(f"[{source} {end - start} tok] {tok.decode(out.token_ids[start:end])!r}")
+        s = out.stats
+        print(f"finish={out.finish_reason} slm_tokens={s.slm_tokens} llm_tokens={s.llm_tokens} calls={s.calls} "
+              f"call_ratio={s.call_ratio:.3f} llm_catchup={s.llm_prefill_tokens} slm_catchup={s.slm_catchup_tokens}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaykern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="relay prompts between an SLM and an LLM")
+    gen.add_argument("--slm", help="SLM checkpoint directory (HF format, safetensors)")
+    gen.add_argument("--llm", help="LLM checkpoint directory (same tokenizer); omit for SLM only")
+    gen.add_argument("--tiny", action="store_true", help="build a tiny random pair on the fly (demo, no download)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-calls", type=int, default=5)
+    gen.add_argument("--force-call-at", type=int, default=-1,
+                     help="make the SLM write <call>N</call> at this response position (demo of a relay)")
+    gen.add_argument("--force-call-n", type=int, default=8)
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite (see bench/)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda a: _delegate("relaykern.bench_cli", a.rest))
+
+    train = sub.add_parser("train", help="relay SFT warm-up or GRPO (train sft|grpo --config FILE)")
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=lambda a: _delegate("relaykern.train", a.rest))
+    return parser
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Fused command detection for the engine: one table lookup per SLM row on the device, one small readback.
+
+The table (kernels/detect.py) lifts relaykern/protocol.py's byte automaton to tokens. The host keeps each
+sequence's automaton state between steps (it changes only here), sends the batch's states with the step, and reads
+back sampled ids, events and new states in a single transfer.
+"""
+from __future__ import annotations
+
+import torch
+
+from relaykern.engine.sequence import Sequence
+from relaykern.kernels.detect import build_detection_table, detect_commands, detect_commands_reference
+
+
+class Detector:
+    def __init__(self, token_bytes: list[bytes], device: torch.device, backend: str) -> None:
+        self.table = build_detection_table(token_bytes, device)
+        self.device = device
+        self.kernel = detect_commands if backend == "triton" else detect_commands_reference
+
+    def detect(self, tokens: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, int, int, int, int]]:
+        """For each row: (token, event, n, start_offset, event_end); updates each sequence's automaton state."""
+        state = torch.tensor([s.scan_state for s in seqs], dtype=torch.int32).to(self.device, non_blocking=True)
+        n = torch.tensor([s.scan_n for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        result = self.kernel(tokens, state, n, self.table)
+        packed = torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),
+                              result.event_end.long(), state.long(), n]).cpu().tolist()
+        rows = []
+        for i, seq in enumerate(seqs):
+            seq.scan_state, seq.scan_n = packed[5][i], packed[6][i]
+            rows.append((packed[0][i], packed[1][i], packed[2][i], packed[3][i], packed[4][i]))
+        return rows

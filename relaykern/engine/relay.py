@@ -1,0 +1,241 @@
+"""The relay loop: an SLM and an optional LLM in one continuous-batching engine, both KV caches kept for the
+life of each request.
+
+Each ``step()``:
+
+1. one SLM forward over every sequence in the SLM phase (decode rows, and catch-up rows that first read what the
+   LLM wrote, packed together), sampling on the device;
+2. fused command detection on the sampled tokens (a table lookup per row on the device); the host reads back one
+   small tensor of ids + events, never detokenizing;
+3. per sequence: append the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
+   turn minus the command bytes (``protocol.strip_commands``) and the sequence moves to the LLM phase;
+4. one LLM forward over every sequence in the LLM phase: its first row of a call is a catch-up over only the new
+   tag-free tokens (extend attention over the LLM's paged cache), then decode rows until N tokens, EOS or the
+   budget; then the sequence goes back to the SLM, whose next forward catches up on those tokens by id
+   (same tokenizer: injection without re-encoding).
+
+Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from relaykern.config import EngineConfig, RelayConfig, SamplingParams
+from relaykern.engine.checkpoint import load_tokenizer, validate_pair
+from relaykern.engine.detection import Detector
+from relaykern.engine.runner import ModelRunner
+from relaykern.engine.scheduler import Scheduler
+from relaykern.engine.sequence import Phase, PendingCall, Sequence
+from relaykern.outputs import CallRecord, RelayOutput, Source
+from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length, strip_commands
+from relaykern.tokenizer import encode_bytes, token_bytes
+
+
+class RelayEngine:
+    """Keeps both models loaded between calls. ``llm=None`` serves the SLM alone."""
+
+    def __init__(self, slm: str | Path, llm: str | Path | None = None, *, relay: RelayConfig | None = None,
+                 slm_config: EngineConfig | None = None, llm_config: EngineConfig | None = None) -> None:
+        self.relay = relay or RelayConfig()
+        self.tokenizer = load_tokenizer(slm)
+        if llm is not None:
+            validate_pair(slm, llm, self.tokenizer)
+        slm_config = slm_config or EngineConfig()
+        self.slm = ModelRunner(slm, slm_config, kv_share=0.2 if llm is not None else 1.0)
+        self.llm = ModelRunner(llm, llm_config or EngineConfig(), kv_share=1.0) if llm is not None else None
+        vocab = max(r.model_config.vocab_size for r in (self.slm, self.llm) if r is not None)
+        known = token_bytes(self.tokenizer)
+        self.token_bytes = known + [b""] * (vocab - len(known))  # embedding padding rows write nothing
+        self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
+        models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
+        self.scheduler = Scheduler(slm_config, models)
+        self.slm_eos = set(self.slm.model_config.eos_token_ids)
+        self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    llm_sampling: SamplingParams | None = None) -> Sequence:
+        """Validates and queues one request. Bad input raises ValueError here, before any work starts."""
+        sampling = sampling or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        limit = self.slm.max_model_len if self.llm is None else min(self.slm.max_model_len, self.llm.max_model_len)
+        if len(prompt_ids) + sampling.max_tokens > limit:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
+                             f"model context of {limit} tokens; shorten the prompt or lower max_tokens")
+        for runner in [self.slm] + ([self.llm] if self.llm else []):
+            need = runner.blocks_needed(len(prompt_ids) + sampling.max_tokens)
+            if need > runner.num_blocks:
+                raise ValueError(f"one request needs up to {need} KV blocks but the pool has {runner.num_blocks}; "
+                                 "raise num_blocks / kv_cache_memory_gb or lower max_tokens")
+        if llm_sampling is None:  # the teacher samples like the student, without the student's scripting/stops
+            llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+        seq = Sequence(prompt_ids, sampling, llm_sampling, self.llm is not None, seed)
+        self.scheduler.add(seq)
+        return seq
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.slm.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        return ids
+
+    def generate(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
+                 llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
+        """Runs the prompts to completion with continuous batching; outputs in prompt order."""
+        samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self.add_request(p, s, llm_sampling) for p, s in zip(prompts, samplings)]
+        while not all(s.finished for s in seqs):
+            self.step()
+        return [self.output(s) for s in seqs]
+
+    def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | None = None,
+               llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
+        """Yields ``(prompt index, source model, new token ids)`` as tokens are written."""
+        seqs = [self.add_request(p, sampling, llm_sampling) for p in prompts]
+        while not all(s.finished for s in seqs):
+            self.step()
+            for index, seq in enumerate(seqs):
+                for source, start, end in seq.spans:
+                    if end > seq.streamed:
+                        yield index, source, seq.response[max(start, seq.streamed):end]
+                seq.streamed = len(seq.response)
+
+    def load_slm_weights(self, named_tensors) -> None:
+        """Pushes HF-named SLM weights into the live engine (the GRPO trainer's sync, no disk)."""
+        self.slm.load_weights(named_tensors)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> None:
+        seqs, rows = self.scheduler.schedule(Phase.SLM, self.slm, lambda s: s.slm)
+        result = self._forward(self.slm, seqs, rows) if rows else None
+        if result is not None:
+            tokens, logprobs = result
+            readback = self.detector.detect(tokens, seqs)
+            for seq, row_readback, logprob in zip(seqs, readback, logprobs):
+                seq.slm.num_cached = len(seq.slm.tokens)
+                self._on_slm_token(seq, *row_readback, logprob)
+        if self.llm is not None:
+            seqs, rows = self.scheduler.schedule(Phase.LLM, self.llm, lambda s: s.llm)
+            result = self._forward(self.llm, seqs, rows) if rows else None
+            if result is not None:
+                tokens, logprobs = result
+                for seq, row, token, logprob in zip(seqs, rows, tokens.tolist(), logprobs):
+                    seq.llm.num_cached = len(seq.llm.tokens)
+                    self._on_llm_token(seq, token, logprob, len(row.tokens))
+        for seq in [s for s in self.scheduler.running if s.finished]:
+            self.scheduler.finish(seq)
+
+    def _forward(self, runner: ModelRunner, seqs: list[Sequence], rows: list) -> tuple | None:
+        """Runs a forward. If it fails (a broken logits processor, say), each row is retried alone so that only the
+        requests that fail are finished with ``finish_reason="error"``; rewriting a row's KV is idempotent."""
+        try:
+            tokens, logprobs = runner.execute(rows)
+        except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
+            if len(rows) == 1:
+                seqs[0].finish("error", f"{type(err).__name__}: {err}")
+                return None
+            results = [self._forward(runner, [seq], [row]) for seq, row in zip(seqs, rows)]
+            kept = [i for i, r in enumerate(results) if r is not None]
+            seqs[:] = [seqs[i] for i in kept]
+            rows[:] = [rows[i] for i in kept]
+            if not kept:
+                return None
+            return torch.cat([results[i][0] for i in kept]), [results[i][1][0] for i in kept]
+        return tokens, logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+
+    def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
+                      logprob: float | None) -> None:
+        """Order within a token (as the reference): a stop wins over a command event; the command, served or not,
+        comes before the max_tokens check."""
+        token_start = seq.run_bytes
+        if self._append(seq, token, "slm", logprob, self.slm_eos, seq.sampling):
+            return seq.finish("stop")
+        seq.run_bytes += len(self.token_bytes[token])
+        if event == EVENT_MALFORMED:
+            return seq.finish("malformed_call")
+        if event == EVENT_CALL:
+            seq.run_commands.append((seq.pending_command_start, token_start + event_end))
+        if start_offset >= 0:
+            seq.pending_command_start = token_start + start_offset
+        if event == EVENT_CALL and n > 0:
+            self._serve(seq, n)
+        if not seq.finished and seq.phase is Phase.SLM and seq.tokens_left <= 0:
+            seq.finish("length")
+
+    def _append(self, seq: Sequence, token: int, source: Source, logprob: float | None, eos: set[int],
+                params: SamplingParams) -> bool:
+        """Adds a token to the response; True if it stops the request under the writing model's ``params``: EOS, a
+        stop id, or a stop string (matched on the response's bytes) that ends inside this token."""
+        seq.append(token, source, logprob)
+        before = len(seq.text)
+        seq.text += self.token_bytes[token]
+        if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
+            return True
+        return any(seq.text.find(stop.encode(), max(0, before - len(stop.encode()) + 1)) >= 0
+                   for stop in params.stop or ())
+
+    def _serve(self, seq: Sequence, n: int) -> None:
+        if seq.llm is None or seq.stats.calls >= self.relay.max_calls:
+            seq.stats.unserved_calls += 1
+            if seq.llm is not None and self.relay.after_max_calls == "finish":
+                seq.finish("max_calls")
+            return
+        n_served = serve_length(n, self.relay.max_call_tokens, seq.tokens_left)
+        if n_served == 0:
+            return
+        run = seq.response[seq.run_start:]
+        seq.llm.tokens += strip_commands(run, [self.token_bytes[t] for t in run], seq.run_commands,
+                                         lambda data: encode_bytes(self.tokenizer, data))
+        seq.stats.calls += 1
+        seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served)
+        seq.stats.call_records.append(seq.call.record)
+        seq.phase = Phase.LLM
+
+    def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None, fed: int) -> None:
+        call = seq.call
+        if call.produced == 0:
+            call.record.llm_catchup = fed
+            seq.stats.llm_prefill_tokens += fed
+        stopped = self._append(seq, token, "llm", logprob, self.llm_eos, seq.llm_sampling)
+        call.produced += 1
+        done = call.produced == call.n_served
+        if stopped:
+            seq.finish("stop")
+        elif seq.tokens_left <= 0:
+            seq.finish("length")
+        elif done:
+            call.record.slm_catchup = call.produced
+            seq.stats.slm_catchup_tokens += call.produced
+            seq.phase = Phase.SLM
+            seq.reset_detection()
+        if done or seq.finished:
+            call.record.latency_s = time.perf_counter() - call.started_at
+            seq.call = None
+
+    def output(self, seq: Sequence) -> RelayOutput:
+        return RelayOutput(
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.response),
+            text=self.tokenizer.decode(seq.response, skip_special_tokens=True),
+            spans=list(seq.spans),
+            finish_reason=seq.finish_reason,
+            stats=seq.stats,
+            logprobs=list(seq.logprobs) if seq.sampling.logprobs else None,
+            error=seq.error,
+        )

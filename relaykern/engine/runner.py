@@ -1,0 +1,138 @@
+"""One model on one device: its weights, its paged KV pool and block manager, and a forward over packed rows.
+
+A forward takes ragged rows (each: the tokens a sequence feeds this step, from the position where its cache ends)
+packed into one batch — decode rows (1 token), catch-up rows (a few), prefill rows (a prompt) alike — runs the model
+once, and samples the next token for the rows that asked. Positions and slot mappings are built on the device by
+the injection kernel from the block tables, which the C++ block manager exports in one call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relaykern import _C
+from relaykern.config import EngineConfig, SamplingParams
+from relaykern.engine.cuda_graphs import DecodeGraphs
+from relaykern.engine.sampler import SamplingBatch, sample
+from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
+from relaykern.loader import load_model
+from relaykern.models.attention import AttentionContext
+
+CPU_DEFAULT_BLOCKS = 512
+GPU_MEMORY_FRACTION = 0.85
+
+
+@dataclass
+class Row:
+    """What one sequence feeds a forward: ``tokens`` at positions ``start...``; the next token is sampled after them."""
+
+    seq_id: int
+    tokens: list[int]
+    start: int
+    sampling: SamplingParams
+    seed: int
+    step: int
+    """Index in the response of the token to sample (the noise counter; also what logits processors see)."""
+    history: list[int]
+    """The response so far (logits processors get it)."""
+    want_logprobs: bool
+
+
+class ModelRunner:
+    def __init__(self, path: str | Path, config: EngineConfig, kv_share: float = 1.0) -> None:
+        self.config = config
+        self.device = config.device
+        self.dtype = config.resolved_dtype()
+        self.backend = config.resolved_backend()
+        self.model, self.model_config = load_model(path, self.device, self.dtype)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.block_size = config.block_size
+        self.num_blocks = config.num_blocks or self._blocks_from_memory(kv_share)
+        self.kv_pool = _C.KVPool(mc.num_layers, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim,
+                                 self.dtype, self.device)
+        self.model.bind_kv_cache(self.kv_pool.cache)
+        self.blocks = _C.BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and config.cuda_graphs else None
+
+    def _blocks_from_memory(self, kv_share: float) -> int:
+        mc = self.model_config
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_BLOCKS
+        if self.config.kv_cache_memory_gb is not None:
+            budget = int(self.config.kv_cache_memory_gb * 2**30)
+        else:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * GPU_MEMORY_FRACTION * kv_share)
+        return _C.KVPool.blocks_for_budget(budget, mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
+                                           self.dtype)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs one forward over ``rows``; returns the sampled token (and log-prob) of each row, on the device."""
+        ctx, input_ids, positions = self._prepare(rows)
+        if self.graphs is not None and ctx.max_q_len == 1 and self.graphs.fits(len(rows)):
+            hidden = self.graphs.run(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)
+        logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
+        logits = self._apply_logits_processors(logits, rows)
+        want_logprobs = any(row.want_logprobs for row in rows)
+        return sample(logits, self._sampling_batch(rows), want_logprobs)
+
+    def _prepare(self, rows: list[Row]) -> tuple[AttentionContext, torch.Tensor, torch.Tensor]:
+        lengths = [len(row.tokens) for row in rows]
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        device = self.device
+        flat = torch.tensor([t for row in rows for t in row.tokens], dtype=torch.int64).to(device, non_blocking=True)
+        cu_rows = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        start = torch.tensor([row.start for row in rows], dtype=torch.int32).to(device, non_blocking=True)
+        width = max(self.blocks_needed(row.start + n) for row, n in zip(rows, lengths))
+        tables = self.blocks.block_tables([row.seq_id for row in rows], width).to(device, non_blocking=True)
+        inject = inject_tokens if self.backend == "triton" else inject_tokens_reference
+        injected = inject(flat, cu_rows, start, tables, self.block_size)
+        ctx = AttentionContext(
+            slot_mapping=injected.slot_mapping,
+            block_tables=tables,
+            seq_lens=start + (cu_rows[1:] - cu_rows[:-1]),
+            cu_seqlens_q=cu_rows,
+            max_q_len=max(lengths),
+            backend=self.backend,
+        )
+        return ctx, injected.input_ids, injected.positions
+
+    @staticmethod
+    def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        for i, row in enumerate(rows):
+            for processor in row.sampling.logits_processors:
+                logits[i] = processor(list(row.history), logits[i])
+        return logits
+
+    def _sampling_batch(self, rows: list[Row]) -> SamplingBatch:
+        device = self.device
+        temperature = [row.sampling.temperature for row in rows]
+        top_p = [row.sampling.top_p for row in rows]
+        top_k = [row.sampling.top_k for row in rows]
+        return SamplingBatch(
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            seeds=torch.tensor([row.seed for row in rows], dtype=torch.int64, device=device),
+            steps=torch.tensor([row.step for row in rows], dtype=torch.int64, device=device),
+            needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
+            all_greedy=all(t == 0 for t in temperature),
+        )
+
+    def load_weights(self, named_tensors) -> None:
+        """Copies HF-named tensors into the live model (the trainer's in-process weight sync)."""
+        from relaykern.loader import load_state_dict_into
+
+        load_state_dict_into(self.model, dict(named_tensors))

@@ -1,0 +1,125 @@
+"""Picks, each step, the rows of one model's forward, and keeps its block manager in step with the views.
+
+Both models are scheduled by the same policy over the sequences in their phase: running sequences first (oldest
+first), then waiting ones, each feeding all its uncached tokens, until ``max_num_seqs`` rows or
+``max_num_batched_tokens`` tokens (at least one row always runs). Blocks are taken from the model's C++ block
+manager just before the forward. When they run out, the newest running sequence that is not in this step's batch is
+preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never lost).
+Only sequences not yet in the batch are preempted, so a block is never freed between being hashed for prefix sharing
+and being computed.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from relaykern.config import EngineConfig
+from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.sequence import ModelView, Phase, Sequence
+
+
+class PoolTooSmall(ValueError):
+    """A single request needs more KV blocks than the whole pool has."""
+
+
+ViewOf = Callable[[Sequence], "ModelView | None"]
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, models: list[tuple[ModelRunner, ViewOf]]) -> None:
+        """``models``: each model's runner with the function giving a sequence's view for it."""
+        self.config = config
+        self.models = models
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf) -> tuple[list[Sequence], list[Row]]:
+        """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it."""
+        batch: list[Sequence] = []
+        rows: list[Row] = []
+        num_tokens = 0
+        candidates = [s for s in self.running if s.phase is phase] + [s for s in self.waiting if s.phase is phase]
+        for seq in candidates:
+            view = view_of(seq)
+            if len(rows) >= self.config.max_num_seqs:
+                break
+            if rows and num_tokens + view.num_pending > self.config.max_num_batched_tokens:
+                break
+            if not self._reserve(seq, view, runner, batch):
+                break
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            batch.append(seq)
+            rows.append(self._row(seq, view, phase))
+            num_tokens += len(rows[-1].tokens)
+        return batch, rows
+
+    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, batch: list[Sequence]) -> bool:
+        """Makes ``runner``'s block manager hold all of ``view``; preempts others if needed. False: try next step."""
+        blocks = runner.blocks
+        needed = len(view.tokens)
+        if runner.blocks_needed(needed) > blocks.num_blocks:
+            raise PoolTooSmall(f"request {seq.request_id} needs {runner.blocks_needed(needed)} KV blocks for "
+                               f"{needed} tokens but the pool has {blocks.num_blocks}; raise num_blocks or "
+                               "kv_cache_memory_gb, or lower max_tokens")
+        while True:
+            if not view.allocated:
+                if blocks.can_allocate(view.tokens):
+                    view.num_cached = blocks.allocate(seq.request_id, view.tokens)
+                    view.allocated = True
+                    return True
+            elif blocks.can_append(seq.request_id, needed - blocks.seq_len(seq.request_id)):
+                blocks.append(seq.request_id, view.tokens[blocks.seq_len(seq.request_id):])
+                return True
+            if not self._preempt_one(runner, exclude=batch + [seq]):
+                return False
+
+    def _preempt_one(self, runner: ModelRunner, exclude: list[Sequence]) -> bool:
+        for victim in reversed(self.running):
+            if victim not in exclude and runner.blocks.has_seq(victim.request_id):
+                self.preempt(victim)
+                return True
+        return False
+
+    def preempt(self, seq: Sequence) -> None:
+        self.release(seq)
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks in every model it holds blocks in; its views will be recomputed."""
+        for runner, view_of in self.models:
+            view = view_of(seq)
+            if view is not None and view.allocated:
+                runner.blocks.free(seq.request_id)
+                view.allocated = False
+                view.num_cached = 0
+
+    def finish(self, seq: Sequence) -> None:
+        self.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    @staticmethod
+    def _row(seq: Sequence, view: ModelView, phase: Phase) -> Row:
+        is_slm = phase is Phase.SLM
+        return Row(
+            seq_id=seq.request_id,
+            tokens=view.tokens[view.num_cached:],
+            start=view.num_cached,
+            sampling=seq.sampling if is_slm else seq.llm_sampling,
+            seed=seq.seed if is_slm else seq.seed ^ 0x5EED,
+            step=len(seq.response),
+            history=seq.response,
+            want_logprobs=seq.sampling.logprobs,
+        )

@@ -1,0 +1,111 @@
+"""One request as the engine sees it: the response so far, each model's view of it, and where it is in the relay.
+
+Each model keeps its own token view and how much of it is in its KV cache (``ModelView``): the SLM's view is the
+prompt plus the whole response; the LLM's view is the prompt plus the response with every command's text removed,
+extended only when the LLM is called. Whatever part of a view is not yet cached is what that model's next forward
+feeds: one token in decode, the other model's new tokens in a catch-up, the prompt in a prefill, everything after a
+preemption. So decode, catch-up, prefill and recompute are one code path.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from relaykern.config import SamplingParams
+from relaykern.outputs import CallRecord, RelayStats, Source, append_span
+from relaykern.protocol import TEXT
+
+_request_ids = itertools.count()
+
+
+class Phase(enum.Enum):
+    SLM = "slm"  # the SLM writes (decode, or prefill/catch-up first when its view has uncached tokens)
+    LLM = "llm"  # serving a call: the LLM catches up on its view, then writes n_served tokens
+    FINISHED = "finished"
+
+
+@dataclass
+class ModelView:
+    tokens: list[int]
+    num_cached: int = 0
+    allocated: bool = False
+    """Whether the model's block manager holds this sequence (false before its first forward and after preemption)."""
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+
+@dataclass
+class PendingCall:
+    record: CallRecord
+    n_served: int
+    produced: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+class Sequence:
+    """A request in flight. Plain attributes; the relay loop (relay.py) is the only writer."""
+
+    def __init__(self, prompt_ids: list[int], sampling: SamplingParams, llm_sampling: SamplingParams,
+                 with_llm: bool, seed: int) -> None:
+        self.request_id = next(_request_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.llm_sampling = llm_sampling
+        self.seed = seed
+        self.response: list[int] = []
+        self.text = bytearray()  # the response's bytes, for stop strings
+        self.logprobs: list[float] = []
+        self.spans: list[tuple[Source, int, int]] = []
+        self.slm = ModelView(list(prompt_ids))
+        self.llm = ModelView(list(prompt_ids)) if with_llm else None
+        self.phase = Phase.SLM
+        self.stats = RelayStats()
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        # Command detection: automaton state and N mirrored from the device, and the SLM run since the LLM's last
+        # turn (its first response index, byte length, and the byte ranges of the commands it contains).
+        self.scan_state = TEXT
+        self.scan_n = 0
+        self.run_start = 0
+        self.run_bytes = 0
+        self.pending_command_start = 0
+        self.run_commands: list[tuple[int, int]] = []
+        self.call: PendingCall | None = None
+        self.streamed = 0
+
+    @property
+    def tokens_left(self) -> int:
+        return self.sampling.max_tokens - len(self.response)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    def append(self, token: int, source: Source, logprob: float | None) -> None:
+        """Adds one generated token to the response and to the SLM's view (the SLM reads everything)."""
+        start = len(self.response)
+        self.response.append(token)
+        self.slm.tokens.append(token)
+        if self.sampling.logprobs:
+            self.logprobs.append(logprob)
+        append_span(self.spans, source, start, start + 1)
+        if source == "slm":
+            self.stats.slm_tokens += 1
+        else:
+            self.stats.llm_tokens += 1
+            self.llm.tokens.append(token)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.phase = Phase.FINISHED
+        self.finish_reason = reason
+        self.error = error
+
+    def reset_detection(self) -> None:
+        """A new SLM run begins (after the LLM's turn): LLM text is never scanned for commands."""
+        self.scan_state, self.scan_n = TEXT, 0
+        self.run_start, self.run_bytes = len(self.response), 0
+        self.run_commands = []

@@ -1,0 +1,59 @@
+"""Paged attention glue: one step's metadata, and the layer that writes K/V into the pool and attends over it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from relaykern.kernels.attention import paged_attention, paged_attention_reference
+from relaykern.kernels.store_kv import store_kv, store_kv_reference
+
+BACKENDS = {
+    "triton": (store_kv, paged_attention),
+    "torch": (store_kv_reference, paged_attention_reference),
+}
+
+
+@dataclass
+class AttentionContext:
+    """Where this step's ``T`` packed rows go and what they attend to, shared by every layer.
+
+    Sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``: its last ``q_len_b`` tokens, at positions
+    ``seq_lens[b] - q_len_b .. seq_lens[b] - 1``. Row ``t``'s K/V goes to flat slot ``slot_mapping[t]``
+    (``= block * block_size + offset``; -1 = don't store); token ``p`` of sequence ``b`` lives in block
+    ``block_tables[b, p // block_size]``. Attention is causal, aligned bottom-right.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64 (or int32)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, total tokens per sequence including this step's rows
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    max_q_len: int
+    backend: str = "triton"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"AttentionContext.backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V in the layer's slice of the pool, then attends from q over the whole cache.
+
+    ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), bound by the runner
+    through the model's ``bind_kv_cache``; the layer owns no memory of its own.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` → ``[T, Hq, D]``."""
+        if self.kv_cache is None:
+            raise ValueError("Attention has no KV cache: call model.bind_kv_cache(pool) before forward")
+        store, attend = BACKENDS[ctx.backend]
+        store(k, v, self.kv_cache, ctx.slot_mapping)
+        return attend(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len, self.scale)

@@ -1,0 +1,338 @@
+"""The reference relay: slow, obviously correct, over plain ``transformers`` models.
+
+It is the oracle the engine is tested against token for token (greedy), and the "official-style" baseline the
+benchmarks compare with: like the official eval code (``eval/generate_withhelp.py``) it re-prefills the LLM with the
+whole context on every call and restarts the SLM's ``generate`` after every turn. Requests run one by one.
+
+One request's loop (rules from ``relaykern/protocol.py``, which win over the official code where they differ):
+
+1. The SLM generates (HF ``generate`` with its KV cache, ``max_new_tokens`` = tokens left) on prompt + response.
+   A ``StoppingCriteria`` sees each new token: it ends the request on EOS, ``stop_token_ids`` or a ``stop`` string,
+   and feeds the token's bytes to ``protocol.scan`` to stop right after the token that completes a command or
+   makes it malformed. The official code stops on the stop string ``</call>`` (vLLM, which also cuts the text
+   there: the ``,`` of a final token ``>,`` is lost, while the protocol keeps it). HF's ``stop_strings`` would
+   stop at ``>,`` too, but not at a malformed command (``<call>abc`` has no ``</call>``), and it would stop at a
+   stray ``</call>`` with no command; the automaton gives exactly the protocol's events, with N and offsets, and
+   is what the engine's detection runs. Each event is then confirmed with ``protocol.find_commands`` (the regex
+   specification) on the bytes of the current SLM run.
+2. A call with ``N > 0`` is served with ``serve_length(N, max_call_tokens, tokens left)`` LLM tokens, written on
+   prompt + the LLM's view of the response, rebuilt from scratch: LLM tokens as they are, and each SLM run (the
+   SLM tokens between two LLM turns) minus the bytes of every command found in it (``strip_commands``). Commands
+   never span an LLM turn: the automaton restarts at each SLM run, so per-run stripping is exact.
+3. The LLM's tokens join the response (source ``"llm"``) and the SLM goes on, reading everything.
+
+Ordering within one token: a stop (EOS, stop id, stop string) wins over a command event; a command served or not
+comes before the ``max_tokens`` check; a command with no token left to serve ends the request with ``"length"``
+and is not counted. EOS and stop tokens are kept in ``token_ids`` (and counted), as HF ``generate`` does; stop
+strings are matched on the response's bytes (LLM text included) and must end inside the new token; the text is
+not cut at them.
+
+Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k and top-p warpers, after the user's
+``logits_processors``. ``seed`` re-seeds torch before every ``generate`` call, so a run is reproducible, but the
+engine draws from a different random stream: only greedy outputs are compared token for token. ``llm_sampling``
+defaults to ``sampling`` without logits processors and stop rules; its ``max_tokens`` and ``logprobs`` are unused
+(the call decides the length; ``sampling.logprobs`` decides logprobs for all tokens). Logits processors see the
+whole response so far (both models' tokens, commands included), for either model. Logprobs are taken from the
+processed distribution (after processors and warpers) that the token was drawn from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from relaykern import protocol
+from relaykern.config import RelayConfig, SamplingParams
+from relaykern.outputs import CallRecord, RelayOutput, RelayStats, Source, append_span
+from relaykern.tokenizer import encode_bytes, load_qwen3_tokenizer, token_bytes
+
+
+def reference_generate(
+    prompts: list[list[int]],
+    slm: PreTrainedModel,
+    llm: PreTrainedModel | None,
+    tokenizer,
+    sampling: SamplingParams,
+    llm_sampling: SamplingParams | None = None,
+    relay: RelayConfig | None = None,
+) -> list[RelayOutput]:
+    """Runs the relay on each prompt (token ids), one request at a time. ``llm=None`` leaves every command as text."""
+    if llm_sampling is None:
+        llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("reference_generate: every prompt needs at least one token (give a BOS or some text)")
+    table = _token_table(tokenizer)
+    return [
+        _Request(list(prompt), slm, llm, tokenizer, table, sampling, llm_sampling, relay or RelayConfig()).run()
+        for prompt in prompts
+    ]
+
+
+def load_reference_models(
+    slm_path: str | Path,
+    llm_path: str | Path | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedModel | None, object]:
+    """``(slm, llm or None, tokenizer)`` from local checkpoint directories (no download).
+
+    The tokenizer comes from the SLM's directory, or is the offline Qwen3 tokenizer when the directory has none.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def load(path: str | Path) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return model.to(device).eval()
+
+    has_tokenizer = any((Path(slm_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(slm_path, local_files_only=True)
+    else:
+        tokenizer = load_qwen3_tokenizer()
+    return load(slm_path), (load(llm_path) if llm_path is not None else None), tokenizer
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
+    """The model's EOS ids as HF ``generate`` picks them: generation config, then model config, then tokenizer."""
+    for ids in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        if ids is not None:
+            return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+    return set()
+
+
+class _Watcher(StoppingCriteria):
+    """Sees each token of one ``generate`` call (batch of one) and stops it at the first that ends the turn.
+
+    ``stopped``: the token ends the request (EOS, stop id, stop string). ``event``: the command event the token
+    raised (only when ``scan_state`` is given, i.e. for the SLM); ``protocol.scan`` keeps its offsets relative to
+    the token.
+    """
+
+    def __init__(self, input_len: int, table: list[bytes], text: bytes, stop_ids: set[int],
+                 stop_strings: Sequence[bytes], scan_state: protocol.ScanState | None):
+        self.input_len = input_len
+        self.table = table
+        self.text = bytearray(text)
+        self.stop_ids = stop_ids
+        self.stop_strings = stop_strings
+        self.scan_state = scan_state
+        self.tokens: list[int] = []
+        self.stopped = False
+        self.event: protocol.Event | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        for token in input_ids[0, self.input_len + len(self.tokens) :].tolist():
+            self._see(token)
+        return torch.tensor([self.done], device=input_ids.device)
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.event is not None
+
+    def _see(self, token: int) -> None:
+        if self.done:
+            raise RuntimeError("generate went on after the stopping criterion ended it")
+        self.tokens.append(token)
+        data = _bytes_of(self.table, token)
+        before = len(self.text)
+        self.text += data
+        # A stop string counts once it ends inside this token: search from where such a match could begin.
+        self.stopped = token in self.stop_ids or any(
+            self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in self.stop_strings
+        )
+        if self.stopped or self.scan_state is None:
+            return
+        events = protocol.scan(self.scan_state, data)
+        if len(events) > 1:
+            raise ValueError(f"token {token} ({data!r}) raises {len(events)} command events; the relay needs one")
+        self.event = events[0] if events else None
+
+
+class _ProcessorAdapter(LogitsProcessor):
+    """HF's batched ``(input_ids, scores)`` → relaykern's per-row ``(response_so_far, logits)`` processors."""
+
+    def __init__(self, processors: Sequence, response: list[int], input_len: int):
+        self.processors, self.response, self.input_len = processors, response, input_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = self.response + input_ids[0, self.input_len :].tolist()
+        row = scores[0]
+        for processor in self.processors:
+            row = processor(generated, row)
+        return row.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=4)
+def _token_table(tokenizer) -> list[bytes]:
+    """``token_bytes`` costs about a second over a 151k vocabulary: once per tokenizer, not per call."""
+    return token_bytes(tokenizer)
+
+
+def _bytes_of(table: list[bytes], token: int) -> bytes:
+    """Ids past the tokenizer (the embedding's padding rows) write nothing."""
+    return table[token] if token < len(table) else b""
+
+
+def _generation_config(params: SamplingParams, max_length: int, output_scores: bool) -> GenerationConfig:
+    """Every sampling field explicit, so a checkpoint's generation_config.json (Qwen3: temperature 0.6, top-k 20)
+    cannot leak in. EOS is left to ``_Watcher`` (``eos_token_id=[]``), which also honours ``ignore_eos``."""
+    config = GenerationConfig(**GenerationConfig._get_default_generation_params())
+    sample = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    config.update(
+        do_sample=not params.greedy, max_length=max_length, eos_token_id=[], pad_token_id=0,
+        output_scores=output_scores, return_dict_in_generate=True, **sample,
+    )
+    return config
+
+
+@dataclasses.dataclass
+class _Request:
+    prompt: list[int]
+    slm: PreTrainedModel
+    llm: PreTrainedModel | None
+    tokenizer: object
+    table: list[bytes]
+    sampling: SamplingParams
+    llm_sampling: SamplingParams
+    relay: RelayConfig
+
+    def __post_init__(self) -> None:
+        self.response: list[int] = []
+        self.text = bytearray()
+        self.spans: list[tuple[Source, int, int]] = []
+        self.stats = RelayStats()
+        self.logprobs: list[float] = []
+
+    @property
+    def tokens_left(self) -> int:
+        return self.sampling.max_tokens - len(self.response)
+
+    def run(self) -> RelayOutput:
+        finish = None
+        scan_state = protocol.ScanState()
+        while finish is None:
+            if self.tokens_left <= 0:
+                finish = "length"
+                break
+            watcher = self._generate(self.slm, self.sampling, self.prompt + self.response, "slm", scan_state)
+            if watcher.stopped:
+                finish = "stop"
+            elif watcher.event is None:
+                finish = "length"
+            elif self._confirm(watcher.event).kind == protocol.EVENT_MALFORMED:
+                finish = "malformed_call"
+            else:
+                finish = self._on_call(watcher.event.n)
+                if self.spans[-1][0] == "llm":
+                    scan_state = protocol.ScanState()  # a new SLM run: commands never span an LLM turn
+        return RelayOutput(
+            prompt_token_ids=self.prompt,
+            token_ids=self.response,
+            text=self.tokenizer.decode(self.response, skip_special_tokens=True),
+            spans=self.spans,
+            finish_reason=finish,
+            stats=self.stats,
+            logprobs=self.logprobs if self.sampling.logprobs else None,
+        )
+
+    def _generate(self, model: PreTrainedModel, params: SamplingParams, input_ids: list[int], source: Source,
+                  scan_state: protocol.ScanState | None = None, max_new_tokens: int | None = None) -> _Watcher:
+        """Runs one ``generate`` call and appends its tokens to the response."""
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids |= eos_token_ids(model, self.tokenizer)
+        stop_strings = [s.encode() for s in params.stop or ()]
+        watcher = _Watcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state)
+        processors = LogitsProcessorList()
+        if params.logits_processors:
+            processors.append(_ProcessorAdapter(params.logits_processors, list(self.response), len(input_ids)))
+        max_length = len(input_ids) + (self.tokens_left if max_new_tokens is None else max_new_tokens)
+        config = _generation_config(params, max_length, output_scores=self.sampling.logprobs)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor([input_ids], device=model.device),
+                attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=model.device),
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([watcher]),
+            )
+        new = out.sequences[0, len(input_ids) :].tolist()
+        if new != watcher.tokens:
+            raise RuntimeError(f"generate returned {new} but the stopping criterion saw {watcher.tokens}")
+        append_span(self.spans, source, len(self.response), len(self.response) + len(new))
+        self.response += new
+        self.text += b"".join(_bytes_of(self.table, t) for t in new)
+        if source == "slm":
+            self.stats.slm_tokens += len(new)
+        else:
+            self.stats.llm_tokens += len(new)
+        if self.sampling.logprobs:
+            self.logprobs += [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+        return watcher
+
+    def _confirm(self, event: protocol.Event) -> protocol.Event:
+        """Checks the automaton's event against ``find_commands`` on the bytes of the SLM run the response ends with."""
+        _, start, end = self.spans[-1]
+        data = [_bytes_of(self.table, t) for t in self.response[start:end]]
+        run = b"".join(data)
+        token_start = len(run) - len(data[-1])  # the event's token is the run's last
+        parsed = protocol.find_commands(run)
+        if event.kind == protocol.EVENT_CALL:
+            command = protocol.Command(token_start + event.start, token_start + event.end, event.n)
+            agrees = parsed.commands[-1:] == (command,)
+        else:
+            agrees = parsed.malformed_at == token_start + event.start
+        if not agrees:
+            raise RuntimeError(f"protocol.scan gave {event} but find_commands gives {parsed} on {run!r}")
+        return event
+
+    def _on_call(self, n: int) -> str | None:
+        """Handles a complete command; returns a finish reason or None to let the SLM go on."""
+        if n == 0:
+            return None
+        if self.llm is None or (self.stats.calls == self.relay.max_calls and self.relay.after_max_calls == "continue"):
+            self.stats.unserved_calls += 1
+            return None
+        if self.stats.calls == self.relay.max_calls:
+            return "max_calls"
+        n_served = protocol.serve_length(n, self.relay.max_call_tokens, self.tokens_left)
+        if n_served == 0:
+            return "length"
+        return self._serve(n, n_served)
+
+    def _llm_view(self) -> list[int]:
+        """The LLM's view of the response: LLM tokens kept, each SLM run stripped of all its commands."""
+        view: list[int] = []
+        for source, start, end in self.spans:
+            ids = self.response[start:end]
+            if source == "llm":
+                view += ids
+                continue
+            data = [_bytes_of(self.table, t) for t in ids]
+            ranges = [(c.start, c.end) for c in protocol.find_commands(b"".join(data)).commands]
+            view += protocol.strip_commands(ids, data, ranges, lambda raw: encode_bytes(self.tokenizer, raw))
+        return view
+
+    def _serve(self, n_asked: int, n_served: int) -> str | None:
+        llm_input = self.prompt + self._llm_view()
+        started = time.perf_counter()
+        watcher = self._generate(self.llm, self.llm_sampling, llm_input, "llm", max_new_tokens=n_served)
+        record = CallRecord(n_asked, n_served, llm_catchup=len(llm_input), latency_s=time.perf_counter() - started)
+        self.stats.call_records.append(record)
+        self.stats.calls += 1
+        self.stats.llm_prefill_tokens += len(llm_input)
+        if watcher.stopped:
+            return "stop"
+        if self.tokens_left <= 0:
+            return "length"
+        record.slm_catchup = len(watcher.tokens)
+        self.stats.slm_catchup_tokens += record.slm_catchup
+        return None

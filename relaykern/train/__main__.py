@@ -1,0 +1,5 @@
+import sys
+
+from relaykern.train import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Shared relay test fixtures: two tiny random Qwen3 checkpoints and a scripted SLM.
+
+Import explicitly in a test file (``from relay_fixtures import *``): pytest puts ``tests/`` on ``sys.path`` (no
+``__init__.py``, default "prepend" import mode), and fixtures imported into a test module are registered there.
+Each importing module gets its own copy of a session fixture, so the checkpoints and models are cached here (on
+disk under the session's base temp, in memory per path) to be built once per session all the same.
+
+The SLM is scripted with ``force_tokens``: a logits processor that, at given response positions, leaves only the
+wanted token possible. Positions are indices into the response (``len(generated_token_ids)``), which counts the
+LLM's tokens too, so a schedule can place a second command after a served call.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from relaykern.tiny import save_tiny_checkpoint
+from relaykern.tokenizer import load_qwen3_tokenizer
+
+__all__ = [
+    "tokenizer", "slm_dir", "llm_dir", "slm_model", "llm_model",
+    "force_tokens", "text_tokens", "command_tokens", "greedy_tokens",
+]
+
+# The two models share the vocabulary and differ in width and depth, so a mix-up shows in their tokens.
+SLM_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128, seed=0)
+LLM_SHAPE = dict(hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16, intermediate_size=256, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_qwen3_tokenizer()
+
+
+def _checkpoint(tmp_path_factory, name: str, shape: dict) -> Path:
+    path = tmp_path_factory.getbasetemp() / name
+    if not (path / "config.json").is_file():
+        save_tiny_checkpoint(path, **shape)
+    return path
+
+
+@functools.cache
+def _load(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="session")
+def slm_dir(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory, "tiny-slm", SLM_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory, "tiny-llm", LLM_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def slm_model(slm_dir):
+    return _load(slm_dir)
+
+
+@pytest.fixture(scope="session")
+def llm_model(llm_dir):
+    return _load(llm_dir)
+
+
+def force_tokens(schedule: dict[int, list[int]]):
+    """A logits processor writing ``schedule[p]`` from response position ``p`` on (position p, p+1, ...).
+
+    Every other token gets -inf and the forced one 0, so greedy and sampling both pick it (its logprob is 0).
+    """
+    forced: dict[int, int] = {}
+    for start, tokens in schedule.items():
+        for offset, token in enumerate(tokens):
+            if forced.setdefault(start + offset, token) != token:
+                raise ValueError(f"force_tokens: two tokens scheduled at position {start + offset}")
+
+    def processor(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        token = forced.get(len(generated))
+        if token is None:
+            return logits
+        out = torch.full_like(logits, -math.inf)
+        out[token] = 0.0
+        return out
+
+    return processor
+
+
+def text_tokens(tokenizer, text: str) -> list[int]:
+    """Qwen3 ids of ``text`` (no special tokens added)."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def command_tokens(tokenizer, n: int | str) -> list[int]:
+    """Ids of ``<call>n</call>``: ``<``, ``call``, ``>``, one token per digit, ``</``, ``call``, ``>``."""
+    return text_tokens(tokenizer, f"<call>{n}</call>")
+
+
+def greedy_tokens(model, input_ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens by full forwards, no cache and no ``generate``: an independent check of the relay."""
+    ids = list(input_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(input_ids):]

@@ -1,0 +1,146 @@
+"""The paged engine serving one model (llm=None): exact greedy agreement with transformers, preemption without
+loss or leaks, sampling reproducibility, and bad input."""
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from relay_fixtures import *  # noqa: F401,F403
+from relaykern import EngineConfig, RelayEngine, SamplingParams
+from relaykern.tiny import save_tiny_checkpoint
+
+PROMPT_LENGTHS = (5, 17, 33)  # none a multiple of the block size
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    shapes = {
+        "qwen3": dict(arch="qwen3", num_heads=4, num_kv_heads=2),
+        "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=False),
+        "llama": dict(arch="llama", num_heads=4, num_kv_heads=4),
+    }
+    return {name: save_tiny_checkpoint(tmp_path_factory.mktemp(name), seed=3, **kw) for name, kw in shapes.items()}
+
+
+def prompts_of(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 150000) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(path, prompts, max_tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    outs = []
+    for prompt in prompts:
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        outs.append(ids[0, len(prompt):].tolist())
+    return outs
+
+
+@pytest.mark.parametrize("arch,backend", [("qwen3", "torch"), ("qwen2", "torch"), ("llama", "torch"),
+                                          ("qwen3", "triton")])
+def test_greedy_equals_transformers(checkpoints, arch, backend):
+    max_tokens = 8 if backend == "torch" else 4
+    engine = RelayEngine(checkpoints[arch], slm_config=EngineConfig(device="cpu", block_size=16, num_blocks=64,
+                                                                    attention_backend=backend))
+    prompts = prompts_of(PROMPT_LENGTHS)
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = engine.generate(prompts, sampling)
+    assert [o.token_ids for o in outs] == hf_greedy(checkpoints[arch], prompts, max_tokens)
+    assert all(o.finish_reason == "length" and o.spans == [("slm", 0, max_tokens)] for o in outs)
+    assert engine.slm.blocks.num_free_blocks == engine.slm.num_blocks
+
+
+def test_logprobs_are_the_models(checkpoints):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+    prompt = prompts_of([9])[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=True, ignore_eos=True))[0]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3"], local_files_only=True).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
+
+
+def test_preemption_keeps_every_request_correct_and_leaks_nothing(checkpoints):
+    """1,000 requests of random lengths (sharing prefixes) through a pool far too small for them at once."""
+    rng = random.Random(0)
+    prefixes = prompts_of([8, 12, 3], seed=1)
+    prompts = [rng.choice(prefixes)[: rng.randint(1, 12)] + prompts_of([rng.randint(0, 10)], seed=i)[0]
+               for i in range(1000)]
+    samplings = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 6), ignore_eos=True) for _ in prompts]
+    roomy = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=4096,
+                                                                      max_num_seqs=256))
+    expected = [o.token_ids for o in roomy.generate(prompts, samplings)]
+    tight = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=40,
+                                                                      max_num_seqs=64))
+    preemptions = 0
+    original = tight.scheduler.preempt
+
+    def counting_preempt(seq):
+        nonlocal preemptions
+        preemptions += 1
+        original(seq)
+
+    tight.scheduler.preempt = counting_preempt
+    outs = tight.generate(prompts, samplings)
+    assert preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    assert tight.slm.blocks.num_seqs == 0 and tight.slm.blocks.num_free_blocks == tight.slm.num_blocks
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+    prompts = prompts_of([4, 7, 11])
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=6, seed=123, ignore_eos=True)
+    together = engine.generate(prompts, sampling)
+    alone = engine.generate([prompts[1]], sampling)[0]
+    assert together[1].token_ids == alone.token_ids
+    assert together[0].token_ids != together[1].token_ids
+
+
+def test_stream_yields_every_token_once(checkpoints):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+    prompts = prompts_of([4, 6])
+    sampling = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    streamed = {0: [], 1: []}
+    for index, source, tokens in engine.stream(prompts, sampling):
+        assert source == "slm"
+        streamed[index] += tokens
+    assert [streamed[0], streamed[1]] == [o.token_ids for o in engine.generate(prompts, sampling)]
+
+
+def test_bad_input_is_rejected_before_any_work(checkpoints, tmp_path):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=8, block_size=16))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        engine.generate([[1] * 4090], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.generate([[1] * 100], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate([[1, 10**9]])
+    with pytest.raises(ValueError, match="not found"):
+        RelayEngine(tmp_path / "nowhere")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cuda"))
+    assert engine.scheduler.has_work is False
+
+
+def test_a_failing_request_does_not_take_others_down(checkpoints):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+
+    def broken(generated, logits):
+        if len(generated) == 2:
+            raise RuntimeError("processor exploded")
+        return logits
+
+    good = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    bad = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[broken])
+    outs = engine.generate(prompts_of([3, 4, 5]), [good, bad, good])
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert "processor exploded" in outs[1].error and len(outs[1].token_ids) == 2
+    assert engine.slm.blocks.num_free_blocks == engine.slm.num_blocks

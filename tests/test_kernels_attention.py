@@ -1,0 +1,225 @@
+"""Paged attention: the reference against naive dense math, the Triton kernels against the reference.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py), so CPU shapes are tiny and fp32 only.
+"""
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from relaykern.kernels import attention
+from relaykern.kernels.attention import (choose_extend_tile, paged_attention, paged_attention_reference,
+                                         paged_decode_attention, paged_extend_attention)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # atol = rtol
+
+
+@dataclass
+class Case:
+    q: torch.Tensor  # [T, Hq, D], a strided view of a fused qkv buffer
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_q_len: int
+    scale: float
+
+    def args(self):
+        return (self.q, self.kv_cache, self.block_tables, self.seq_lens, self.cu_seqlens_q, self.max_q_len,
+                self.scale)
+
+
+def make_case(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32,
+              device=DEVICE, seed=0) -> Case:
+    """Sequences get distinct shuffled blocks; spare blocks and unused block-table entries hold junk that a
+    kernel reading out of bounds would pick up."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [ctx + n for ctx, n in zip(context_lens, q_lens)]
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    block_tables = torch.randint(0, num_blocks, (len(q_lens), max(blocks_per_seq) + 1), generator=gen)
+    free_blocks = torch.randperm(num_blocks, generator=gen).tolist()
+    for seq, count in enumerate(blocks_per_seq):
+        block_tables[seq, :count] = torch.tensor(free_blocks[:count], dtype=torch.long)
+        free_blocks = free_blocks[count:]
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    qkv = torch.randn(sum(q_lens), num_q_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    cu_seqlens_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return Case(qkv[:, :num_q_heads].to(device, dtype), kv_cache.to(device, dtype),
+                block_tables.to(device, torch.int32), torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                cu_seqlens_q.to(device), max(q_lens), head_dim ** -0.5)
+
+
+def naive_attention(case: Case) -> torch.Tensor:
+    """Dense float64 softmax(q k^T * scale + causal) v, one sequence at a time, K/V looked up key by key."""
+    kv, tables = case.kv_cache.double().cpu(), case.block_tables.cpu().long()
+    block_size, num_kv_heads = kv.shape[2], kv.shape[3]
+    group = case.q.shape[1] // num_kv_heads
+    out = torch.zeros(case.q.shape, dtype=torch.float64)
+    bounds = case.cu_seqlens_q.tolist()
+    for seq, seq_len in enumerate(case.seq_lens.tolist()):
+        q = case.q[bounds[seq]:bounds[seq + 1]].double().cpu()
+        positions = torch.arange(seq_len)
+        blocks, offsets = tables[seq, positions // block_size], positions % block_size
+        heads = torch.arange(q.shape[1]) // group
+        key, value = kv[0, blocks, offsets][:, heads], kv[1, blocks, offsets][:, heads]  # [seq_len, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", q, key) * case.scale
+        query_positions = seq_len - q.shape[0] + torch.arange(q.shape[0])
+        scores[:, positions[None, :] > query_positions[:, None]] = float("-inf")
+        out[bounds[seq]:bounds[seq + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), value)
+    return out
+
+
+def assert_close(actual, expected, dtype=torch.float32):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), atol=tol, rtol=tol)
+
+
+def random_case(seed: int, decode: bool, block_sizes=(16, 32), dtype=torch.float32) -> Case:
+    """Ragged batch: GQA 1/2/4/8, head_dim 16/32/64, contexts 0..80 (crossing blocks), q_len 1..20."""
+    rng = random.Random(seed)
+    group, num_kv_heads = rng.choice([1, 2, 4, 8]), rng.choice([1, 2])
+    batch = rng.randint(1, 4)
+    q_lens = [1] * batch if decode else [rng.randint(1, 20) for _ in range(batch)]
+    context_lens = [rng.choice([0, rng.randint(0, 80)]) for _ in range(batch)]
+    if decode:
+        context_lens = [ctx + rng.randint(0, 60) for ctx in context_lens]
+    return make_case(q_lens, context_lens, group * num_kv_heads, num_kv_heads, rng.choice([16, 32, 64]),
+                     rng.choice(block_sizes), dtype, seed=seed)
+
+
+REFERENCE_CASES = {
+    "prefill": ([5, 12], [0, 0], 4, 2, 16, 16),
+    "decode_gqa8": ([1, 1, 1], [0, 15, 40], 8, 1, 32, 16),
+    "catch_up_block_edges": ([3, 16, 1], [16, 31, 32], 4, 4, 16, 16),
+    "odd_group_and_dim": ([7, 2], [9, 33], 6, 2, 24, 32),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_reference_matches_naive(name):
+    case = make_case(*REFERENCE_CASES[name], device="cpu")
+    assert_close(paged_attention_reference(*case.args()), naive_attention(case), torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_extend_matches_reference_random(seed):
+    case = random_case(seed, decode=False)
+    # Forced splits include empty ones and rows that see no key in a split. The merge runs one program per
+    # (row, head), which the interpreter pays for: split only the smaller cases.
+    num_splits = [None, 1, 2, 5][seed % 4] if case.q.shape[0] * case.q.shape[1] <= 128 else None
+    assert_close(paged_extend_attention(*case.args(), num_splits), paged_attention_reference(*case.args()))
+
+
+@pytest.mark.parametrize("q_lens,context_lens,num_q_heads,num_kv_heads,head_dim,block_size,num_splits", [
+    ([150, 3], [40, 0], 1, 1, 16, 32, 3),  # q tiles per sequence > 1 without GQA
+    ([20, 17], [5, 64], 16, 2, 16, 16, 1),  # group 8: BLOCK_Q = 16 tiles both sequences
+    ([4, 0, 2], [30, 10, 0], 4, 2, 32, 16, 2),  # a sequence with no query rows
+    ([7, 2], [9, 33], 6, 2, 24, 32, 1),  # non-power-of-two group and head_dim
+    ([3, 1], [40, 70], 8, 1, 16, 16, 4),  # group 8 with splits
+])
+def test_extend_edge_cases(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_splits):
+    case = make_case(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size)
+    expected = paged_attention_reference(*case.args())
+    assert_close(paged_extend_attention(*case.args(), num_splits), expected)
+
+
+def test_extend_max_q_len_is_only_a_bound():
+    case = make_case([3, 5], [20, 0], 4, 2, 16, 16)
+    args = list(case.args())
+    args[5] = 40  # a bigger tile than needed must give the same answer
+    assert_close(paged_extend_attention(*args), paged_attention_reference(*case.args()))
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_matches_reference_random(seed, num_splits):
+    case = random_case(100 + seed, decode=True)
+    expected = paged_attention_reference(*case.args())
+    assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                        num_splits), expected)
+
+
+def test_decode_zero_length_padding_row_gives_zeros():
+    case = make_case([1, 1], [70, 0], 4, 2, 16, 16)
+    case.seq_lens[1] = 0
+    for num_splits in (1, 4):
+        out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, num_splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert_close(out[:1], paged_attention_reference(*case.args())[:1])
+
+
+def test_dispatcher():
+    decode = make_case([1, 1], [33, 5], 4, 2, 16, 16)
+    assert_close(paged_attention(*decode.args()), paged_attention_reference(*decode.args()))
+    extend = make_case([2, 1], [33, 5], 4, 2, 16, 16)
+    assert_close(paged_attention(*extend.args()), paged_attention_reference(*extend.args()))
+    with pytest.raises(ValueError, match="one query row per sequence"):
+        paged_attention(extend.q, *extend.args()[1:5], 1, extend.scale)
+
+
+def test_extend_tile_shapes():
+    assert choose_extend_tile(4, 4) == (16, 4)  # a 4-row catch-up packs 4 heads into a 16-row tile
+    assert choose_extend_tile(1, 1) == (16, 16)
+    assert choose_extend_tile(2048, 4) == (128, 32)
+    assert choose_extend_tile(3, 32) == (128, 4)
+
+
+def test_num_splits_heuristic(monkeypatch):
+    monkeypatch.setattr(attention, "_num_sms", lambda device: 132)  # an H100
+    cpu = torch.device("cpu")
+    assert attention.choose_num_splits(32 * 8, 4096, cpu) == 3  # bs 32 x 8 kv heads nearly fills the GPU
+    assert attention.choose_num_splits(1 * 8, 4096, cpu) == 16  # bs 1: split as far as MIN_SPLIT_KEYS allows
+    assert attention.choose_num_splits(1 * 8, 300, cpu) == 1  # short context: not worth a merge
+    assert attention.choose_num_splits(256 * 8, 4096, cpu) == 1
+
+
+def test_rejects_bad_inputs():
+    case = make_case([2], [3], 4, 2, 16, 16)
+    q, kv_cache, tables, seq_lens, cu, max_q_len, scale = case.args()
+    with pytest.raises(ValueError, match="dtype"):
+        paged_extend_attention(q.double(), kv_cache, tables, seq_lens, cu, max_q_len, scale)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_extend_attention(q[:, :3], kv_cache, tables, seq_lens, cu, max_q_len, scale)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_extend_attention(q, kv_cache, tables.long(), seq_lens, cu, max_q_len, scale)
+    with pytest.raises(ValueError, match="B \\+ 1"):
+        paged_extend_attention(q, kv_cache, tables, seq_lens, cu[:1], max_q_len, scale)
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+def test_gpu_random_small(seed, dtype):
+    for decode in (False, True):
+        case = random_case(seed + 200 * decode, decode, (16, 32, 256), dtype)
+        assert_close(paged_attention(*case.args()), naive_attention(case), dtype)
+        if decode:
+            out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 4)
+            assert_close(out, naive_attention(case), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_gpu_decode_qwen3_8b(batch, block_size, dtype):
+    case = make_case([1] * batch, [4095] * batch, 32, 8, 128, block_size, dtype, seed=batch)
+    expected = paged_attention_reference(*case.args())
+    assert_close(paged_attention(*case.args()), expected, dtype)
+    assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 1),
+                 expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q_lens,context_lens", [([512], [4096]), ([2048], [0]), ([16, 1, 300, 7], [4000, 0, 100, 33])])
+def test_gpu_extend_qwen3_8b(q_lens, context_lens, dtype):
+    for block_size in (16, 256):
+        case = make_case(q_lens, context_lens, 32, 8, 128, block_size, dtype, seed=len(q_lens))
+        assert_close(paged_attention(*case.args()), paged_attention_reference(*case.args()), dtype)
