@@ -81,12 +81,18 @@ def find_commands(text: bytes) -> ParsedResponse:
             return ParsedResponse(tuple(commands), None, _open_prefix_at_end(text, pos))
         match = COMMAND_RE.match(text, start)
         if match is not None:
-            commands.append(Command(start, match.end(), min(int(match.group(1)), N_CLAMP)))
+            commands.append(Command(start, match.end(), _clamped_int(match.group(1))))
             pos = match.end()
         elif _UNTERMINATED_RE.match(text, start):
             return ParsedResponse(tuple(commands), None, start)
         else:
             return ParsedResponse(tuple(commands), start, None)
+
+
+def _clamped_int(digits: bytes) -> int:
+    """min(int(digits), N_CLAMP) without converting thousands of digits (Python refuses past 4,300)."""
+    digits = digits.lstrip(b"0")
+    return N_CLAMP if len(digits) > len(str(N_CLAMP)) else min(int(digits or b"0"), N_CLAMP)
 
 
 def _open_prefix_at_end(text: bytes, pos: int) -> int | None:

@@ -38,7 +38,6 @@ processed distribution (after processors and warpers) that the token was drawn f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Sequence
@@ -67,7 +66,7 @@ def reference_generate(
         llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("reference_generate: every prompt needs at least one token (give a BOS or some text)")
-    table = _token_table(tokenizer)
+    table = token_bytes(tokenizer)
     return [
         _Request(list(prompt), slm, llm, tokenizer, table, sampling, llm_sampling, relay or RelayConfig()).run()
         for prompt in prompts
@@ -166,12 +165,6 @@ class _ProcessorAdapter(LogitsProcessor):
         for processor in self.processors:
             row = processor(generated, row)
         return row.unsqueeze(0)
-
-
-@functools.lru_cache(maxsize=4)
-def _token_table(tokenizer) -> list[bytes]:
-    """``token_bytes`` costs about a second over a 151k vocabulary: once per tokenizer, not per call."""
-    return token_bytes(tokenizer)
 
 
 def _bytes_of(table: list[bytes], token: int) -> bytes:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import weakref
 from importlib import metadata
 from pathlib import Path
 
@@ -154,12 +155,22 @@ def load_qwen3_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+_token_bytes_of: "weakref.WeakKeyDictionary[PreTrainedTokenizerFast, list[bytes]]" = weakref.WeakKeyDictionary()
+
+
 def token_bytes(tokenizer: PreTrainedTokenizerFast) -> list[bytes]:
-    """``out[i]`` is the raw bytes of token ``i`` for ``i in range(len(tokenizer))``.
+    """``out[i]`` is the raw bytes of token ``i`` for ``i in range(len(tokenizer))`` (shared: do not modify).
 
     Byte-level BPE tokens are strings over GPT-2's byte alphabet (``bytes_to_unicode``), inverted here; added
-    tokens are their literal text in UTF-8 (what the model "writes" when it emits them).
+    tokens are their literal text in UTF-8 (what the model "writes" when it emits them). Computed once per
+    tokenizer instance (about a second for 151k tokens).
     """
+    if tokenizer not in _token_bytes_of:
+        _token_bytes_of[tokenizer] = _compute_token_bytes(tokenizer)
+    return _token_bytes_of[tokenizer]
+
+
+def _compute_token_bytes(tokenizer: PreTrainedTokenizerFast) -> list[bytes]:
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     added = {index: token.content for index, token in tokenizer.added_tokens_decoder.items()}
     out: list[bytes | None] = [None] * len(tokenizer)

@@ -1,5 +1,6 @@
 """The relay grammar: ``find_commands`` (the regex specification) against ``scan`` (the byte automaton) and
 ``token_transition`` (its per-token lift, the GPU detection table's contract), on rules and on random texts."""
+import itertools
 import random
 import unicodedata
 
@@ -100,9 +101,6 @@ def test_huge_n_is_clamped(digits, n):
     assert spec_and_scan(b"<call>%s</call>" % digits.encode()).commands[0].n == n
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "protocol bug: find_commands calls int() on the digit string, which CPython refuses past 4300 digits "
-    "(sys.get_int_max_str_digits), so a 5000-digit N raises instead of clamping to N_CLAMP; scan clamps fine"))
 def test_n_with_more_digits_than_int_conversion_allows():
     text = b"<call>" + b"1" * 5000 + b"</call>"
     assert scan(ScanState(), text) == [Event(EVENT_CALL, N_CLAMP, 0, len(text))]
@@ -129,6 +127,8 @@ def test_serve_length():
     ("<call>5</call >", 0, 0),
     ("<call>5<call>6</call>", 0, 0),
     ("<call>\u00a05</call>", 0, 0),  # non-ASCII whitespace is not whitespace here
+    ("<call>\x1c5</call>", 0, 0),  # nor are the separators str.isspace() accepts
+    ("<call>5\x85</call>", 0, 0),
     ("<call>\u0663</call>", 0, 0),  # nor are non-ASCII digits
     ("<call>5</call>x<call>y <call>1</call>", 1, 15),  # nothing after a malformed command counts
 ])
@@ -137,8 +137,8 @@ def test_malformed(text, commands, malformed_at):
     assert (len(parsed.commands), parsed.malformed_at, parsed.pending_at) == (commands, malformed_at, None)
 
 
-@pytest.mark.parametrize("text", ["<cal is text", "<call is text", "< call>1</call>", "</call>", "call>", "<Call>1</call>",
-                                  "<tool_call>1</tool_call>", "<\u0338call>"])
+@pytest.mark.parametrize("text", ["<cal is text", "<call is text", "< call>1</call>", "</call>", "call>",
+                                  "<Call>1</call>", "<tool_call>1</tool_call>", "<\u0338call>"])
 def test_partial_or_other_tags_are_text(text):
     assert spec_and_scan(text.encode()) == ParsedResponse((), None, None)
 
@@ -184,7 +184,6 @@ def test_scan_offsets_are_relative_to_each_chunk():
 
 def test_token_transition_examples():
     after_close = CLOSE_FIRST + 5  # "</call" matched
-    assert token_transition(TEXT, b".<") == token_transition(TEXT, b".<")
     move = token_transition(TEXT, b".<")
     assert (move.next_state, move.event, move.a, move.b, move.start_offset) == (1, EVENT_NONE, 1, 0, 1)
     move = token_transition(after_close, b">,")
@@ -260,10 +259,8 @@ MALFORMED = ["<call>abc", "<call></call>", "<call>5</x", "<call><call>1</call>",
              "<call>\u00a05</call>", "<call>5</Call>", "<call>4<call>", "<call>8</call >"]
 PARTIALS = ["<", "<c", "<ca", "<cal", "<call", "<call>", "</", "</call", "call>", "</call>", ">", "<<", "<call<",
             "<call>12", "<call> 3 </", "<call>7</cal", "l>", "<tool_call>", "<think>", "<|im_end|>"]
-PLAIN = st.text(
-    alphabet=st.one_of(st.sampled_from(list("ab <>/cal0123456789 \n\t.,é中😀\u00a0\u0338")), st.characters(codec="utf-8")),
-    max_size=10,
-)
+TRICKY_CHARS = list("ab <>/cal0123456789 \n\t\x0b.,é中😀\u00a0\u0338\x1c\x85")  # U+0338: NFC composes "<\u0338"
+PLAIN = st.text(alphabet=st.one_of(st.sampled_from(TRICKY_CHARS), st.characters(codec="utf-8")), max_size=10)
 
 
 @st.composite
@@ -271,9 +268,14 @@ def commands(draw) -> str:
     return f"<call>{draw(WHITESPACE)}{draw(DIGIT_STRINGS)}{draw(WHITESPACE)}</call>"
 
 
-# Valid commands and plain text are drawn more often, so that most texts hold several commands before any break.
+# Valid commands and plain text are drawn more often, so that most texts hold several commands before any break;
+# an optional partial tag at the end makes unterminated commands common. NFC: the tokenizer normalises.
 PIECE = st.one_of(commands(), commands(), PLAIN, PLAIN, st.sampled_from(PARTIALS), st.sampled_from(MALFORMED))
-TEXTS = st.lists(PIECE, max_size=10).map(lambda pieces: unicodedata.normalize("NFC", "".join(pieces)).encode())
+TEXTS = st.builds(
+    lambda pieces, tail: unicodedata.normalize("NFC", "".join(pieces) + tail).encode(),
+    st.lists(PIECE, max_size=10),
+    st.sampled_from(["", "", *PARTIALS]),
+)
 
 
 @st.composite
@@ -328,6 +330,6 @@ def test_strip_commands_removes_exactly_the_command_bytes(tokenizer, vocab_bytes
     for start, end in reversed(ranges):
         del kept[start:end]
     assert b"".join(vocab_bytes[i] for i in out) == bytes(kept)
-    first_touched = next((k for k, i in enumerate(ids) if ranges and sum(map(len, (vocab_bytes[j] for j in ids[: k + 1])))
-                          > ranges[0][0]), len(ids))
-    assert out[:first_touched] == ids[:first_touched]  # tokens before the first command are untouched
+    token_ends = itertools.accumulate(len(vocab_bytes[i]) for i in ids)
+    untouched = sum(1 for end in token_ends if not ranges or end <= ranges[0][0])
+    assert out[:untouched] == ids[:untouched]  # tokens before the first command are untouched

@@ -122,13 +122,15 @@ def test_one_step_raises_call_probability_and_zeroes_llm_token_gradients(tmp_pat
     advantages = group_advantages(rollouts.rewards, 4)
     micro = trainer.micro_batches(rollouts, advantages)[0][0]
     assert micro["batch"].mask[0].tolist() == slm_mask(rollouts.outputs[0]) == [1.0] * n + [0.0, 0.0, 1.0]
-    log_probs = trainer.policy(micro["batch"]).detach().requires_grad_(True)
-    terms = policy_loss_terms(log_probs, micro["old"], None, micro["adv"], micro["batch"].mask)
+    assert micro["old"] is None  # one update per step: the update's own log-probs serve as the old ones
+    old = trainer.policy(micro["batch"]).detach()
+    log_probs = old.clone().requires_grad_(True)
+    terms = policy_loss_terms(log_probs, old, None, micro["adv"], micro["batch"].mask)
     terms.pg_loss.backward()
     llm = torch.zeros_like(micro["batch"].mask, dtype=torch.bool)
     llm[0, n : n + 2] = llm[2, n : n + 2] = True
     assert torch.all(log_probs.grad[llm] == 0) and log_probs.grad[0, 0] != 0
-    moved = policy_loss_terms(log_probs.detach() + 5.0 * llm, micro["old"], None, micro["adv"], micro["batch"].mask)
+    moved = policy_loss_terms(log_probs.detach() + 5.0 * llm, old, None, micro["adv"], micro["batch"].mask)
     assert torch.equal(moved.pg_loss, terms.pg_loss.detach())
 
     metrics = trainer.train_step(0)

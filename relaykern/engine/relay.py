@@ -191,10 +191,10 @@ class RelayEngine:
                    for stop in params.stop or ())
 
     def _serve(self, seq: Sequence, n: int) -> None:
+        if seq.llm is not None and seq.stats.calls >= self.relay.max_calls and self.relay.after_max_calls == "finish":
+            return seq.finish("max_calls")
         if seq.llm is None or seq.stats.calls >= self.relay.max_calls:
-            seq.stats.unserved_calls += 1
-            if seq.llm is not None and self.relay.after_max_calls == "finish":
-                seq.finish("max_calls")
+            seq.stats.unserved_calls += 1  # left as text
             return
         n_served = serve_length(n, self.relay.max_call_tokens, seq.tokens_left)
         if n_served == 0:

@@ -1,0 +1,186 @@
+"""The relay engine against the reference relay (token for token, greedy), its KV invariant, and its robustness.
+
+The SLM is scripted by logits processors that force commands at chosen response positions; the LLM runs greedy.
+"""
+import random
+
+import pytest
+import torch
+
+from relay_fixtures import *  # noqa: F401,F403
+from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
+from relaykern.engine.runner import ModelRunner, Row
+from relaykern.reference import reference_generate
+
+EOS = 151645
+MAX_TOKENS = 24
+
+
+def scripted(schedule: dict[int, list[int]], max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logits_processors=[force_tokens(schedule)], **kw)
+
+
+def scenarios(tok) -> dict[str, SamplingParams]:
+    call = lambda n: command_tokens(tok, n)  # noqa: E731
+    return {
+        "call": scripted({3: call(5)}),
+        "two_calls": scripted({1: call(3), 14: call(2)}),
+        "n_zero": scripted({2: call(0)}),
+        "huge_n": scripted({1: call(99999999999)}),
+        "malformed": scripted({2: text_tokens(tok, "<call>abc")}),
+        "unterminated_at_max_tokens": scripted({MAX_TOKENS - 4: text_tokens(tok, "<call>12")}),
+        "straddling": scripted({2: text_tokens(tok, "x.<call>7</call>,")}),
+        "glued_zero_then_call": scripted({1: text_tokens(tok, ".<call>0</call>,") + call(4)}),
+        "call_at_last_token": scripted({MAX_TOKENS - len(call(3)): call(3)}),
+        "stop_string": scripted({5: text_tokens(tok, " STOP")}, stop=["STOP"]),
+        "no_call": scripted({}),
+    }
+
+
+def comparable(out):
+    s = out.stats
+    records = [(r.n_asked, r.n_served, r.slm_catchup) for r in s.call_records]
+    return (out.token_ids, out.spans, out.finish_reason, s.slm_tokens, s.llm_tokens, s.calls, s.unserved_calls,
+            s.slm_catchup_tokens, records, out.text)
+
+
+def run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts, samplings, relay, backend="torch",
+             llm_sampling=None):
+    engine = RelayEngine(slm_dir, llm_dir, relay=relay,
+                         slm_config=EngineConfig(device="cpu", attention_backend=backend),
+                         llm_config=EngineConfig(device="cpu", attention_backend=backend))
+    ours = engine.generate(prompts, samplings, llm_sampling)
+    theirs = [reference_generate([p], slm_model, llm_model, tokenizer, s, llm_sampling, relay)[0]
+              for p, s in zip(prompts, samplings)]
+    return engine, ours, theirs
+
+
+@pytest.mark.parametrize("relay", [RelayConfig(max_call_tokens=6), RelayConfig(max_calls=1),
+                                   RelayConfig(max_calls=1, after_max_calls="finish")],
+                         ids=["capped", "max_calls_continue", "max_calls_finish"])
+def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
+    cases = scenarios(tokenizer)
+    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(len(cases))]
+    engine, ours, theirs = run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts,
+                                    list(cases.values()), relay)
+    for name, a, b in zip(cases, ours, theirs):
+        assert comparable(a) == comparable(b), name
+        assert a.stats.llm_prefill_tokens <= b.stats.llm_prefill_tokens, name  # catch-up, not re-prefill
+    by_name = dict(zip(cases, ours))
+    assert by_name["malformed"].finish_reason == "malformed_call"
+    assert by_name["n_zero"].stats.calls == 0
+    assert by_name["unterminated_at_max_tokens"].finish_reason == "length"
+    assert by_name["stop_string"].finish_reason == "stop"
+    if relay.max_calls == 5:
+        assert by_name["two_calls"].stats.calls == 2
+        assert by_name["huge_n"].stats.call_records[0].n_served == 6
+    for runner in (engine.slm, engine.llm):
+        assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+
+
+def test_llm_eos_ends_the_request_and_triton_backend_agrees(slm_dir, llm_dir, slm_model, llm_model, tokenizer):
+    eos_at_11 = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logits_processors=[force_tokens({11: [EOS]})])
+    prompts = [text_tokens(tokenizer, "Hello"), text_tokens(tokenizer, "A longer prompt, with more tokens.")]
+    samplings = [scripted({2: command_tokens(tokenizer, 9)}, max_tokens=12),
+                 scripted({1: command_tokens(tokenizer, 2)}, max_tokens=12)]
+    _, ours, theirs = run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts, samplings,
+                               RelayConfig(), backend="triton", llm_sampling=eos_at_11)
+    assert [comparable(o) for o in ours] == [comparable(o) for o in theirs]
+    assert ours[0].finish_reason == "stop" and ours[0].token_ids[-1] == EOS and ours[0].spans[-1][0] == "llm"
+
+
+def gather_kv(runner: ModelRunner, seq_id: int, length: int) -> torch.Tensor:
+    slots = torch.tensor(runner.blocks.slot_mapping(seq_id, 0, length))
+    cache = runner.kv_pool.cache  # [L, 2, NB, BS, H, D]
+    flat = cache.reshape(cache.shape[0], 2, -1, *cache.shape[4:])
+    return flat[:, :, slots]
+
+
+def fresh_prefill_kv(path, tokens: list[int]) -> torch.Tensor:
+    runner = ModelRunner(path, EngineConfig(device="cpu", num_blocks=64))
+    runner.blocks.allocate(0, tokens)
+    runner.execute([Row(0, tokens, 0, SamplingParams(temperature=0), 0, 0, [], False)])
+    return gather_kv(runner, 0, len(tokens))
+
+
+def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer):
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
+                         llm_config=EngineConfig(device="cpu"))
+    seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."),
+                             scripted({1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)},
+                                      max_tokens=22))
+    checked_llm = checked_slm_after_call = 0
+    while not seq.finished:
+        engine.step()
+        if seq.finished:
+            break
+        for runner, view, path in ((engine.slm, seq.slm, slm_dir), (engine.llm, seq.llm, llm_dir)):
+            if view.allocated and view.num_cached:
+                ours = gather_kv(runner, seq.request_id, view.num_cached)
+                assert torch.allclose(ours, fresh_prefill_kv(path, view.tokens[:view.num_cached]), atol=1e-5)
+                checked_llm += runner is engine.llm
+                checked_slm_after_call += runner is engine.slm and seq.stats.calls > 0
+    assert seq.stats.calls == 2 and checked_llm >= 2 and checked_slm_after_call >= 2
+    command_free = tokenizer.decode(seq.llm.tokens[len(seq.prompt_ids):])
+    assert "<call>" not in command_free and "call>" not in command_free and ".," in command_free
+
+
+def random_script(rng: random.Random, tok) -> SamplingParams:
+    schedule, position = {}, rng.randint(0, 3)
+    for _ in range(rng.randint(0, 2)):
+        command = command_tokens(tok, rng.randint(0, 6))
+        schedule[position] = command
+        position += len(command) + 7 + rng.randint(0, 4)
+    return scripted(schedule, max_tokens=rng.randint(4, 28))
+
+
+def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, llm_dir, tokenizer):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 12))] for _ in range(500)]
+    samplings = [random_script(rng, tokenizer) for _ in prompts]
+
+    def engine(num_blocks):
+        config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=64)
+        return RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+
+    expected = [comparable(o) for o in engine(4096).generate(prompts, samplings)]
+    tight = engine(30)
+    outs = tight.generate(prompts, samplings)
+    assert [comparable(o) for o in outs] == expected
+    assert sum(o.stats.calls for o in outs) > 100
+    for runner in (tight.slm, tight.llm):
+        assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+
+
+def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
+    # A command with no LLM configured stays text and is counted as unserved.
+    alone = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))
+    out = alone.generate([text_tokens(tokenizer, "Hi")], scripted({1: command_tokens(tokenizer, 3)}, max_tokens=10))[0]
+    assert out.stats.unserved_calls == 1 and out.stats.calls == 0 and "<call>3</call>" in out.text
+    # An LLM failing mid-request fails that request alone.
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"), llm_config=EngineConfig(device="cpu"))
+
+    def broken(generated, logits):
+        raise RuntimeError("teacher fell over")
+
+    prompts = [text_tokens(tokenizer, "One"), text_tokens(tokenizer, "Two")]
+    calling = scripted({1: command_tokens(tokenizer, 3)}, max_tokens=12)
+    outs = [engine.generate([prompts[0]], calling, SamplingParams(temperature=0, logits_processors=[broken]))[0]]
+    outs += engine.generate([prompts[1]], calling)
+    assert outs[0].finish_reason == "error" and "teacher fell over" in outs[0].error
+    assert outs[1].finish_reason == "length" and outs[1].stats.calls == 1
+    # SLM and LLM with different vocabularies are refused before any work.
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in llm_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    tok = tokenizer.__class__.from_pretrained(llm_dir)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="different vocabularies"):
+        RelayEngine(slm_dir, other)
+    # A pool too small for one request is refused at submission.
+    small = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu", num_blocks=4),
+                        llm_config=EngineConfig(device="cpu", num_blocks=4))
+    with pytest.raises(ValueError, match="KV blocks"):
+        small.add_request(prompts[0], SamplingParams(max_tokens=200))
