@@ -26,8 +26,8 @@ else:
 
 setup(
     packages=["relaykern", "relaykern.models", "relaykern.engine", "relaykern.train", "relaykern.eval",
-              "relaykern.kernels"],
-    package_dir={"relaykern.kernels": "kernels"},
+              "relaykern.kernels", "relaykern.bench"],
+    package_dir={"relaykern.kernels": "kernels", "relaykern.bench": "bench"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -86,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the benchmark suite (see bench/)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=lambda a: _delegate("relaykern.bench_cli", a.rest))
+    bench.set_defaults(func=lambda a: _delegate("relaykern.bench.run", a.rest))
 
     train = sub.add_parser("train", help="relay SFT warm-up or GRPO (train sft|grpo --config FILE)")
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda a: _delegate("relaykern.train", a.rest))
+
+    evaluate = sub.add_parser("eval", help="accuracy and call ratio on a JSONL maths set")
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(func=lambda a: _delegate("relaykern.eval.harness", a.rest))
     return parser
 
 

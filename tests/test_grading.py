@@ -37,3 +37,8 @@ def test_fallback_without_math_verify(monkeypatch):
     monkeypatch.setattr(grading, "math_verify", None)
     assert is_correct(r"\boxed{ 85 }", "85")
     assert not is_correct(r"\boxed{0.5}", r"\frac{1}{2}")
+
+
+def test_symbolic_off_is_normalised_exact_match():
+    assert is_correct(r"\boxed{85.}", "85", symbolic=False)
+    assert not is_correct(r"\boxed{0.5}", r"\frac{1}{2}", symbolic=False)

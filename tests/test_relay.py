@@ -184,3 +184,20 @@ def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
                         llm_config=EngineConfig(device="cpu", num_blocks=4))
     with pytest.raises(ValueError, match="KV blocks"):
         small.add_request(prompts[0], SamplingParams(max_tokens=200))
+
+
+def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, tokenizer):
+    prompts = [text_tokens(tokenizer, "Re-prefill check")] * 2
+    samplings = [scripted({1: command_tokens(tokenizer, 2), 12: command_tokens(tokenizer, 3)}),
+                 scripted({2: command_tokens(tokenizer, 4)})]
+    outs = {}
+    for mode in ("persistent", "reprefill"):
+        engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
+                             llm_config=EngineConfig(device="cpu"), llm_cache=mode)
+        outs[mode] = engine.generate(prompts, samplings)
+        assert engine.llm.blocks.num_free_blocks == engine.llm.num_blocks
+    assert [comparable(o) for o in outs["persistent"]] == [comparable(o) for o in outs["reprefill"]]
+    persistent, reprefill = outs["persistent"][0].stats, outs["reprefill"][0].stats
+    assert persistent.calls == 2
+    # The second call re-reads the prompt and everything before it instead of only what is new.
+    assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from relaykern.loader import load_model
 from relaykern.train import main
 from relaykern.train.sft import SFTConfig, train_sft
 
@@ -24,6 +25,7 @@ def check_run(out_dir: Path, checkpoint: Path, steps: int, keys: set[str]) -> No
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert model.config.model_type == "qwen3" and tokenizer.eos_token == "<|im_end|>"
     assert (checkpoint / "model.safetensors").is_file()
+    load_model(checkpoint)  # and so does relaykern's own loader
 
 
 def test_examples_sft_then_grpo(tmp_path, capsys):
@@ -44,7 +46,7 @@ def test_examples_sft_then_grpo(tmp_path, capsys):
 
 
 def torchrun(stage: str, overrides: list[str]) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "relaykern.train", stage, "--config", str(ROOT / "examples" / f"{stage}.yaml")]
     for item in overrides:
         args += ["--set", item]

@@ -8,9 +8,9 @@ import torch
 from relaykern.config import SamplingParams
 from relaykern.outputs import RelayOutput, RelayStats
 from relaykern.train.data import PromptSource, command_ids
-from relaykern.train.grpo import GRPOConfig, GRPOTrainer, slm_mask
+from relaykern.train.grpo import GRPOConfig, GRPOTrainer
 from relaykern.train.loss import group_advantages, low_var_kl, policy_loss_terms
-from relaykern.train.rollout import ReferenceRollout
+from relaykern.train.rollout import ReferenceRollout, slm_mask
 
 CALL_FIRST = 27  # "<": the first token of "<call>N</call>" with the Qwen3 tokenizer
 CANDIDATES = range(15, 25)

@@ -108,3 +108,17 @@ def test_config_from_yaml_toml_and_overrides(tmp_path):
         SFTConfig.from_file(tmp_path / "c.yaml", ["lrr=1"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["novalue"])
+
+
+def test_sft_data_cli_writes_records(tmp_path):
+    from pathlib import Path
+
+    from relaykern.train import main
+    from relaykern.train.data import read_jsonl
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sft.yaml"
+    out = tmp_path / "records.jsonl"
+    assert main(["sft-data", "--config", str(example), "--set", f"output_dir={tmp_path}", "--set",
+                 "data.prompts.num_prompts=2", "--out", str(out)]) == 0
+    records = read_jsonl(out)
+    assert len(records) == 2 and {"prompt_ids", "response_ids", "loss_mask", "answer"} <= set(records[0])

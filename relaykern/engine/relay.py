@@ -22,7 +22,7 @@ import dataclasses
 import random
 import time
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import Iterator, Literal, Sequence as Seq
 
 import torch
 
@@ -41,14 +41,23 @@ class RelayEngine:
     """Keeps both models loaded between calls. ``llm=None`` serves the SLM alone."""
 
     def __init__(self, slm: str | Path, llm: str | Path | None = None, *, relay: RelayConfig | None = None,
-                 slm_config: EngineConfig | None = None, llm_config: EngineConfig | None = None) -> None:
+                 slm_config: EngineConfig | None = None, llm_config: EngineConfig | None = None,
+                 llm_cache: Literal["persistent", "reprefill"] = "persistent") -> None:
+        """``llm_cache="reprefill"`` is the official code's behaviour (the LLM re-reads its whole context on every
+        call, no prefix cache): a baseline for benchmarks, same outputs, more LLM prefill."""
+        if llm_cache not in ("persistent", "reprefill"):
+            raise ValueError(f"llm_cache must be 'persistent' or 'reprefill', got {llm_cache!r}")
         self.relay = relay or RelayConfig()
+        self.reprefill_llm = llm_cache == "reprefill"
+        llm_config = llm_config or EngineConfig()
+        if self.reprefill_llm:
+            llm_config = dataclasses.replace(llm_config, enable_prefix_caching=False)
         self.tokenizer = load_tokenizer(slm)
         if llm is not None:
             validate_pair(slm, llm, self.tokenizer)
         slm_config = slm_config or EngineConfig()
         self.slm = ModelRunner(slm, slm_config, kv_share=0.2 if llm is not None else 1.0)
-        self.llm = ModelRunner(llm, llm_config or EngineConfig(), kv_share=1.0) if llm is not None else None
+        self.llm = ModelRunner(llm, llm_config, kv_share=1.0) if llm is not None else None
         vocab = max(r.model_config.vocab_size for r in (self.slm, self.llm) if r is not None)
         known = token_bytes(self.tokenizer)
         self.token_bytes = known + [b""] * (vocab - len(known))  # embedding padding rows write nothing
@@ -199,6 +208,8 @@ class RelayEngine:
         n_served = serve_length(n, self.relay.max_call_tokens, seq.tokens_left)
         if n_served == 0:
             return
+        if self.reprefill_llm:
+            self.scheduler.release_view(self.llm, seq, seq.llm)
         run = seq.response[seq.run_start:]
         seq.llm.tokens += strip_commands(run, [self.token_bytes[t] for t in run], seq.run_commands,
                                          lambda data: encode_bytes(self.tokenizer, data))

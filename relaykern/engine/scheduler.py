@@ -97,11 +97,15 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Frees the sequence's blocks in every model it holds blocks in; its views will be recomputed."""
         for runner, view_of in self.models:
-            view = view_of(seq)
-            if view is not None and view.allocated:
-                runner.blocks.free(seq.request_id)
-                view.allocated = False
-                view.num_cached = 0
+            self.release_view(runner, seq, view_of(seq))
+
+    @staticmethod
+    def release_view(runner: ModelRunner, seq: Sequence, view: ModelView | None) -> None:
+        """Frees one model's blocks of the sequence; that view will be recomputed from its tokens."""
+        if view is not None and view.allocated:
+            runner.blocks.free(seq.request_id)
+            view.allocated = False
+            view.num_cached = 0
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)

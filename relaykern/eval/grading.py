@@ -43,14 +43,15 @@ def normalize_answer(answer: str) -> str:
     return answer.replace("dfrac", "frac").replace("tfrac", "frac")
 
 
-def is_correct(text: str, answer: str) -> bool:
-    """Whether the response's last boxed answer equals ``answer`` (symbolically when math_verify is installed)."""
+def is_correct(text: str, answer: str, symbolic: bool = True) -> bool:
+    """Whether the response's last boxed answer equals ``answer``: symbolically when ``symbolic`` and math_verify
+    is installed, else after ``normalize_answer`` only."""
     boxed = extract_boxed(text)
     if boxed is None:
         return False
     if normalize_answer(boxed) == normalize_answer(answer):
         return True
-    if math_verify is None:
+    if not symbolic or math_verify is None:
         return False
     gold = math_verify.parse(f"{BOXED}{{{answer}}}")
     pred = math_verify.parse(f"{BOXED}{{{boxed}}}")

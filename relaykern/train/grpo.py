@@ -19,18 +19,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from relaykern.config import RelayConfig, SamplingParams
-from relaykern.eval.grading import extract_boxed, is_correct, normalize_answer
+from relaykern.eval.grading import is_correct
 from relaykern.outputs import RelayOutput
-from relaykern.train.batch import ResponseBatch, ResponseLogProbs, collate
+from relaykern.train.batch import ResponseLogProbs, collate
 from relaykern.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from relaykern.train.config import FileConfig
 from relaykern.train.data import PromptSource, chat_prompt_ids
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
-from relaykern.train.reward import Sample, call_ratio, case_of, command_summary, sample_reward
-from relaykern.train.rollout import ReferenceRollout, RolloutBackend
-from relaykern.train.runtime import (autocast, derive_seed, init_runtime, load_causal_lm, make_optimizer,
-                                     resolve_model_path, seed_everything, shutdown_runtime)
+from relaykern.train.reward import Sample, call_ratio, case_of, command_summary, group_case, sample_reward
+from relaykern.train.rollout import ReferenceRollout, RolloutBackend, slm_mask
+from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
+                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything, shutdown_runtime)
 
 
 @dataclass
@@ -80,6 +80,14 @@ class GRPOConfig(FileConfig):
     device: str | None = None
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "precision": ("fp32", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise ValueError(f"GRPOConfig.group_size must be >= 2 (advantages are relative), got {self.group_size}")
+
 
 @dataclass
 class Rollouts:
@@ -90,24 +98,6 @@ class Rollouts:
     outputs: list[RelayOutput]
     samples: list[Sample] = field(default_factory=list)
     rewards: torch.Tensor | None = None
-
-
-def slm_mask(output: RelayOutput) -> list[float]:
-    """1.0 on tokens the SLM wrote (the policy's actions), 0.0 on the LLM's."""
-    mask = [0.0] * len(output.token_ids)
-    for source, start, end in output.spans:
-        if source == "slm":
-            mask[start:end] = [1.0] * (end - start)
-    return mask
-
-
-def grade(text: str, answer: str, grader: str) -> bool:
-    if grader == "math":
-        return is_correct(text, answer)
-    if grader == "exact":
-        boxed = extract_boxed(text)
-        return boxed is not None and normalize_answer(boxed) == normalize_answer(answer)
-    raise ValueError(f"grader must be 'math' or 'exact', got {grader!r}")
 
 
 class GRPOTrainer:
@@ -137,7 +127,7 @@ class GRPOTrainer:
         self.ref = ResponseLogProbs(load_causal_lm(ref_path, runtime.device, trainable=False)) \
             if config.kl_coef > 0 else None
         self.llm = load_causal_lm(resolve_model_path(config.llm, self.out_dir, "llm", runtime), runtime.device,
-                                  trainable=False) if config.llm else None
+                                  trainable=False, dtype=frozen_dtype(config.precision)) if config.llm else None
         updates_per_step = -(-config.prompts_per_step * config.group_size //
                              (config.mini_batch_size or config.prompts_per_step * config.group_size))
         self.optimizer, self.scheduler = make_optimizer(self.lm, config.lr, config.weight_decay, config.lr_schedule,
@@ -186,16 +176,14 @@ class GRPOTrainer:
         for output, answer in zip(rollouts.outputs, rollouts.answers):
             called, sum_n = command_summary(output.text, c.max_call_tokens)
             rho = call_ratio(sum_n, len(output.token_ids))
-            rollouts.samples.append(Sample(grade(output.text, answer, c.grader), called, rho))
+            rollouts.samples.append(Sample(is_correct(output.text, answer, c.grader == "math"), called, rho))
         groups = [rollouts.samples[i : i + c.group_size] for i in range(0, len(rollouts.samples), c.group_size)]
         if c.reward_mode == "group":
-            cases = [case_of(any(s.correct and not s.called for s in g), any(s.correct for s in g)) for g in groups]
-        elif c.reward_mode == "batch":
+            cases = [group_case(g) for g in groups]
+        else:
             flags = self.runtime.all_reduce_sum([float(any(s.correct and not s.called for s in rollouts.samples)),
                                                  float(any(s.correct for s in rollouts.samples))])
             cases = [case_of(flags[0] > 0, flags[1] > 0)] * len(groups)
-        else:
-            raise ValueError(f"reward_mode must be 'group' or 'batch', got {c.reward_mode!r}")
         rollouts.rewards = torch.tensor([sample_reward(s, case) for g, case in zip(groups, cases) for s in g])
 
     def micro_batches(self, rollouts: Rollouts, advantages: torch.Tensor) -> list[list[dict[str, Any]]]:
@@ -244,14 +232,15 @@ class GRPOTrainer:
         sums = dict.fromkeys(("pg_loss", "kl", "clip_frac", "dual_clip_frac", "tokens", "grad_norm"), 0.0)
         for micros in minis:
             tokens = self.runtime.all_reduce_sum([sum(m["batch"].mask.sum().item() for m in micros)])[0]
-            for m in micros:
-                with autocast(c.precision, self.runtime.device):
-                    log_probs = self.trained(m["batch"], c.temperature)
-                if m["old"] is None:
-                    m["old"] = log_probs.detach()
-                terms = policy_loss_terms(log_probs, m["old"], m["ref"], m["adv"], m["batch"].mask, c.clip_low,
-                                          c.clip_high, c.dual_clip)
-                ((terms.pg_loss + c.kl_coef * terms.kl) * world / max(tokens, 1.0)).backward()
+            for index, m in enumerate(micros):
+                with maybe_no_sync(self.trained, index == len(micros) - 1):
+                    with autocast(c.precision, self.runtime.device):
+                        log_probs = self.trained(m["batch"], c.temperature)
+                    if m["old"] is None:
+                        m["old"] = log_probs.detach()
+                    terms = policy_loss_terms(log_probs, m["old"], m["ref"], m["adv"], m["batch"].mask,
+                                              c.clip_low, c.clip_high, c.dual_clip)
+                    ((terms.pg_loss + c.kl_coef * terms.kl) * world / max(tokens, 1.0)).backward()
                 for key, value in (("pg_loss", terms.pg_loss), ("kl", terms.kl), ("clip_frac", terms.clip_high),
                                    ("dual_clip_frac", terms.clip_dual), ("tokens", terms.tokens)):
                     sums[key] += value.item()

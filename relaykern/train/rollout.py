@@ -50,3 +50,12 @@ class ReferenceRollout:
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the very module the optimizer updates."""
+
+
+def slm_mask(output: RelayOutput) -> list[float]:
+    """1.0 on tokens the SLM wrote (the policy's actions), 0.0 on the LLM's (context, out of the loss and KL)."""
+    mask = [0.0] * len(output.token_ids)
+    for source, start, end in output.spans:
+        if source == "slm":
+            mask[start:end] = [1.0] * (end - start)
+    return mask

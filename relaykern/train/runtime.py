@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from relaykern.config import resolve_device
@@ -82,6 +83,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def maybe_no_sync(module: torch.nn.Module, last: bool):
+    """DDP's ``no_sync`` on all but the last micro-batch of an update (one gradient all-reduce per update)."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
+
+
 def autocast(precision: str, device: torch.device):
     """``"bf16"``: bf16 autocast over fp32 master weights; ``"fp32"``: plain fp32."""
     if precision == "fp32":
@@ -114,13 +120,19 @@ def resolve_model_path(spec: str, workdir: Path, role: str, runtime: Runtime | N
     return path
 
 
-def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True) -> torch.nn.Module:
-    """The HF model in fp32 (the trainer's master weights; bf16 comes from autocast). Frozen when not trainable."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
-    if not trainable:
-        model.eval()
-        model.requires_grad_(False)
+def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True,
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The HF model, fp32 by default (a trainer's master weights; bf16 compute comes from autocast). Frozen and in
+    eval mode when not trainable (e.g. the LLM, which only generates, in bf16)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
     return model
+
+
+def frozen_dtype(precision: str) -> torch.dtype:
+    """Weights for a model that only generates: bf16 when training in bf16."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

@@ -21,8 +21,8 @@ from relaykern.train.checkpoint import latest_checkpoint, load_trainer_state, sa
 from relaykern.train.config import FileConfig
 from relaykern.train.data import SFTDataConfig, build_sft_records, read_jsonl, write_jsonl
 from relaykern.train.logger import MetricsLogger
-from relaykern.train.runtime import (Runtime, autocast, derive_seed, init_runtime, load_causal_lm, make_optimizer,
-                                     resolve_model_path, seed_everything, shutdown_runtime)
+from relaykern.train.runtime import (Runtime, autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
+                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything, shutdown_runtime)
 
 
 @dataclass
@@ -72,7 +72,8 @@ def _load_records(config: SFTConfig, out_dir: Path, runtime: Runtime, tokenizer:
     if runtime.is_main and not path.is_file():
         if config.llm is None:
             raise ValueError("SFTConfig: give train_file, or llm (+ data) to build SFT data")
-        llm = load_causal_lm(resolve_model_path(config.llm, out_dir, "llm"), runtime.device, trainable=False)
+        llm = load_causal_lm(resolve_model_path(config.llm, out_dir, "llm"), runtime.device, trainable=False,
+                             dtype=frozen_dtype(config.precision))
         slm = None
         if config.data.solutions == "slm" or config.data.insertion.mode == "entropy":
             slm = load_causal_lm(resolve_model_path(config.model, out_dir, "slm"), runtime.device, trainable=False)
@@ -133,9 +134,10 @@ def train_sft(config: SFTConfig) -> Path:
         for first in range(0, len(mine), config.micro_batch_size):
             rows = mine[first : first + config.micro_batch_size]
             batch = collate(*zip(*rows), pad_id=tokenizer.pad_token_id).to(runtime.device)
-            with autocast(config.precision, runtime.device):
-                loss = completion_loss_sum(trained, batch)
-            (loss * runtime.world_size / max(total_tokens, 1.0)).backward()
+            with maybe_no_sync(trained, first + config.micro_batch_size >= len(mine)):
+                with autocast(config.precision, runtime.device):
+                    loss = completion_loss_sum(trained, batch)
+                (loss * runtime.world_size / max(total_tokens, 1.0)).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), config.max_grad_norm).item()
         optimizer.step()

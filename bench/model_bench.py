@@ -1,0 +1,126 @@
+"""One model's forwards timed outside the relay loop: decode steps, a prefill, a catch-up, a chain of decodes.
+
+A ``Probe`` allocates sequences of random tokens straight in a ``ModelRunner``'s block manager (ids far above the
+engine's request ids) and times ``runner.execute`` on rows it builds, reading the sampled tokens back to the host
+each forward as the engine does. A repeated forward rewrites the same KV slots, so timing it again is exact.
+The KV content is whatever the pool holds: timing does not depend on it.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from relaykern.config import SamplingParams
+from relaykern.engine.runner import ModelRunner, Row
+from relaykern.bench.timing import median_ms
+
+GREEDY = SamplingParams(temperature=0)
+FIRST_PROBE_ID = 1 << 40
+LOWEST_TOKEN = 1000
+"""Random token ids start here (clear of the digits and punctuation that commands are made of)."""
+
+
+class Probe:
+    def __init__(self, runner: ModelRunner, repeats: int, seed: int = 0) -> None:
+        self.runner = runner
+        self.repeats = repeats
+        self.rng = random.Random(seed)
+        self.next_id = FIRST_PROBE_ID
+        self.top_token = min(runner.model_config.vocab_size, 150000)
+
+    def sequences(self, count: int, length: int) -> list[int]:
+        """Allocates ``count`` sequences of ``length`` random tokens; returns their ids."""
+        ids = []
+        for _ in range(count):
+            tokens = [self.rng.randrange(LOWEST_TOKEN, self.top_token) for _ in range(length)]
+            if not self.runner.blocks.can_allocate(tokens):
+                self.free(ids)
+                raise ValueError(f"the {self.runner.num_blocks}-block KV pool cannot hold {count} x {length} tokens: "
+                                 "raise the preset's num_blocks / kv_cache_gb or shrink the shape")
+            self.runner.blocks.allocate(self.next_id, tokens)
+            ids.append(self.next_id)
+            self.next_id += 1
+        return ids
+
+    def free(self, ids: list[int]) -> None:
+        for seq_id in ids:
+            self.runner.blocks.free(seq_id)
+
+    def _row(self, seq_id: int, num_tokens: int, start: int) -> Row:
+        tokens = [self.rng.randrange(LOWEST_TOKEN, self.top_token) for _ in range(num_tokens)]
+        return Row(seq_id, tokens, start, GREEDY, 0, 0, [], False)
+
+    def _execute(self, rows: list[Row]) -> list[int]:
+        return self.runner.execute(rows)[0].tolist()
+
+    def decode_ms(self, batch: int, context: int) -> float:
+        """One decode step of ``batch`` sequences, each over ``context`` cached tokens."""
+        ids = self.sequences(batch, context + 1)
+        try:
+            rows = [self._row(seq_id, 1, context) for seq_id in ids]
+            return median_ms(lambda: self._execute(rows), self.runner.device, self.repeats)
+        finally:
+            self.free(ids)
+
+    def forward_ms(self, new_tokens: int, context: int) -> float:
+        """One row feeding ``new_tokens`` after ``context`` cached ones: a prefill (context 0) or a catch-up."""
+        (seq_id,) = self.sequences(1, context + new_tokens)
+        try:
+            row = self._row(seq_id, new_tokens, context)
+            return median_ms(lambda: self._execute([row]), self.runner.device, self.repeats)
+        finally:
+            self.free([seq_id])
+
+    def decode_chain_ms(self, steps: int, context: int) -> float:
+        """``steps`` successive decode steps of one sequence starting after ``context`` cached tokens (total time)."""
+        (seq_id,) = self.sequences(1, context + steps)
+        try:
+            rows = [self._row(seq_id, 1, context + i) for i in range(steps)]
+
+            def chain() -> None:
+                for row in rows:
+                    self._execute([row])
+
+            return median_ms(chain, self.runner.device, max(1, min(self.repeats, 300 // steps)))
+        finally:
+            self.free([seq_id])
+
+
+def weight_bytes(runner: ModelRunner) -> int:
+    """Bytes of weights a decode step reads: every parameter but the input embedding (a few rows are gathered),
+    which is read in full only when it is tied to the LM head."""
+    model = runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    return total if runner.model_config.tie_word_embeddings else total - embedding.numel() * embedding.element_size()
+
+
+def kv_bytes_per_token(runner: ModelRunner) -> int:
+    mc = runner.model_config
+    return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * torch.empty((), dtype=runner.dtype).element_size()
+
+
+def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_context: int) -> dict:
+    """Decode sweep (ms/step against the roofline: weights plus the batch's KV read at the copy bandwidth),
+    one decode at the relay workload's shape (for the ideal mix), and one long prefill."""
+    probe = Probe(runner, preset.repeats)
+    weights, per_token = weight_bytes(runner), kv_bytes_per_token(runner)
+
+    def decode_point(batch: int, context: int) -> dict:
+        ms = probe.decode_ms(batch, context)
+        roofline_ms = (weights + batch * context * per_token) / bandwidth_gb_per_s / 1e6
+        return {"batch": batch, "context": context, "ms": ms, "roofline_ms": roofline_ms,
+                "fraction_of_roofline": roofline_ms / ms, "tokens_per_s": batch / ms * 1e3}
+
+    decode = [decode_point(batch, preset.decode_context) for batch in preset.decode_batch_sizes]
+    at_relay_shape = decode_point(preset.relay_batch, mix_context)
+    prefill_ms = probe.forward_ms(preset.prefill_length, 0)
+    return {
+        "weight_bytes": weights,
+        "kv_bytes_per_token": per_token,
+        "decode": decode,
+        "decode_at_relay_shape": at_relay_shape,
+        "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
+                    "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
+    }

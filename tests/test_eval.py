@@ -1,0 +1,27 @@
+"""The eval harness end to end on a tiny pair: prompts, grading, token-weighted call ratio, output files."""
+import json
+
+from relay_fixtures import *  # noqa: F401,F403
+from relaykern.cli import main as cli_main
+from relaykern.config import SamplingParams
+from relaykern.eval.harness import evaluate
+
+
+def test_eval_scores_and_writes_results(slm_dir, llm_dir, tmp_path):
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"problem": "What is 2 + 3?", "answer": "5"}\n{"question": "What is 4 * 4?", "answer": "16"}\n')
+    summary = evaluate(data, slm_dir, llm_dir, sampling=SamplingParams(temperature=0, max_tokens=6), samples=2,
+                       out=tmp_path / "res")
+    assert summary.problems == 2 and summary.samples == 4
+    assert summary.accuracy == 0.0  # a random model does not box the answer
+    assert 0.0 <= summary.call_ratio <= 1.0 and summary.finish_reasons
+    lines = (tmp_path / "res.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["answer"] == "5"
+    assert json.loads((tmp_path / "res.json").read_text())["samples"] == 4
+
+
+def test_eval_cli_rejects_records_without_answers(slm_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"problem": "What is 2 + 3?"}\n')
+    assert cli_main(["eval", str(data), "--slm", str(slm_dir), "--max-tokens", "4"]) == 2
+    assert "no 'answer'" in capsys.readouterr().err
