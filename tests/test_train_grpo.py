@@ -8,13 +8,13 @@ import torch
 from relaykern.config import SamplingParams
 from relaykern.outputs import RelayOutput, RelayStats
 from relaykern.train.data import PromptSource, command_ids
-from relaykern.train.grpo import GRPOConfig, GRPOTrainer
+from relaykern.train.grpo import GRPOConfig, GRPOTrainer, _engine_backend
 from relaykern.train.loss import group_advantages, low_var_kl, policy_loss_terms
-from relaykern.train.rollout import ReferenceRollout, slm_mask
+from relaykern.train.rollout import EngineRollout, ReferenceRollout, slm_mask
 
 CALL_FIRST = 27  # "<": the first token of "<call>N</call>" with the Qwen3 tokenizer
-CANDIDATES = range(15, 25)
-TINY = "tiny:hidden_size=32,head_dim=8,intermediate_size=64"  # the digits "0".."9": the non-calling first token is the one closest to "<" in logit
+CANDIDATES = range(15, 25)  # the digits "0".."9": the non-calling first token is the one closest to "<" in logit
+TINY = "tiny:hidden_size=32,head_dim=8,intermediate_size=64"
 
 
 def test_policy_loss_clip_values():
@@ -154,38 +154,54 @@ def test_twenty_scripted_steps_raise_the_call_ratio(tmp_path):
     assert history[-1]["kl"] > 0  # the policy moved away from the frozen reference
 
 
-class RestrictedReference(ReferenceRollout):
-    """ReferenceRollout whose SLM may only start with "<" or the alternative; after "<" it completes
+def restrict_to_call_or_alternative(trainer: GRPOTrainer):
+    """A processor letting the SLM only start with "<" or the alternative; after "<" it completes
     ``<call>1</call>``, after that (and after the alternative) it writes EOS. The tiny LLM really serves the call."""
+    command, alternative, eos = command_ids(trainer.tokenizer, 1), closest_alternative(trainer), \
+        trainer.tokenizer.eos_token_id
 
-    def __init__(self, trainer: GRPOTrainer):
-        super().__init__(trainer.lm, trainer.llm, trainer.tokenizer,
-                         SamplingParams(temperature=1.0, max_tokens=16))
-        self.command = command_ids(trainer.tokenizer, 1)
-        self.alternative = closest_alternative(trainer)
-        self.eos = trainer.tokenizer.eos_token_id
-
-    def restrict(self, generated, logits):
-        allowed = [CALL_FIRST, self.alternative] if not generated else \
-            [self.command[len(generated)]] if generated[0] == CALL_FIRST and len(generated) < len(self.command) \
-            else [self.eos]
+    def restrict(generated, logits):
+        allowed = [CALL_FIRST, alternative] if not generated else \
+            [command[len(generated)]] if generated[0] == CALL_FIRST and len(generated) < len(command) \
+            else [eos]
         out = torch.full_like(logits, float("-inf"))
         out[allowed] = logits[allowed]
         return out
+
+    return restrict
+
+
+class RestrictedReference(ReferenceRollout):
+    def __init__(self, trainer: GRPOTrainer):
+        super().__init__(trainer.lm, trainer.llm, trainer.tokenizer, SamplingParams(temperature=1.0, max_tokens=16))
+        self.alternative = closest_alternative(trainer)
+        self.restrict = restrict_to_call_or_alternative(trainer)
 
     def generate(self, prompts, sampling):
         return super().generate(prompts, dataclasses.replace(sampling, logits_processors=[self.restrict]))
 
 
-def test_real_relay_rollouts_learn_to_call(tmp_path):
-    config = tiny_config(tmp_path, llm=TINY, steps=6, group_size=6, micro_batch_size=6, lr=3e-3,
-                         rollout_logprobs=True)
-    trainer = GRPOTrainer(config, RestrictedReference)
+class RestrictedEngine(EngineRollout):
+    def __init__(self, trainer: GRPOTrainer):
+        super().__init__(_engine_backend(trainer).engine, SamplingParams(temperature=1.0, max_tokens=16))
+        self.alternative = closest_alternative(trainer)
+        self.restrict = restrict_to_call_or_alternative(trainer)
+
+    def generate(self, prompts, sampling):
+        return super().generate(prompts, dataclasses.replace(sampling, logits_processors=[self.restrict]))
+
+
+@pytest.mark.parametrize("rollout,backend", [("reference", RestrictedReference), ("engine", RestrictedEngine)])
+def test_real_relay_rollouts_learn_to_call(tmp_path, rollout, backend):
+    config = tiny_config(tmp_path, llm=TINY, steps=3, group_size=4, micro_batch_size=4, lr=3e-3,
+                         rollout_logprobs=True, rollout=rollout)
+    trainer = GRPOTrainer(config, backend)
     before = call_probability(trainer, trainer.backend.alternative)
     history = [trainer.train_step(step) for step in range(config.steps)]
     after = call_probability(trainer, trainer.backend.alternative)
     assert after > before + 0.1, (before, after)
-    assert any(m["calls_per_response"] > 0 for m in history) and max(m["call_ratio"] for m in history) > 0
+    assert history[-1]["called_frac"] > history[0]["called_frac"] and history[-1]["call_ratio"] > 0
+    assert history[-1]["calls_per_response"] == history[-1]["called_frac"]  # every command was served
     # The sampler's processors change the distribution, so only SLM tokens it did not constrain would agree; the
     # metric is reported either way.
     assert "logprob_mismatch_mean" in history[0]

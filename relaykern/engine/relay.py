@@ -139,6 +139,7 @@ class RelayEngine:
             for seq, row_readback, logprob in zip(seqs, readback, logprobs):
                 seq.slm.num_cached = len(seq.slm.tokens)
                 self._on_slm_token(seq, *row_readback, logprob)
+        self._reap()
         if self.llm is not None:
             seqs, rows = self.scheduler.schedule(Phase.LLM, self.llm, lambda s: s.llm)
             result = self._forward(self.llm, seqs, rows) if rows else None
@@ -147,6 +148,10 @@ class RelayEngine:
                 for seq, row, token, logprob in zip(seqs, rows, tokens.tolist(), logprobs):
                     seq.llm.num_cached = len(seq.llm.tokens)
                     self._on_llm_token(seq, token, logprob, len(row.tokens))
+        self._reap()
+
+    def _reap(self) -> None:
+        """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
         for seq in [s for s in self.scheduler.running if s.finished]:
             self.scheduler.finish(seq)
 

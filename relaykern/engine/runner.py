@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -17,7 +18,7 @@ from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.cuda_graphs import DecodeGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
-from relaykern.loader import load_model
+from relaykern.loader import load_model, load_state_dict_into
 from relaykern.models.attention import AttentionContext
 
 CPU_DEFAULT_BLOCKS = 512
@@ -131,8 +132,6 @@ class ModelRunner:
             all_greedy=all(t == 0 for t in temperature),
         )
 
-    def load_weights(self, named_tensors) -> None:
-        """Copies HF-named tensors into the live model (the trainer's in-process weight sync)."""
-        from relaykern.loader import load_state_dict_into
-
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it)."""
         load_state_dict_into(self.model, dict(named_tensors))

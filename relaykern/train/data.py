@@ -165,8 +165,9 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False}
+    # Every sampling knob explicit, so a checkpoint's generation_config.json (Qwen3: top-k 20) cannot leak in.
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False}
     out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                          eos_token_id=list(eos_ids), pad_token_id=pad_id, **sampling)
     results = []
@@ -229,14 +230,15 @@ def build_sft_data(in_jsonl: str | Path | None, out_jsonl: str | Path, slm_dir: 
     """Reads prompts (``in_jsonl``, or ``config.prompts`` when None), writes SFT records; returns their count."""
     from relaykern.config import resolve_device
     from relaykern.tokenizer import load_qwen3_tokenizer
-    from relaykern.train.runtime import load_causal_lm
+    from relaykern.train.runtime import frozen_dtype, load_causal_lm
 
     config = config or SFTDataConfig()
     records = read_jsonl(in_jsonl) if in_jsonl is not None else config.prompts.load()
     resolved = resolve_device(device)
+    dtype = frozen_dtype("bf16" if resolved.type == "cuda" else "fp32")
     needs_slm = config.solutions == "slm" or config.insertion.mode == "entropy"
-    slm = load_causal_lm(slm_dir, resolved, trainable=False) if needs_slm else None
-    llm = load_causal_lm(llm_dir, resolved, trainable=False)
+    slm = load_causal_lm(slm_dir, resolved, trainable=False, dtype=dtype) if needs_slm else None
+    llm = load_causal_lm(llm_dir, resolved, trainable=False, dtype=dtype)
     built = build_sft_records(records, load_qwen3_tokenizer(), slm, llm, config)
     write_jsonl(out_jsonl, built)
     return len(built)

@@ -28,9 +28,10 @@ from relaykern.train.data import PromptSource, chat_prompt_ids
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
 from relaykern.train.reward import Sample, call_ratio, case_of, command_summary, group_case, sample_reward
-from relaykern.train.rollout import ReferenceRollout, RolloutBackend, slm_mask
+from relaykern.train.rollout import EngineRollout, ReferenceRollout, RolloutBackend, slm_mask
 from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
-                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything, shutdown_runtime)
+                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything,
+                                     shutdown_runtime)
 
 
 @dataclass
@@ -40,6 +41,9 @@ class GRPOConfig(FileConfig):
     ``slm``/``llm``/``ref``: HF dirs or ``"tiny"``; ``ref`` defaults to the initial SLM; ``llm: null`` serves no
     calls. ``mini_batch_size``: samples per optimizer update (0: the whole step's samples, one update).
     ``grader``: ``"math"`` (symbolic, eval/grading.py) or ``"exact"`` (boxed string equality).
+    ``rollout``: ``"engine"`` (relaykern's relay engine, weights synced in process) or ``"reference"`` (the HF
+    reference relay on the live policy: slow, exact, for checks). ``rollout_kv_cache_gb``: the engine's KV budget
+    on a GPU shared with training (default: 30 % of the free memory).
     """
 
     slm: str = "tiny"
@@ -72,6 +76,8 @@ class GRPOConfig(FileConfig):
     max_calls: int = 3
     max_call_tokens: int = 4096
     rollout_logprobs: bool = True
+    rollout: str = "engine"
+    rollout_kv_cache_gb: float | None = None
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -81,7 +87,8 @@ class GRPOConfig(FileConfig):
     resume: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "precision": ("fp32", "bf16")}
+        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "precision": ("fp32", "bf16"),
+                   "rollout": ("engine", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -126,8 +133,10 @@ class GRPOTrainer:
         ref_path = resolve_model_path(config.ref, self.out_dir, "ref", runtime) if config.ref else slm_path
         self.ref = ResponseLogProbs(load_causal_lm(ref_path, runtime.device, trainable=False)) \
             if config.kl_coef > 0 else None
-        self.llm = load_causal_lm(resolve_model_path(config.llm, self.out_dir, "llm", runtime), runtime.device,
-                                  trainable=False, dtype=frozen_dtype(config.precision)) if config.llm else None
+        self.slm_path = slm_path
+        self.llm_path = resolve_model_path(config.llm, self.out_dir, "llm", runtime) if config.llm else None
+        self.llm = load_causal_lm(self.llm_path, runtime.device, trainable=False, dtype=frozen_dtype(config.precision)) \
+            if self.llm_path is not None and config.rollout == "reference" else None
         updates_per_step = -(-config.prompts_per_step * config.group_size //
                              (config.mini_batch_size or config.prompts_per_step * config.group_size))
         self.optimizer, self.scheduler = make_optimizer(self.lm, config.lr, config.weight_decay, config.lr_schedule,
@@ -139,7 +148,8 @@ class GRPOTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_step = state["step"]
         self.trained = DistributedDataParallel(self.policy) if runtime.distributed else self.policy
-        self.backend = (backend_factory or _reference_backend)(self)
+        default_backend = _engine_backend if config.rollout == "engine" else _reference_backend
+        self.backend = (backend_factory or default_backend)(self)
         self.backend.sync_weights(self.lm.named_parameters())
         self.logger = MetricsLogger(self.out_dir, runtime.is_main, self.start_step if resume_from else None)
 
@@ -223,7 +233,8 @@ class GRPOTrainer:
                 n = len(given)
                 mask = micro["batch"].mask[b, :n]
                 diff = (micro["old"][b, :n] - torch.tensor(given, device=mask.device)).abs() * mask
-                total, worst, tokens = total + diff.sum().item(), max(worst, diff.max().item()), tokens + mask.sum().item()
+                total, tokens = total + diff.sum().item(), tokens + mask.sum().item()
+                worst = max(worst, diff.max().item())
         total, tokens = self.runtime.all_reduce_sum([total, tokens])
         return {"logprob_mismatch_mean": total / tokens, "logprob_mismatch_max": worst} if tokens else {}
 
@@ -302,11 +313,29 @@ class GRPOTrainer:
         return latest_checkpoint(self.ckpt_root)
 
 
-def _reference_backend(trainer: GRPOTrainer) -> RolloutBackend:
-    c = trainer.config
+def _relay_settings(c: GRPOConfig) -> tuple[SamplingParams, RelayConfig]:
     llm_sampling = SamplingParams(temperature=c.llm_temperature, top_p=c.llm_top_p, max_tokens=c.max_tokens)
-    relay = RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens)
+    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens)
+
+
+def _reference_backend(trainer: GRPOTrainer) -> RolloutBackend:
+    llm_sampling, relay = _relay_settings(trainer.config)
     return ReferenceRollout(trainer.lm, trainer.llm, trainer.tokenizer, llm_sampling, relay)
+
+
+def _engine_backend(trainer: GRPOTrainer) -> RolloutBackend:
+    from relaykern.config import EngineConfig
+    from relaykern.engine.relay import RelayEngine
+
+    c, device = trainer.config, trainer.runtime.device
+    kv_gb = c.rollout_kv_cache_gb
+    if kv_gb is None and device.type == "cuda":
+        kv_gb = 0.3 * torch.cuda.mem_get_info(device)[0] / 2**30 / (2 if trainer.llm_path else 1)
+    dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+    config = EngineConfig(device=device, dtype=dtype, kv_cache_memory_gb=kv_gb)
+    llm_sampling, relay = _relay_settings(c)
+    engine = RelayEngine(trainer.slm_path, trainer.llm_path, relay=relay, slm_config=config, llm_config=config)
+    return EngineRollout(engine, llm_sampling)
 
 
 def train_grpo(config: GRPOConfig) -> Path:

@@ -60,8 +60,8 @@ def policy_loss_terms(
 ) -> LossTerms:
     """Dual-clip PPO (arXiv 1912.09729) with asymmetric clip (DAPO), the k3 KL term, summed over ``mask``.
 
-    Per token: ``max(−A·r, −A·clip(r))``, and for ``A < 0`` additionally ``min(·, −A·dual_clip)``. ``advantages``
-    broadcasts from ``[batch, 1]``.
+    Per token: ``max(−A·r, −A·clip(r))``, and for ``A < 0`` additionally ``min(·, −A·dual_clip)``.
+    ``advantages`` broadcasts from ``[batch, 1]``.
     """
     mask = mask.to(log_probs.dtype)
     log_ratio = (log_probs - old_log_probs).clamp(-20.0, 20.0)

@@ -59,3 +59,23 @@ def slm_mask(output: RelayOutput) -> list[float]:
         if source == "slm":
             mask[start:end] = [1.0] * (end - start)
     return mask
+
+
+class EngineRollout:
+    """Rollouts from relaykern's relay engine (paged KV for both models, batched), the policy's weights pushed into
+    it in process after each update (``sync_weights``: HF names, no disk round-trip).
+
+    The engine seeds each request from its own ``SamplingParams.seed``, so the G samples of a prompt get distinct
+    seeds derived from the step's seed and their index (one shared seed would make them identical).
+    """
+
+    def __init__(self, engine, llm_sampling: SamplingParams | None = None):
+        self.engine, self.llm_sampling = engine, llm_sampling
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[RelayOutput]:
+        base = sampling.seed if sampling.seed is not None else 0
+        samplings = [dataclasses.replace(sampling, seed=(base * 1_000_003 + i) % 2**62) for i in range(len(prompts))]
+        return self.engine.generate(prompts, samplings, self.llm_sampling)
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.engine.load_slm_weights((name, tensor.detach()) for name, tensor in named_tensors)

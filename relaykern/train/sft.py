@@ -22,7 +22,8 @@ from relaykern.train.config import FileConfig
 from relaykern.train.data import SFTDataConfig, build_sft_records, read_jsonl, write_jsonl
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.runtime import (Runtime, autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
-                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything, shutdown_runtime)
+                                     make_optimizer, maybe_no_sync, resolve_model_path, seed_everything,
+                                     shutdown_runtime)
 
 
 @dataclass
@@ -53,6 +54,11 @@ class SFTConfig(FileConfig):
     device: str | None = None
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        for name, allowed in {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant")}.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SFTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
 
 def completion_loss_sum(policy: torch.nn.Module, batch: ResponseBatch) -> torch.Tensor:
     """Σ −log p(target) over tokens with mask 1 (a tensor; divide by the token count for the mean)."""
@@ -69,9 +75,9 @@ def _load_records(config: SFTConfig, out_dir: Path, runtime: Runtime, tokenizer:
     if config.train_file is not None:
         return read_jsonl(config.train_file)
     path = out_dir / "sft_data.jsonl"
+    if config.llm is None and not path.is_file():
+        raise ValueError("SFTConfig: give train_file, or llm (+ data) to build SFT data")
     if runtime.is_main and not path.is_file():
-        if config.llm is None:
-            raise ValueError("SFTConfig: give train_file, or llm (+ data) to build SFT data")
         llm = load_causal_lm(resolve_model_path(config.llm, out_dir, "llm"), runtime.device, trainable=False,
                              dtype=frozen_dtype(config.precision))
         slm = None

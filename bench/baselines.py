@@ -1,0 +1,101 @@
+"""The systems relaykern is compared with, each run on the very workload our engine ran (same prompts, same scripted
+commands, greedy, every request writing ``max_tokens``):
+
+- the official-style engine mode (``llm_cache="reprefill"``): the LLM re-reads its whole context on every call;
+- the reference relay over ``transformers`` (``relaykern.reference``), one request at a time as the official
+  evaluation loop runs: only its first requests are run, since one at a time its tokens/s does not depend on how
+  many there are;
+- HF ``generate`` of the SLM alone, batched, against our engine's SLM-only run.
+
+Each is loaded only while it runs, after the previous system's memory is released.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from relaykern.config import SamplingParams
+from relaykern.engine.relay import RelayEngine
+from relaykern.reference import _generation_config, load_reference_models, reference_generate
+from relaykern.bench.relay_bench import run_workload
+from relaykern.bench.timing import synchronize
+from relaykern.bench.workloads import Workload
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def official_style(build_engine, workload: Workload) -> dict:
+    """``build_engine(llm_cache)`` makes a RelayEngine like the one measured, in the given LLM cache mode."""
+    engine = build_engine("reprefill")
+    try:
+        run_workload(engine, workload.head(min(2, workload.batch)))  # warm-up
+        figures, _ = run_workload(engine, workload)
+        return figures
+    finally:
+        del engine
+        release_memory()
+
+
+def _timed(device: torch.device, fn) -> tuple[object, float]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: list,
+                 slm_only_workload: Workload) -> dict:
+    """The reference relay on the first requests of ``relay_workload`` (``ours``: our outputs for it, to count
+    identical ones) and HF ``generate`` of the SLM on the whole ``slm_only_workload``."""
+    device = torch.device(preset.device)
+    slm_model, llm_model, tokenizer = load_reference_models(slm, llm, device, getattr(torch, preset.dtype))
+    try:
+        requests = relay_workload.head(preset.reference_requests)
+        warmup = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        reference_generate(requests.prompts[:1], slm_model, llm_model, tokenizer, warmup)
+        outputs, seconds = _timed(device, lambda: [
+            reference_generate([prompt], slm_model, llm_model, tokenizer, sampling)[0]
+            for prompt, sampling in zip(requests.prompts, requests.samplings)])
+        tokens = sum(len(o.token_ids) for o in outputs)
+        reference = {
+            "name": "reference relay (HF, one request at a time)",
+            "requests": requests.batch,
+            "tokens": tokens,
+            "llm_tokens": sum(o.stats.llm_tokens for o in outputs),
+            "llm_prefill_tokens": sum(o.stats.llm_prefill_tokens for o in outputs),
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "identical_to_ours": sum(a.token_ids == b.token_ids for a, b in zip(outputs, ours)),
+        }
+        generate = _hf_generate(slm_model, slm_only_workload, device)
+    finally:
+        del slm_model, llm_model
+        release_memory()
+    return {"reference_relay": reference, "hf_generate_slm_only": generate}
+
+
+def _hf_generate(model, workload: Workload, device: torch.device) -> dict:
+    """Batched greedy HF ``generate`` of exactly ``max_tokens`` tokens per prompt (equal-length prompts: no pad)."""
+    input_ids = torch.tensor(workload.prompts, device=device)
+    mask = torch.ones_like(input_ids)
+
+    def generate(new_tokens: int):
+        # The reference's config: every sampling field explicit, no EOS, so each row writes new_tokens tokens.
+        config = _generation_config(SamplingParams(temperature=0, max_tokens=new_tokens),
+                                    input_ids.shape[1] + new_tokens, output_scores=False)
+        with torch.inference_mode():
+            return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+
+    generate(4)  # warm-up
+    out, seconds = _timed(device, lambda: generate(workload.max_tokens))
+    tokens = out.sequences[:, input_ids.shape[1]:].numel()
+    return {"name": "HF generate, SLM only (batched)", "batch": workload.batch, "max_tokens": workload.max_tokens,
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

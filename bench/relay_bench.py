@@ -1,0 +1,116 @@
+"""The relay's cost: one call's latency taken apart, and the engine's throughput on scripted workloads.
+
+Latency of one call that makes the LLM read k new tokens and write N, over a context of C cached tokens:
+
+    detection (one SLM step's) + LLM catch-up of k (its forward also samples the first of the N tokens)
+    + (N - 1) LLM decode steps + SLM catch-up of N (its forward also samples the SLM's next token)
+
+Overhead = that latency minus N LLM decode steps, reported in LLM decode steps (the goal: at most 2 for k <= 512).
+It counts the SLM catch-up whole, though that forward replaces an SLM decode step the SLM would have run anyway.
+
+Throughput: generated tokens per second of ``RelayEngine.generate`` on a whole workload (prefill included),
+against the ideal token-weighted mix of the two models' decode speeds at the same batch and context
+(1 / ((1 - r) / slm_tokens_per_s + r / llm_tokens_per_s) for an LLM-token ratio r) and against the SLM alone.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+
+from relaykern.engine.relay import RelayEngine
+from relaykern.engine.sequence import Sequence
+from relaykern.bench.model_bench import GREEDY, Probe
+from relaykern.bench.timing import median_ms, synchronize
+from relaykern.bench.workloads import Workload, make_workload
+
+
+def detection_ms(engine: RelayEngine, batch: int, repeats: int) -> float:
+    """The fused detection of one SLM step over ``batch`` rows (table lookup on the device + one readback)."""
+    seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(batch)]
+    tokens = torch.randint(1000, 5000, (batch,), device=engine.slm.device)
+    return median_ms(lambda: engine.detector.detect(tokens, seqs), engine.slm.device, repeats)
+
+
+def measure_latency(engine: RelayEngine, preset) -> dict:
+    slm, llm = Probe(engine.slm, preset.repeats), Probe(engine.llm, preset.repeats)
+    context = preset.catchup_context
+    detection = detection_ms(engine, preset.relay_batch, preset.repeats)
+    llm_catchup = {k: llm.forward_ms(k, context) for k in preset.catchup_lengths}
+    llm_decode = {n: llm.decode_chain_ms(n, context) for n in preset.call_lengths}
+    slm_catchup = {n: slm.forward_ms(n, context) for n in preset.call_lengths}
+    relays = []
+    for k, catchup_ms in llm_catchup.items():
+        for n, decode_ms in llm_decode.items():
+            step_ms = decode_ms / n
+            latency = detection + catchup_ms + (n - 1) * step_ms + slm_catchup[n]
+            relays.append({"k": k, "n": n, "latency_ms": latency, "overhead_ms": latency - decode_ms,
+                           "overhead_llm_steps": (latency - decode_ms) / step_ms})
+    return {
+        "context": context,
+        "batch_for_detection": preset.relay_batch,
+        "detection_ms": detection,
+        "llm_catchup": [{"k": k, "ms": ms} for k, ms in llm_catchup.items()],
+        "llm_decode": [{"n": n, "ms": ms, "ms_per_step": ms / n} for n, ms in llm_decode.items()],
+        "slm_catchup": [{"n": n, "ms": ms} for n, ms in slm_catchup.items()],
+        "relays": relays,
+    }
+
+
+def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
+    """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
+    device = engine.slm.device
+    synchronize(device)
+    start = time.perf_counter()
+    outputs = engine.generate(workload.prompts, workload.samplings)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outputs)
+    llm_tokens = sum(o.stats.llm_tokens for o in outputs)
+    figures = {
+        "name": workload.name,
+        "batch": workload.batch,
+        "prompt_length": len(workload.prompts[0]),
+        "max_tokens": workload.max_tokens,
+        "target_ratio": workload.target_ratio,
+        "ratio": llm_tokens / tokens if tokens else 0.0,
+        "calls": sum(o.stats.calls for o in outputs),
+        "tokens": tokens,
+        "llm_tokens": llm_tokens,
+        "llm_prefill_tokens": sum(o.stats.llm_prefill_tokens for o in outputs),
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "finish_reasons": dict(collections.Counter(o.finish_reason for o in outputs)),
+    }
+    return figures, outputs
+
+
+def ideal_tokens_per_s(ratio: float, slm_decode: dict, llm_decode: dict) -> float:
+    """The token-weighted (harmonic) mix of the two models' decode throughputs at the same batch."""
+    return 1.0 / ((1 - ratio) / slm_decode["tokens_per_s"] + ratio / llm_decode["tokens_per_s"])
+
+
+def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict) -> dict:
+    """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context."""
+    def workload(name: str, ratio: float, staggered: bool = False) -> Workload:
+        return make_workload(engine.tokenizer, name=name, batch=preset.relay_batch, prompt_length=preset.prompt_length,
+                             max_tokens=preset.max_tokens, ratio=ratio, vocab_size=engine.slm.model_config.vocab_size,
+                             staggered=staggered)
+
+    warmup = workload("warm-up", max(preset.call_ratios))
+    run_workload(engine, warmup.head(min(4, warmup.batch)))  # compiles, allocator growth
+    slm_only, _ = run_workload(engine, workload("slm-only", 0.0))
+    slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
+    runs = []
+    named = [(f"aligned {r:.1%}", r, False) for r in preset.call_ratios]
+    if preset.staggered:
+        named.append(("staggered 1.0%", 0.01, True))
+    for name, ratio, staggered in named:
+        figures, _ = run_workload(engine, workload(name, ratio, staggered))
+        figures["ideal_tokens_per_s"] = ideal_tokens_per_s(figures["ratio"], slm_decode, llm_decode)
+        figures["of_ideal"] = figures["tokens_per_s"] / figures["ideal_tokens_per_s"]
+        figures["of_slm_only"] = figures["tokens_per_s"] / slm_only["tokens_per_s"]
+        runs.append(figures)
+    return {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
+            "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}

@@ -1,0 +1,114 @@
+"""The goals a run is judged against, and the one table ``relaykern bench`` prints from its report."""
+from __future__ import annotations
+
+from typing import Callable
+
+GOAL_MAX_K = 512
+
+# (goal, target, higher is better, how to read the value from the report)
+GOALS: list[tuple[str, float, bool, Callable[[dict], float]]] = [
+    (f"relay overhead <= 2 LLM decode steps for k <= {GOAL_MAX_K} (worst case)", 2.0, False,
+     lambda r: max(x["overhead_llm_steps"] for x in r["relay_latency"]["relays"] if x["k"] <= GOAL_MAX_K)),
+    ("relay throughput >= 0.90 x ideal token-weighted mix (worst aligned ratio)", 0.90, True,
+     lambda r: min(x["of_ideal"] for x in r["relay_throughput"]["runs"] if x["name"].startswith("aligned"))),
+    ("relay throughput at 1% LLM tokens >= 0.8 x SLM-only", 0.8, True,
+     lambda r: next(x["of_slm_only"] for x in r["relay_throughput"]["runs"] if x["name"] == "aligned 1.0%")),
+    ("ours >= 20 x the reference relay", 20.0, True, lambda r: r["baselines"]["speedups"]["vs_reference_relay"]),
+    ("ours >= 3 x official-style re-prefill (long contexts)", 3.0, True,
+     lambda r: r["baselines"]["speedups"]["vs_official_style"]),
+]
+
+
+def evaluate_goals(report: dict) -> list[dict]:
+    """One entry per goal; ``met`` is None when the figures it needs were not measured (a section failed)."""
+    goals = []
+    for name, target, higher, read in GOALS:
+        try:
+            value = read(report)
+        except (KeyError, StopIteration, ValueError, ZeroDivisionError, TypeError):
+            value = None
+        met = None if value is None else (value >= target if higher else value <= target)
+        goals.append({"goal": name, "value": value, "target": target, "higher_is_better": higher, "met": met})
+    return goals
+
+
+def speedups(baselines: dict, ours_slm_only: dict | None) -> dict:
+    ours = baselines["ours"]["tokens_per_s"]
+    out = {}
+    if "official_style" in baselines:
+        out["vs_official_style"] = ours / baselines["official_style"]["tokens_per_s"]
+    if "reference_relay" in baselines:
+        out["vs_reference_relay"] = ours / baselines["reference_relay"]["tokens_per_s"]
+    if "hf_generate_slm_only" in baselines and ours_slm_only is not None:
+        out["slm_only_vs_hf_generate"] = ours_slm_only["tokens_per_s"] / baselines["hf_generate_slm_only"]["tokens_per_s"]
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def _rows(header: list[str], rows: list[list]) -> list[str]:
+    cells = [header] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
+
+
+def format_table(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"relaykern bench: preset {report['preset']['name']} ({report['preset']['pair']}), {meta['device']}, "
+             f"commit {meta['git_commit'][:12]}, torch {meta['torch']}, triton {meta['triton']}"]
+    if "bandwidth" in report:
+        lines.append(f"copy bandwidth: {report['bandwidth']['gb_per_s']:.1f} GB/s (read + write)")
+    if "models" in report:
+        lines.append("decode (ms/step) against the roofline (weights + KV read at copy bandwidth); prefill:")
+        rows = []
+        for role, m in report["models"].items():
+            for d, mark in [(d, "") for d in m["decode"]] + [(m["decode_at_relay_shape"], "*")]:
+                rows.append([role, f"{d['batch']}{mark}", d["context"], d["ms"], d["roofline_ms"],
+                             d["fraction_of_roofline"], d["tokens_per_s"]])
+            p = m["prefill"]
+            rows.append([role, "prefill", p["tokens"], p["ms"], "-", "-", p["tokens_per_s"]])
+        lines += _rows(["model", "batch", "context", "ms", "roofline_ms", "of_roofline", "tokens/s"], rows)
+        lines.append("  * the relay workload's batch and mean context: the decode speeds of the ideal mix")
+    if "relay_latency" in report:
+        lat = report["relay_latency"]
+        steps = ", ".join(f"N={d['n']}: {d['ms_per_step']:.3g}" for d in lat["llm_decode"])
+        lines.append(f"relay latency over {lat['context']} cached tokens: detection {lat['detection_ms']:.3g} ms "
+                     f"(batch {lat['batch_for_detection']}); LLM decode ms/step {steps}")
+        catchup = {d["k"]: d["ms"] for d in lat["llm_catchup"]}
+        slm = {d["n"]: d["ms"] for d in lat["slm_catchup"]}
+        lines += _rows(["k", "N", "llm_catchup_ms", "slm_catchup_ms", "latency_ms", "overhead_ms", "overhead_steps"],
+                       [[x["k"], x["n"], catchup[x["k"]], slm[x["n"]], x["latency_ms"], x["overhead_ms"],
+                         x["overhead_llm_steps"]] for x in lat["relays"]])
+    if "relay_throughput" in report:
+        thr = report["relay_throughput"]
+        s = thr["slm_only"]
+        lines.append(f"relay throughput, batch {thr['batch']}: SLM-only {s['tokens_per_s']:.4g} tokens/s "
+                     f"({s['of_ideal']:.3g} of its decode speed)")
+        lines += _rows(["workload", "ratio", "calls", "tokens/s", "ideal tokens/s", "of_ideal", "of_slm_only"],
+                       [[x["name"], f"{x['ratio']:.2%}", x["calls"], x["tokens_per_s"], x["ideal_tokens_per_s"],
+                         x["of_ideal"], x["of_slm_only"]] for x in thr["runs"]])
+    if "baselines" in report:
+        base = report["baselines"]
+        w = base["workload"]
+        lines.append(f"baselines: batch {w['batch']}, prompts of {w['prompt_length']} tokens, {w['max_tokens']} "
+                     f"tokens each, {w['target_ratio']:.1%} LLM tokens")
+        systems = [("ours", base.get("ours")), ("official-style re-prefill", base.get("official_style")),
+                   ("reference relay (1 at a time)", base.get("reference_relay")),
+                   ("HF generate, SLM only", base.get("hf_generate_slm_only"))]
+        lines += _rows(["system", "tokens", "seconds", "tokens/s", "llm_prefill_tokens"],
+                       [[name, x["tokens"], x["seconds"], x["tokens_per_s"], x.get("llm_prefill_tokens")]
+                        for name, x in systems if x is not None])
+        lines.append("  speed-ups: " + ", ".join(f"{k} {v:.3g}x" for k, v in base.get("speedups", {}).items()))
+    lines.append("goals:")
+    for g in report["goals"]:
+        mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[g["met"]]
+        lines.append(f"  [{mark}] {g['goal']}: {_fmt(g['value'])}")
+    for err in report["errors"]:
+        lines.append(f"ERROR in {err['section']}: {err['error']}")
+    return "\n".join(lines)

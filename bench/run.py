@@ -1,0 +1,176 @@
+"""``relaykern bench``: the whole performance story in one process, on one device, in one table and one JSON file.
+
+    relaykern bench --preset tiny|gpu [--quick] [--out FILE] [--pair 0.6b+4b] [--cache-dir DIR]
+
+In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
+roofline and one long prefill; one relay's latency taken apart; relay throughput on scripted workloads against the
+ideal mix and the SLM alone; baselines on one long-context workload (the official-style re-prefill mode, the
+reference relay, HF generate). Each section that fails is recorded in ``errors`` and the run goes on; the exit
+status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json`` by default) holds the device, commit,
+versions, command line, preset, model shapes, every figure (units in the key names: ``ms``, ``tokens_per_s``,
+``gb_per_s``, ...) and each goal with whether it is met. Plots are drawn next to it when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from relaykern.config import EngineConfig
+from relaykern.bench.presets import GPU_PAIRS, build_pair, get_preset, model_shape
+from relaykern.bench.report import evaluate_goals, format_table, speedups
+from relaykern.bench.timing import copy_bandwidth, environment
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="relaykern bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["tiny", "gpu"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (CI smoke run)")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>-<date>.json)")
+    parser.add_argument("--pair", choices=sorted(GPU_PAIRS), help="gpu preset: SLM+LLM shapes (default 1.7b+8b)")
+    parser.add_argument("--cache-dir", type=Path, help="keep (and reuse) the random checkpoints here")
+    parser.add_argument("--shapes-dir", type=Path, help="folder of qwen3-*/config.json (gpu preset)")
+    parser.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
+    return parser.parse_args(argv)
+
+
+class Report(dict):
+    """The JSON report; ``section`` runs one measurement and files its result, or its error, under its name."""
+
+    def section(self, name: str, fn, store: bool = True):
+        """Runs ``fn``; files its result under ``name`` when ``store``; returns it (None if it raised)."""
+        started = time.perf_counter()
+        try:
+            value = fn()
+            if store:
+                self[name] = value
+            return value
+        except Exception as err:  # noqa: BLE001 - recorded; the other sections still run
+            self["errors"].append({"section": name, "error": f"{type(err).__name__}: {err}",
+                                   "traceback": traceback.format_exc(limit=8)})
+            return None
+        finally:
+            self["section_seconds"][name] = time.perf_counter() - started
+
+
+def _quiet_transformers() -> None:
+    # Tiny checkpoints have BOS/EOS ids past their cut vocabulary (warned on every load) and shard progress bars.
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(argv or []))
+    preset = get_preset(args.preset, args.quick, args.pair)
+    device = torch.device(preset.device)
+    _quiet_transformers()
+    started = time.perf_counter()
+    report = Report(meta=environment(device, list(argv or [])), preset=preset.workload_shapes(), errors=[],
+                    section_seconds={})
+    with tempfile.TemporaryDirectory(prefix="relaykern-bench-") as tmp:
+        root = args.cache_dir or Path(tmp)
+        run_sections(report, preset, root, args.shapes_dir)
+    report["goals"] = evaluate_goals(report)
+    report["meta"]["wall_seconds"] = time.perf_counter() - started
+    print(format_table(report))
+    out = args.out or RESULTS_DIR / f"{_slug(report['meta']['device'])}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({report['meta']['wall_seconds']:.1f} s)")
+    if not args.no_plots:
+        _plot(out)
+    return 1 if report["errors"] else 0
+
+
+def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
+    from relaykern.engine.relay import RelayEngine
+    from relaykern.bench.baselines import hf_baselines, official_style, release_memory
+    from relaykern.bench.model_bench import measure_model
+    from relaykern.bench.relay_bench import measure_latency, measure_throughput, run_workload
+    from relaykern.bench.workloads import make_workload
+
+    device = torch.device(preset.device)
+    bandwidth = report.section("bandwidth", lambda: copy_bandwidth(device, preset.copy_mib, preset.repeats))
+    pair = report.section("checkpoints", lambda: build_pair(preset, root, shapes_dir), store=False)
+    if pair is None:
+        return
+    slm, llm = pair
+    report["shapes"] = {"slm": model_shape(slm), "llm": model_shape(llm)}
+
+    def build_engine(llm_cache: str = "persistent") -> RelayEngine:
+        def config(kv_gb):
+            return EngineConfig(device=preset.device, dtype=preset.dtype, num_blocks=preset.num_blocks,
+                                kv_cache_memory_gb=kv_gb)
+
+        return RelayEngine(slm, llm, slm_config=config(preset.kv_cache_gb[0]),
+                           llm_config=config(preset.kv_cache_gb[1]), llm_cache=llm_cache)
+
+    engine = report.section("engine_start", build_engine, store=False)
+    if engine is None:
+        return
+    mix_context = preset.prompt_length + preset.max_tokens // 2
+    gb_per_s = bandwidth["gb_per_s"] if bandwidth else float("nan")
+    models = report.section("models", lambda: {
+        role: measure_model(runner, preset, gb_per_s, mix_context)
+        for role, runner in (("slm", engine.slm), ("llm", engine.llm))})
+    report.section("relay_latency", lambda: measure_latency(engine, preset))
+    if models is not None:
+        report.section("relay_throughput", lambda: measure_throughput(
+            engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"]))
+
+    def workload(name, prompt_length, ratio):
+        return make_workload(engine.tokenizer, name=name, batch=preset.relay_batch, prompt_length=prompt_length,
+                             max_tokens=preset.max_tokens, ratio=ratio,
+                             vocab_size=engine.slm.model_config.vocab_size)
+
+    long_workload = workload("long context", preset.long_prompt_length, preset.baseline_ratio)
+    slm_only_workload = workload("slm-only", preset.prompt_length, 0.0)
+    baselines = {"workload": {"batch": long_workload.batch, "prompt_length": preset.long_prompt_length,
+                              "max_tokens": long_workload.max_tokens, "target_ratio": long_workload.target_ratio}}
+    report["baselines"] = baselines
+    ours = report.section("baseline_ours", lambda: run_workload(engine, long_workload), store=False)
+    del engine  # one system in memory at a time
+    release_memory()
+    if ours is None:
+        return
+    baselines["ours"], ours_outputs = ours
+    official = report.section("official_style", lambda: official_style(build_engine, long_workload), store=False)
+    if official is not None:
+        baselines["official_style"] = official
+    hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
+                                                            slm_only_workload), store=False)
+    baselines.update(hf or {})
+    slm_only = report.get("relay_throughput", {}).get("slm_only")
+    baselines["speedups"] = speedups(baselines, slm_only)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "device"
+
+
+def _plot(out: Path) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (python -m relaykern.bench.plots FILE --out-dir DIR later)")
+        return
+    from relaykern.bench.plots import plot_report
+
+    for path in plot_report(json.loads(out.read_text()), out.with_name(out.stem + "-plots")):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(__import__("sys").argv[1:]))

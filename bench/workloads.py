@@ -1,0 +1,107 @@
+"""Scripted relay workloads: random prompts, and an SLM made to call the LLM at chosen response positions.
+
+A random model never writes ``<call>N</call>`` on its own, so a logits processor forces the command's tokens at
+given response positions (positions count every response token, the LLM's too). The LLM's N tokens follow the
+command; the SLM goes on after them. Greedy sampling and ``ignore_eos`` make every request write exactly
+``max_tokens`` tokens, so any two systems given a workload do the same work.
+
+For an LLM-token ratio r of ``max_tokens`` = T, the LLM writes L = max(1, round(r T)) tokens per request in
+``clamp(L // 4, 1, 4)`` calls of near-equal N, one call per equal segment of the response. Within its segment a
+call starts at the same offset in every request (``aligned``: each step runs one model over the whole batch, the
+case the ideal token-weighted mix describes) or at an offset spread over the batch (``staggered``: some request is
+usually in a call, so most steps run both models).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from relaykern.config import LogitsProcessor, SamplingParams
+
+MAX_CALLS_PER_REQUEST = 4
+"""Below RelayConfig's default max_calls (5), so every scripted call is served."""
+LOWEST_PROMPT_TOKEN = 1000
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    samplings: list[SamplingParams]
+    max_tokens: int
+    llm_tokens_per_request: int
+    calls_per_request: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def target_ratio(self) -> float:
+        return self.llm_tokens_per_request / self.max_tokens
+
+    def head(self, count: int) -> "Workload":
+        """The first ``count`` requests (same scripts)."""
+        return Workload(self.name, self.prompts[:count], self.samplings[:count], self.max_tokens,
+                        self.llm_tokens_per_request, self.calls_per_request)
+
+
+def forcing_processor(forced: dict[int, int]) -> LogitsProcessor:
+    """Leaves only ``forced[p]`` possible at response position p; other positions pass through untouched."""
+
+    def processor(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        token = forced.get(len(generated))
+        if token is None:
+            return logits
+        out = torch.full_like(logits, -math.inf)
+        out[token] = 0.0
+        return out
+
+    return processor
+
+
+def call_lengths(max_tokens: int, ratio: float) -> list[int]:
+    """The N of each call of a request writing ``ratio`` of its ``max_tokens`` with the LLM (empty for 0)."""
+    if ratio <= 0:
+        return []
+    llm_tokens = max(1, round(ratio * max_tokens))
+    calls = min(max(llm_tokens // 4, 1), MAX_CALLS_PER_REQUEST)
+    return [llm_tokens // calls + (i < llm_tokens % calls) for i in range(calls)]
+
+
+def command_schedule(tokenizer, max_tokens: int, ratio: float, shift: float) -> dict[int, int]:
+    """Response position → forced token. ``shift`` in [0, 1] places each call within the room its segment leaves."""
+    lengths = call_lengths(max_tokens, ratio)
+    forced: dict[int, int] = {}
+    segment = max_tokens // max(len(lengths), 1)
+    for index, n in enumerate(lengths):
+        command = tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
+        room = segment - len(command) - n - 1  # one SLM token at least after the LLM's turn, before the next segment
+        if room < 0:
+            raise ValueError(f"max_tokens {max_tokens} is too short for {len(lengths)} calls at ratio {ratio}: "
+                             "raise max_tokens or lower the ratio")
+        start = index * segment + round(shift * room)
+        forced.update({start + offset: token for offset, token in enumerate(command)})
+    return forced
+
+
+def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_tokens: int, ratio: float,
+                  vocab_size: int, staggered: bool = False, seed: int = 0) -> Workload:
+    """``batch`` requests of random ``prompt_length``-token prompts scripted to hit ``ratio`` (0: SLM only; the
+    processor is still attached, so its per-row cost is the same as in the relayed runs)."""
+    rng = random.Random(seed)
+    top = min(vocab_size, 150000)
+    prompts = [[rng.randrange(LOWEST_PROMPT_TOKEN, top) for _ in range(prompt_length)] for _ in range(batch)]
+    samplings, shared = [], None
+    for index in range(batch):
+        if staggered or shared is None:
+            shift = index / max(batch - 1, 1) if staggered else 0.5
+            forced = command_schedule(tokenizer, max_tokens, ratio, shift)
+            shared = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                    logits_processors=[forcing_processor(forced)])
+        samplings.append(shared)
+    lengths = call_lengths(max_tokens, ratio)
+    return Workload(name, prompts, samplings, max_tokens, sum(lengths), len(lengths))
