@@ -3,11 +3,15 @@
 A ``Probe`` allocates sequences of random tokens straight in a ``ModelRunner``'s block manager (ids far above the
 engine's request ids) and times ``runner.execute`` on rows it builds, reading the sampled tokens back to the host
 each forward as the engine does. A repeated forward rewrites the same KV slots, so timing it again is exact.
-The KV content is whatever the pool holds: timing does not depend on it.
+The context before a row is never computed (timing does not depend on the KV's content), yet its blocks enter
+the prefix cache under their tokens' hashes when allocated: every probe sequence starts with ``PROBE_MARKER``
+followed by tokens from the probe's own random stream, so that no request's prompt can ever match those blocks.
 """
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,26 +23,30 @@ GREEDY = SamplingParams(temperature=0)
 FIRST_PROBE_ID = 1 << 40
 LOWEST_TOKEN = 1000
 """Random token ids start here (clear of the digits and punctuation that commands are made of)."""
+PROBE_MARKER = 0
+PROBE_SEED = 0xB0BE
 
 
 class Probe:
-    def __init__(self, runner: ModelRunner, repeats: int, seed: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, repeats: int) -> None:
         self.runner = runner
         self.repeats = repeats
-        self.rng = random.Random(seed)
+        self.rng = random.Random(PROBE_SEED)
         self.next_id = FIRST_PROBE_ID
         self.top_token = min(runner.model_config.vocab_size, 150000)
+        self.tokens: dict[int, list[int]] = {}
 
     def sequences(self, count: int, length: int) -> list[int]:
-        """Allocates ``count`` sequences of ``length`` random tokens; returns their ids."""
+        """Allocates ``count`` sequences of ``length`` tokens; returns their ids."""
         ids = []
         for _ in range(count):
-            tokens = [self.rng.randrange(LOWEST_TOKEN, self.top_token) for _ in range(length)]
+            tokens = [PROBE_MARKER] + [self.rng.randrange(LOWEST_TOKEN, self.top_token) for _ in range(length - 1)]
             if not self.runner.blocks.can_allocate(tokens):
                 self.free(ids)
                 raise ValueError(f"the {self.runner.num_blocks}-block KV pool cannot hold {count} x {length} tokens: "
                                  "raise the preset's num_blocks / kv_cache_gb or shrink the shape")
             self.runner.blocks.allocate(self.next_id, tokens)
+            self.tokens[self.next_id] = tokens
             ids.append(self.next_id)
             self.next_id += 1
         return ids
@@ -46,45 +54,61 @@ class Probe:
     def free(self, ids: list[int]) -> None:
         for seq_id in ids:
             self.runner.blocks.free(seq_id)
+            del self.tokens[seq_id]
 
     def _row(self, seq_id: int, num_tokens: int, start: int) -> Row:
-        tokens = [self.rng.randrange(LOWEST_TOKEN, self.top_token) for _ in range(num_tokens)]
-        return Row(seq_id, tokens, start, GREEDY, 0, 0, [], False)
+        return Row(seq_id, self.tokens[seq_id][start:start + num_tokens], start, GREEDY, 0, 0, [], False)
 
     def _execute(self, rows: list[Row]) -> list[int]:
         return self.runner.execute(rows)[0].tolist()
 
-    def decode_ms(self, batch: int, context: int) -> float:
+    @contextmanager
+    def decode_step(self, batch: int, context: int) -> Iterator[Callable[[], list[int]]]:
         """One decode step of ``batch`` sequences, each over ``context`` cached tokens."""
         ids = self.sequences(batch, context + 1)
         try:
             rows = [self._row(seq_id, 1, context) for seq_id in ids]
-            return median_ms(lambda: self._execute(rows), self.runner.device, self.repeats)
+            yield lambda: self._execute(rows)
         finally:
             self.free(ids)
 
-    def forward_ms(self, new_tokens: int, context: int) -> float:
+    @contextmanager
+    def forward(self, new_tokens: int, context: int) -> Iterator[Callable[[], list[int]]]:
         """One row feeding ``new_tokens`` after ``context`` cached ones: a prefill (context 0) or a catch-up."""
-        (seq_id,) = self.sequences(1, context + new_tokens)
+        ids = self.sequences(1, context + new_tokens)
         try:
-            row = self._row(seq_id, new_tokens, context)
-            return median_ms(lambda: self._execute([row]), self.runner.device, self.repeats)
+            row = self._row(ids[0], new_tokens, context)
+            yield lambda: self._execute([row])
         finally:
-            self.free([seq_id])
+            self.free(ids)
 
-    def decode_chain_ms(self, steps: int, context: int) -> float:
-        """``steps`` successive decode steps of one sequence starting after ``context`` cached tokens (total time)."""
-        (seq_id,) = self.sequences(1, context + steps)
+    @contextmanager
+    def decode_chain(self, steps: int, context: int) -> Iterator[Callable[[], None]]:
+        """``steps`` successive decode steps of one sequence, starting after ``context`` cached tokens."""
+        ids = self.sequences(1, context + steps)
         try:
-            rows = [self._row(seq_id, 1, context + i) for i in range(steps)]
+            rows = [self._row(ids[0], 1, context + i) for i in range(steps)]
 
             def chain() -> None:
                 for row in rows:
                     self._execute([row])
 
-            return median_ms(chain, self.runner.device, max(1, min(self.repeats, 300 // steps)))
+            yield chain
         finally:
-            self.free([seq_id])
+            self.free(ids)
+
+    def decode_ms(self, batch: int, context: int) -> float:
+        with self.decode_step(batch, context) as step:
+            return median_ms(step, self.runner.device, self.repeats)
+
+    def forward_ms(self, new_tokens: int, context: int) -> float:
+        with self.forward(new_tokens, context) as forward:
+            return median_ms(forward, self.runner.device, self.repeats)
+
+    def decode_chain_ms(self, steps: int, context: int) -> float:
+        """Total time of the chain (fewer repeats for long chains)."""
+        with self.decode_chain(steps, context) as chain:
+            return median_ms(chain, self.runner.device, max(1, min(self.repeats, 300 // steps)))
 
 
 def weight_bytes(runner: ModelRunner) -> int:
@@ -118,6 +142,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
     prefill_ms = probe.forward_ms(preset.prefill_length, 0)
     return {
         "weight_bytes": weights,
+        "weight_roofline_ms": weights / bandwidth_gb_per_s / 1e6,
         "kv_bytes_per_token": per_token,
         "decode": decode,
         "decode_at_relay_shape": at_relay_shape,

@@ -40,7 +40,8 @@ def speedups(baselines: dict, ours_slm_only: dict | None) -> dict:
     if "reference_relay" in baselines:
         out["vs_reference_relay"] = ours / baselines["reference_relay"]["tokens_per_s"]
     if "hf_generate_slm_only" in baselines and ours_slm_only is not None:
-        out["slm_only_vs_hf_generate"] = ours_slm_only["tokens_per_s"] / baselines["hf_generate_slm_only"]["tokens_per_s"]
+        hf_tokens_per_s = baselines["hf_generate_slm_only"]["tokens_per_s"]
+        out["slm_only_vs_hf_generate"] = ours_slm_only["tokens_per_s"] / hf_tokens_per_s
     return out
 
 

@@ -6,9 +6,10 @@ In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step
 roofline and one long prefill; one relay's latency taken apart; relay throughput on scripted workloads against the
 ideal mix and the SLM alone; baselines on one long-context workload (the official-style re-prefill mode, the
 reference relay, HF generate). Each section that fails is recorded in ``errors`` and the run goes on; the exit
-status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json`` by default) holds the device, commit,
-versions, command line, preset, model shapes, every figure (units in the key names: ``ms``, ``tokens_per_s``,
-``gb_per_s``, ...) and each goal with whether it is met. Plots are drawn next to it when matplotlib is installed.
+status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json`` by default, rewritten after every
+section) holds the device, commit, versions, command line, preset, model shapes, every figure (units in the key
+names: ``ms``, ``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is met. Plots are drawn next to
+it when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import datetime
 import json
 import re
+import sys
 import tempfile
 import time
 import traceback
@@ -45,7 +47,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 class Report(dict):
-    """The JSON report; ``section`` runs one measurement and files its result, or its error, under its name."""
+    """The JSON report, saved to ``path`` after every section (a run killed by a timeout keeps what it measured).
+    ``section`` runs one measurement and files its result, or its error, under its name."""
+
+    def __init__(self, path: Path, **fields) -> None:
+        super().__init__(errors=[], section_seconds={}, **fields)
+        self.path = path
+        self.started = time.perf_counter()
 
     def section(self, name: str, fn, store: bool = True):
         """Runs ``fn``; files its result under ``name`` when ``store``; returns it (None if it raised)."""
@@ -61,6 +69,15 @@ class Report(dict):
             return None
         finally:
             self["section_seconds"][name] = time.perf_counter() - started
+            self.save()
+
+    def save(self) -> None:
+        self["goals"] = evaluate_goals(self)
+        self["meta"]["wall_seconds"] = time.perf_counter() - self.started
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self, indent=2) + "\n")
+        partial.replace(self.path)
 
 
 def _quiet_transformers() -> None:
@@ -76,19 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     preset = get_preset(args.preset, args.quick, args.pair)
     device = torch.device(preset.device)
     _quiet_transformers()
-    started = time.perf_counter()
-    report = Report(meta=environment(device, list(argv or [])), preset=preset.workload_shapes(), errors=[],
-                    section_seconds={})
-    with tempfile.TemporaryDirectory(prefix="relaykern-bench-") as tmp:
-        root = args.cache_dir or Path(tmp)
-        run_sections(report, preset, root, args.shapes_dir)
-    report["goals"] = evaluate_goals(report)
-    report["meta"]["wall_seconds"] = time.perf_counter() - started
+    meta = environment(device, list(argv or []))
+    out = args.out or RESULTS_DIR / f"{_slug(meta['device'])}-{datetime.date.today().isoformat()}.json"
+    report = Report(out, meta=meta, preset=preset.workload_shapes())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(preset.cpu_threads or threads)
+        meta["cpu_threads"] = torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="relaykern-bench-") as tmp:
+            run_sections(report, preset, args.cache_dir or Path(tmp), args.shapes_dir)
+    finally:
+        torch.set_num_threads(threads)
+    report.save()
     print(format_table(report))
-    out = args.out or RESULTS_DIR / f"{_slug(report['meta']['device'])}-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} ({report['meta']['wall_seconds']:.1f} s)")
+    print(f"wrote {out} ({meta['wall_seconds']:.1f} s)")
     if not args.no_plots:
         _plot(out)
     return 1 if report["errors"] else 0
@@ -99,7 +117,7 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     from relaykern.bench.baselines import hf_baselines, official_style, release_memory
     from relaykern.bench.model_bench import measure_model
     from relaykern.bench.relay_bench import measure_latency, measure_throughput, run_workload
-    from relaykern.bench.workloads import make_workload
+    from relaykern.bench.workloads import preset_workload
 
     device = torch.device(preset.device)
     bandwidth = report.section("bandwidth", lambda: copy_bandwidth(device, preset.copy_mib, preset.repeats))
@@ -130,13 +148,10 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
         report.section("relay_throughput", lambda: measure_throughput(
             engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"]))
 
-    def workload(name, prompt_length, ratio):
-        return make_workload(engine.tokenizer, name=name, batch=preset.relay_batch, prompt_length=prompt_length,
-                             max_tokens=preset.max_tokens, ratio=ratio,
-                             vocab_size=engine.slm.model_config.vocab_size)
-
-    long_workload = workload("long context", preset.long_prompt_length, preset.baseline_ratio)
-    slm_only_workload = workload("slm-only", preset.prompt_length, 0.0)
+    vocab_size = engine.slm.model_config.vocab_size
+    long_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context", preset.baseline_ratio,
+                                    long_prompts=True)
+    slm_only_workload = preset_workload(engine.tokenizer, preset, vocab_size, "slm-only", 0.0)  # as in throughput
     baselines = {"workload": {"batch": long_workload.batch, "prompt_length": preset.long_prompt_length,
                               "max_tokens": long_workload.max_tokens, "target_ratio": long_workload.target_ratio}}
     report["baselines"] = baselines
@@ -173,4 +188,4 @@ def _plot(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(__import__("sys").argv[1:]))
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ Python overhead included. Each figure is the median of ``repeats`` runs after a 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -51,10 +52,10 @@ def device_name(device: torch.device) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     except OSError:
         pass
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def git_commit() -> str:

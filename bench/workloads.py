@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +106,14 @@ def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_t
         samplings.append(shared)
     lengths = call_lengths(max_tokens, ratio)
     return Workload(name, prompts, samplings, max_tokens, sum(lengths), len(lengths))
+
+
+def preset_workload(tokenizer, preset, vocab_size: int, name: str, ratio: float, *, long_prompts: bool = False,
+                    staggered: bool = False) -> Workload:
+    """A workload of the bench preset's batch and ``max_tokens``: its short prompts (throughput runs) or its long
+    ones (baselines). The prompts are drawn from the name, so that one engine running several workloads gets no
+    prefix-cache hits from one to the next, and the same name gives the same prompts to every system compared."""
+    prompt_length = preset.long_prompt_length if long_prompts else preset.prompt_length
+    return make_workload(tokenizer, name=name, batch=preset.relay_batch, prompt_length=prompt_length,
+                         max_tokens=preset.max_tokens, ratio=ratio, vocab_size=vocab_size, staggered=staggered,
+                         seed=zlib.crc32(name.encode()))

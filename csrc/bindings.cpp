@@ -73,7 +73,9 @@ forward.)doc")
       .def("can_append", &BlockManager::can_append, py::arg("seq_id"), py::arg("num_new_tokens"))
       .def("append", &BlockManager::append, py::arg("seq_id"), py::arg("token_ids"),
            "Extend seq_id, taking blocks as needed and registering each block that becomes full.")
-      .def("free", &BlockManager::free, py::arg("seq_id"), "Drop seq_id and release its blocks.")
+      .def("free", &BlockManager::free, py::arg("seq_id"), py::arg("keep_cached") = true,
+           "Drop seq_id and release its blocks; keep_cached=False also forgets their prefix hashes (KV never "
+           "computed).")
       .def("fork", &BlockManager::fork, py::arg("src_seq_id"), py::arg("dst_seq_id"), R"doc(
 dst shares src's full blocks and gets a fresh block for src's partial last block. Returns (src_block, dst_block)
 to copy on the device, or None when len(src) is a multiple of block_size. num_cached_tokens(dst) = len(src).)doc")

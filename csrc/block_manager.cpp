@@ -137,9 +137,9 @@ void BlockManager::register_full_block(Seq& s, int32_t block_id, const int64_t* 
   hash_to_block_[block.hash] = block_id;  // the newest copy wins; older copies keep their hash for their chains
 }
 
-void BlockManager::free(int64_t seq_id) {
+void BlockManager::free(int64_t seq_id, bool keep_cached) {
   const Seq& s = seq(seq_id);
-  for (auto it = s.table.rbegin(); it != s.table.rend(); ++it) release_block(*it);
+  for (auto it = s.table.rbegin(); it != s.table.rend(); ++it) release_block(*it, keep_cached);
   seqs_.erase(seq_id);
 }
 
@@ -207,8 +207,16 @@ void BlockManager::take_cached_block(int32_t block_id) {
   if (blocks_[block_id].ref_count++ == 0) free_list_remove(block_id);
 }
 
-void BlockManager::release_block(int32_t block_id) {
-  if (--blocks_[block_id].ref_count == 0) free_list_push_back(block_id);
+void BlockManager::release_block(int32_t block_id, bool keep_cached) {
+  Block& block = blocks_[block_id];
+  if (--block.ref_count != 0) return;
+  if (!keep_cached && block.hashed) {
+    auto it = hash_to_block_.find(block.hash);
+    if (it != hash_to_block_.end() && it->second == block_id) hash_to_block_.erase(it);
+    block.hashed = false;
+    block.token_ids.clear();
+  }
+  free_list_push_back(block_id);
 }
 
 void BlockManager::free_list_push_back(int32_t b) {

@@ -41,7 +41,9 @@ class BlockManager {
   void append(int64_t seq_id, const std::vector<int64_t>& token_ids);
   // Drops seq_id; blocks whose ref count reaches 0 go back to the free list (last block first, so a prompt's
   // earlier blocks, the likelier to be shared, stay cached longest).
-  void free(int64_t seq_id);
+  // keep_cached=false forgets the hashes of the blocks this frees: for a sequence whose KV was never computed
+  // (a failed forward), so no later request can hit on garbage.
+  void free(int64_t seq_id, bool keep_cached = true);
   // dst shares src's full blocks and gets a fresh block for src's partial last block; returns (src_block,
   // dst_block) for the caller to copy on the device, or nullopt when src's length is a multiple of block_size.
   // dst's num_cached_tokens is src's length: fork after src's KV is written.
@@ -86,7 +88,7 @@ class BlockManager {
   int64_t blocks_needed(const std::vector<int32_t>& hits, int64_t num_tokens) const;
   int32_t take_free_block();
   void take_cached_block(int32_t block_id);
-  void release_block(int32_t block_id);
+  void release_block(int32_t block_id, bool keep_cached);
   void register_full_block(Seq& s, int32_t block_id, const int64_t* tokens);
   void push_tokens(Seq& s, const int64_t* tokens, int64_t count);
 

@@ -84,17 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="run the benchmark suite (see bench/)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=lambda a: _delegate("relaykern.bench.run", a.rest))
-
-    train = sub.add_parser("train", help="relay SFT warm-up or GRPO (train sft|grpo --config FILE)")
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    train.set_defaults(func=lambda a: _delegate("relaykern.train", a.rest))
-
-    evaluate = sub.add_parser("eval", help="accuracy and call ratio on a JSONL maths set")
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(func=lambda a: _delegate("relaykern.eval.harness", a.rest))
+    # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("bench", help="run the benchmark suite (relaykern bench --help)")
+    sub.add_parser("train", help="relay SFT warm-up or GRPO (relaykern train sft|grpo --config FILE)")
+    sub.add_parser("eval", help="accuracy and call ratio on a JSONL maths set (relaykern eval --help)")
     return parser
 
 
@@ -104,9 +97,16 @@ def _delegate(module: str, argv: list[str]) -> int:
     return importlib.import_module(module).main(argv) or 0
 
 
+DELEGATED = {"bench": "relaykern.bench.run", "train": "relaykern.train", "eval": "relaykern.eval.harness"}
+"""Subcommands with their own argument parsers: everything after the name goes to them untouched."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in DELEGATED:
+            return _delegate(DELEGATED[argv[0]], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

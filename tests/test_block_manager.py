@@ -73,6 +73,18 @@ def test_blocks_filled_by_append_are_shared():
     assert bm.allocate(2, [1, 2, 3, 4, 5, 6, 7, 8, 0]) == 8
 
 
+def test_free_without_keeping_the_cache_forgets_prefix_hashes():
+    bm = BlockManager(8, 4)
+    tokens = list(range(10))
+    bm.allocate(1, tokens)
+    bm.free(1, keep_cached=False)  # as after a failed forward: the KV was never written
+    assert bm.allocate(2, tokens) == 0
+    bm.free(2)
+    assert bm.allocate(3, tokens) == 8  # a normal free keeps the computed blocks shareable
+    bm.free(3)
+    assert bm.num_free_blocks == 8
+
+
 def test_prefix_caching_off():
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     assert not bm.prefix_caching

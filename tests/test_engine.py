@@ -144,3 +144,11 @@ def test_a_failing_request_does_not_take_others_down(checkpoints):
     assert [o.finish_reason for o in outs] == ["length", "error", "length"]
     assert "processor exploded" in outs[1].error and len(outs[1].token_ids) == 2
     assert engine.slm.blocks.num_free_blocks == engine.slm.num_blocks
+
+
+def test_a_bad_prompt_in_a_batch_submits_nothing(checkpoints):
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[1, 2], []], SamplingParams(max_tokens=2))
+    assert not engine.scheduler.has_work
+    assert len(engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids) == 2

