@@ -44,7 +44,9 @@ class Scheduler:
         """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it."""
         batch: list[Sequence] = []
         rows: list[Row] = []
+        admitted: set[int] = set()
         num_tokens = 0
+        # Snapshots: preemption below moves sequences from running to waiting while we walk.
         candidates = [s for s in self.running if s.phase is phase] + [s for s in self.waiting if s.phase is phase]
         for seq in candidates:
             view = view_of(seq)
@@ -54,12 +56,13 @@ class Scheduler:
                 break
             if not self._reserve(seq, view, runner, batch):
                 break
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-                self.running.append(seq)
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
             num_tokens += len(rows[-1].tokens)
+            admitted.add(seq.request_id)
+        if any(s.request_id in admitted for s in self.waiting):  # one pass, not one deque scan per sequence
+            self.running += [s for s in self.waiting if s.request_id in admitted]
+            self.waiting = deque(s for s in self.waiting if s.request_id not in admitted)
         return batch, rows
 
     def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, batch: list[Sequence]) -> bool:
