@@ -13,14 +13,12 @@ usually in a call, so most steps run both models).
 """
 from __future__ import annotations
 
-import math
 import random
 import zlib
 from dataclasses import dataclass
 
-import torch
-
-from relaykern.config import LogitsProcessor, SamplingParams
+from relaykern.config import SamplingParams
+from relaykern.scripted import force_tokens
 
 MAX_CALLS_PER_REQUEST = 4
 """Below RelayConfig's default max_calls (5), so every scripted call is served."""
@@ -48,20 +46,6 @@ class Workload:
         """The first ``count`` requests (same scripts)."""
         return Workload(self.name, self.prompts[:count], self.samplings[:count], self.max_tokens,
                         self.llm_tokens_per_request, self.calls_per_request)
-
-
-def forcing_processor(forced: dict[int, int]) -> LogitsProcessor:
-    """Leaves only ``forced[p]`` possible at response position p; other positions pass through untouched."""
-
-    def processor(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
-        token = forced.get(len(generated))
-        if token is None:
-            return logits
-        out = torch.full_like(logits, -math.inf)
-        out[token] = 0.0
-        return out
-
-    return processor
 
 
 def call_lengths(max_tokens: int, ratio: float) -> list[int]:
@@ -102,7 +86,7 @@ def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_t
             shift = index / max(batch - 1, 1) if staggered else 0.5
             forced = command_schedule(tokenizer, max_tokens, ratio, shift)
             shared = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                                    logits_processors=[forcing_processor(forced)])
+                                    logits_processors=[force_tokens({p: [t] for p, t in forced.items()})])
         samplings.append(shared)
     lengths = call_lengths(max_tokens, ratio)
     return Workload(name, prompts, samplings, max_tokens, sum(lengths), len(lengths))

@@ -8,23 +8,7 @@ import tempfile
 from pathlib import Path
 
 from relaykern.config import RelayConfig, SamplingParams
-
-
-def force_command(tokenizer, at_step: int, n: int):
-    """A logits processor that makes the SLM write ``<call>n</call>`` at ``at_step`` (demos and tests: a random
-    model never calls on its own)."""
-    command = tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
-
-    def processor(generated: list[int], logits):
-        # The response also holds the LLM's tokens; count the SLM's position by what it has written since the start.
-        offset = len(generated) - at_step
-        if 0 <= offset < len(command) and generated[at_step:] == command[:offset]:
-            forced = logits.new_full(logits.shape, float("-inf"))
-            forced[command[offset]] = 0.0
-            return forced
-        return logits
-
-    return processor
+from relaykern.scripted import force_command
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """User-facing settings, validated on construction so a bad value fails before any work starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch

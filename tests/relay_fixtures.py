@@ -12,13 +12,13 @@ LLM's tokens too, so a schedule can place a second command after a served call.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from relaykern.scripted import force_tokens
 from relaykern.tiny import save_tiny_checkpoint
 from relaykern.tokenizer import load_qwen3_tokenizer
 
@@ -67,28 +67,6 @@ def slm_model(slm_dir):
 @pytest.fixture(scope="session")
 def llm_model(llm_dir):
     return _load(llm_dir)
-
-
-def force_tokens(schedule: dict[int, list[int]]):
-    """A logits processor writing ``schedule[p]`` from response position ``p`` on (position p, p+1, ...).
-
-    Every other token gets -inf and the forced one 0, so greedy and sampling both pick it (its logprob is 0).
-    """
-    forced: dict[int, int] = {}
-    for start, tokens in schedule.items():
-        for offset, token in enumerate(tokens):
-            if forced.setdefault(start + offset, token) != token:
-                raise ValueError(f"force_tokens: two tokens scheduled at position {start + offset}")
-
-    def processor(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
-        token = forced.get(len(generated))
-        if token is None:
-            return logits
-        out = torch.full_like(logits, -math.inf)
-        out[token] = 0.0
-        return out
-
-    return processor
 
 
 def text_tokens(tokenizer, text: str) -> list[int]:
