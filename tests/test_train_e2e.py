@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from relaykern.loader import load_model
+import relaykern
+from relaykern.config import SamplingParams
 from relaykern.train import main
 from relaykern.train.sft import SFTConfig, train_sft
 
@@ -25,7 +26,8 @@ def check_run(out_dir: Path, checkpoint: Path, steps: int, keys: set[str]) -> No
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert model.config.model_type == "qwen3" and tokenizer.eos_token == "<|im_end|>"
     assert (checkpoint / "model.safetensors").is_file()
-    load_model(checkpoint)  # and so does relaykern's own loader
+    out = relaykern.generate([[1, 2, 3]], slm=checkpoint, sampling=SamplingParams(max_tokens=2), device="cpu")
+    assert len(out[0].token_ids) == 2  # and relaykern serves them
 
 
 def test_examples_sft_then_grpo(tmp_path, capsys):
