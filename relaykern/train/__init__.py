@@ -1,7 +1,8 @@
 """Training: warm-up SFT and relay GRPO, PyTorch-native (HF models, AdamW, DDP via torchrun).
 
 ``main(["sft" | "grpo", "--config", FILE, "--set", "key=value", ...])`` is ``relaykern train``; ``sft-data`` builds
-SFT records from a config's ``data`` section (``--out FILE``; ``--in FILE`` for a prompt JSONL).
+SFT records from a config's ``data`` section (``--out FILE``; ``--in FILE`` for a prompt JSONL); ``filter --in FILE
+--out FILE --llm DIR [--k 16]`` keeps the prompts the LLM solves at least once in k samples.
 """
 from __future__ import annotations
 
@@ -11,17 +12,31 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relaykern train", description=__doc__)
-    parser.add_argument("stage", choices=["sft", "grpo", "sft-data"])
-    parser.add_argument("--config", required=True, help="YAML or TOML file (see examples/sft.yaml, grpo.yaml)")
+    parser.add_argument("stage", choices=["sft", "grpo", "sft-data", "filter"])
+    parser.add_argument("--config", help="YAML or TOML file (see examples/sft.yaml, grpo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dots for nested keys), e.g. --set steps=10")
     parser.add_argument("--out", help="sft-data: output JSONL")
-    parser.add_argument("--in", dest="in_jsonl", help="sft-data: prompt JSONL (default: the config's prompts)")
+    parser.add_argument("--in", dest="in_jsonl", help="sft-data: prompt JSONL (default: the config's prompts); "
+                                                       "filter: the prompts to filter")
+    parser.add_argument("--llm", help="filter: the teacher's checkpoint directory")
+    parser.add_argument("--k", type=int, default=16, help="filter: samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="filter: response budget")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "filter":
+        if not (args.in_jsonl and args.out and args.llm):
+            raise ValueError("filter needs --in FILE --out FILE --llm DIR")
+        from relaykern.train.filter import filter_prompts
+
+        kept, total = filter_prompts(args.in_jsonl, args.out, args.llm, k=args.k, max_tokens=args.max_tokens)
+        print(f"kept {kept} of {total} prompts")
+        return 0
+    if not args.config:
+        raise ValueError(f"train {args.stage} needs --config FILE")
     if args.stage == "grpo":
         from relaykern.train.grpo import GRPOConfig, train_grpo
 
