@@ -174,8 +174,11 @@ def _bytes_of(table: list[bytes], token: int) -> bytes:
 
 def _generation_config(params: SamplingParams, max_length: int, output_scores: bool) -> GenerationConfig:
     """Every sampling field explicit, so a checkpoint's generation_config.json (Qwen3: temperature 0.6, top-k 20)
-    cannot leak in. EOS is left to ``_Watcher`` (``eos_token_id=[]``), which also honours ``ignore_eos``."""
-    config = GenerationConfig(**GenerationConfig._get_default_generation_params())
+    cannot leak in. EOS is left to ``_Watcher`` (``eos_token_id=[]``), which also honours ``ignore_eos``.
+    transformers 5 leaves unset fields None and fills them from the checkpoint, so its library defaults are set
+    explicitly; older releases have no such helper and put the defaults in ``GenerationConfig()`` itself."""
+    library_defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)
+    config = GenerationConfig(**library_defaults())
     sample = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     config.update(
         do_sample=not params.greedy, max_length=max_length, eos_token_id=[], pad_token_id=0,
