@@ -1,0 +1,308 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) with the launch parameters its launcher really passes.
+
+The interpreter accepts code the compiler rejects, so CPU tests alone cannot tell that the kernels build on a GPU.
+Here each case calls a real launcher (paged_attention, store_kv, detect_commands, inject_tokens) on CPU tensors
+with its kernels swapped for stand-ins: ``kernel[grid](*args, **kwargs)`` becomes ``kernel.warmup(...)`` for a
+CUDA sm_90 target, i.e. the exact signature, pointer/int specialization, constexprs and num_warps/num_stages the
+launch would compile, lowered to a cubin by the ptxas bundled with Triton. No GPU is needed.
+
+Why a child process: TRITON_INTERPRET (set by conftest without CUDA) acts at *import*: under it every @triton.jit,
+triton.language's own (tl.cdiv, tl.sum, ...) included, is an InterpretedFunction, which the compiler cannot lower.
+So the compiles run in this file executed as a script, without TRITON_INTERPRET and with TRITON_CACHE_DIR in a
+tmp dir, on two processes (one per core). Without a CUDA backend or ptxas the whole file is skipped.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+import pytest
+import torch
+import triton
+
+import relaykern.kernels
+from relaykern.kernels import attention, detect, inject, store_kv
+
+TARGET = ("cuda", 90, 32)  # H100 / H200
+H100_SMS = 132  # choose_num_splits sizes the split-KV grid by the SM count
+H100_MAX_SHARED = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16, 32, 256)
+GROUPS = (1, 2, 4, 8)  # Qwen3-0.6B/1.7B: 16 q / 8 kv heads; 4B/8B: 32 / 8
+NUM_KV_HEADS = 8
+SHORT_CONTEXT, LONG_CONTEXT = 300, 4096  # one split / several splits on an H100 at these batch sizes
+CHILD_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    launcher: str  # a key of LAUNCHERS
+    params: dict
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _extend_query_lengths() -> list[tuple[int, int]]:
+    """(group, max_q_len): for every group, the shortest max_q_len giving each tile choose_extend_tile returns
+    (from 2: paged_attention sends max_q_len 1 to the decode kernel)."""
+    first_q_len = {}
+    for group, max_q_len in itertools.product(GROUPS, range(2, 257)):
+        first_q_len.setdefault((group, attention.choose_extend_tile(max_q_len, group)), max_q_len)
+    return [(group, max_q_len) for (group, _tile), max_q_len in first_q_len.items()]
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for i, (dtype, head_dim) in enumerate(itertools.product(DTYPES, HEAD_DIMS)):
+        slot_dtype = (torch.int64, torch.int32)[i % 2]
+        cases.append(Case(f"store_kv-{_name(dtype)}-d{head_dim}-{_name(slot_dtype)}", "store_kv",
+                          dict(dtype=dtype, head_dim=head_dim, num_kv_heads=NUM_KV_HEADS, num_q_heads=32,
+                               slot_dtype=slot_dtype)))
+    # Decode: every dtype x head_dim, short (1 split) and long (several) contexts; block size, group, batch rotate.
+    combos = itertools.product(DTYPES, HEAD_DIMS, (SHORT_CONTEXT, LONG_CONTEXT))
+    for i, (dtype, head_dim, context) in enumerate(combos):
+        block_size, group, num_seqs = BLOCK_SIZES[i % 3], GROUPS[i % 4], (1, 3, 16)[i % 3]
+        cases.append(Case(f"decode-{_name(dtype)}-d{head_dim}-bs{block_size}-g{group}-b{num_seqs}-ctx{context}",
+                          "attention", dict(dtype=dtype, head_dim=head_dim, block_size=block_size, group=group,
+                                            q_lens=(1,) * num_seqs, context=context)))
+    # Extend: every (BLOCK_M, BLOCK_Q) choose_extend_tile returns for each group; the largest tiles (most shared
+    # memory and registers) at head_dim 128. Dtype, block size, batch and context rotate.
+    for i, (group, max_q_len) in enumerate(_extend_query_lengths()):
+        block_m, block_q = attention.choose_extend_tile(max_q_len, group)
+        dtype, head_dim = DTYPES[i % 3], 128 if block_m == 128 else HEAD_DIMS[i % 2]
+        block_size, context = BLOCK_SIZES[i % 3], (SHORT_CONTEXT, LONG_CONTEXT)[i // 2 % 2] + max_q_len
+        q_lens = (max_q_len,) if i % 2 else (max_q_len, 1, (max_q_len + 1) // 2)
+        cases.append(Case(f"extend-{_name(dtype)}-d{head_dim}-bs{block_size}-g{group}-m{block_m}q{block_q}"
+                          f"-b{len(q_lens)}-ctx{context}", "attention",
+                          dict(dtype=dtype, head_dim=head_dim, block_size=block_size, group=group, q_lens=q_lens,
+                               context=context)))
+    # The tiny test models the GPU engine tests load: fp32, head_dim 16, 4 q / 2 kv heads.
+    tiny = dict(dtype=torch.float32, head_dim=16, block_size=16, num_kv_heads=2, group=2, context=40)
+    # A one-block table: its row stride 1 is specialized to a constant, as at launch.
+    cases.append(Case("tiny-decode-one-block", "attention", dict(tiny, q_lens=(1, 1), context=12)))
+    cases.append(Case("tiny-extend", "attention", dict(tiny, q_lens=(7, 1))))
+    cases.append(Case("tiny-store_kv", "store_kv", dict(dtype=torch.float32, head_dim=16, num_kv_heads=2,
+                                                        num_q_heads=4, slot_dtype=torch.int64)))
+    for batch in (1, 48):
+        cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
+    for rows, block_size in ((1, 16), (40, 256)):
+        cases.append(Case(f"inject-rows{rows}-bs{block_size}", "inject", dict(rows=rows, block_size=block_size)))
+    return cases
+
+
+CASES = _cases()
+
+
+def _launch_store_kv(dtype, head_dim, num_kv_heads, num_q_heads, slot_dtype) -> None:
+    # As the model passes them: k contiguous (after k_norm and rope), v a view of the fused qkv projection.
+    tokens = 5
+    qkv = torch.zeros(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    value = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].view(tokens, num_kv_heads, head_dim)
+    key = torch.zeros(tokens, num_kv_heads, head_dim, dtype=dtype)
+    kv_cache = torch.zeros(2, 2, 16, num_kv_heads, head_dim, dtype=dtype)
+    store_kv.store_kv(key, value, kv_cache, torch.arange(tokens, dtype=slot_dtype))
+
+
+def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_kv_heads=NUM_KV_HEADS) -> None:
+    # num_splits is left to choose_num_splits (with an H100's SM count); max_q_len picks decode or extend.
+    max_blocks = math.ceil(context / block_size)
+    q = torch.zeros(sum(q_lens), num_kv_heads * group, head_dim, dtype=dtype)
+    kv_cache = torch.zeros(2, 2, block_size, num_kv_heads, head_dim, dtype=dtype)
+    block_tables = torch.zeros(len(q_lens), max_blocks, dtype=torch.int32)
+    seq_lens = torch.full((len(q_lens),), context, dtype=torch.int32)
+    cu_seqlens_q = torch.tensor((0, *itertools.accumulate(q_lens)), dtype=torch.int32)
+    attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5)
+
+
+def _launch_detect(batch) -> None:
+    table = detect.DetectionTable(column_of_token=torch.zeros(64, dtype=torch.int32),
+                                  records=torch.zeros(detect.NUM_STATES, 75, detect.RECORD, dtype=torch.int64))
+    detect.detect_commands(torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32),
+                           torch.zeros(batch, dtype=torch.int64), table)
+
+
+def _launch_inject(rows, block_size) -> None:
+    # As the runner packs them: tokens, row bounds and start positions slices of one int64 buffer.
+    lengths = [3] * rows
+    cu_rows = [0, *itertools.accumulate(lengths)]
+    packed = torch.zeros(cu_rows[-1] + 2 * rows + 1, dtype=torch.int64)
+    block_tables = torch.zeros(rows, 4, dtype=torch.int32)
+    inject.inject_tokens(packed[:cu_rows[-1]], torch.tensor(cu_rows, dtype=torch.int32),
+                         torch.zeros(rows, dtype=torch.int32), block_tables, block_size)
+
+
+LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "detect": _launch_detect,
+             "inject": _launch_inject}
+
+
+def _kernel_modules() -> list:
+    return [importlib.import_module(f"relaykern.kernels.{info.name}")
+            for info in pkgutil.iter_modules(relaykern.kernels.__path__)]
+
+
+def _kernels(module) -> dict[str, triton.runtime.jit.KernelInterface]:
+    """A module's launchable kernels: its @triton.jit functions named *_kernel (the others are device helpers)."""
+    return {name: value for name, value in vars(module).items()
+            if isinstance(value, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")}
+
+
+# ---------------------------------------------------------------- child process: compile, do not launch
+
+class _CudaTargetDriver:
+    """The part of a Triton driver JITFunction.run needs for warmup: a current device, stream and sm_90 target."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self):
+        return triton.backends.compiler.GPUTarget(*TARGET)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, and stack + local bytes (ptxas spills) per thread, from cuobjdump; None if it cannot run."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        try:
+            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+                                   capture_output=True, text=True, check=True).stdout
+        except (OSError, RuntimeError, subprocess.CalledProcessError):
+            usage = ""
+    fields = {name: int(value) for name, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    if len(fields) < 3:
+        return {"registers": None, "spill_bytes": None}
+    return {"registers": fields["REG"], "spill_bytes": fields["STACK"] + fields["LOCAL"]}
+
+
+class _CompileOnLaunch:
+    """Stands in for a kernel in its module: kernel[grid](*args, **kwargs) compiles it and records the result."""
+
+    def __init__(self, name: str, kernel, launches: list) -> None:
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            start = time.perf_counter()
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            self.launches.append(dict(
+                kernel=self.name, seconds=round(time.perf_counter() - start, 2), shared=compiled.metadata.shared,
+                constexprs={k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")},
+                num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                **_resources(compiled.asm["cubin"])))
+        return launch
+
+
+@triton.jit
+def _probe_kernel(x_ptr, n, BLOCK: triton.language.constexpr):
+    offsets = triton.language.arange(0, BLOCK)
+    triton.language.store(x_ptr + offsets, offsets.to(triton.language.float32), mask=offsets < n)
+
+
+def _compile_cases(case_ids: list[str]) -> dict:
+    """{"unavailable": why} if this Triton cannot compile for sm_90 here, else {"cases": {id: result}}."""
+    triton.runtime.driver.set_active(_CudaTargetDriver())
+    try:
+        _probe_kernel.warmup(torch.zeros(16), 16, grid=(1,), BLOCK=16)
+    except Exception as error:  # noqa: BLE001 - any failure here is the environment's, reported as the skip reason
+        return {"unavailable": f"{type(error).__name__}: {error}"}
+    launches: list = []
+    for module in _kernel_modules():
+        for name, kernel in _kernels(module).items():
+            setattr(module, name, _CompileOnLaunch(name, kernel, launches))
+    attention._num_sms = lambda device: H100_SMS
+    by_id = {case.id: case for case in CASES}
+    results = {}
+    for case_id in case_ids:
+        launches.clear()
+        try:
+            LAUNCHERS[by_id[case_id].launcher](**by_id[case_id].params)
+            results[case_id] = {"launches": list(launches)}
+        except Exception:  # noqa: BLE001 - a kernel that does not compile: the test reports the traceback
+            results[case_id] = {"launches": list(launches), "error": traceback.format_exc()}
+    return {"cases": results}
+
+
+# ---------------------------------------------------------------- the tests
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """Compiles CASES in two child processes (one per core); {case id: {"launches": [...], "error"?: str}}."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend: cannot compile for sm_90")
+    tmp = tmp_path_factory.mktemp("triton_aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_HOME=str(tmp))
+    shards = [[case.id for case in CASES[i::2]] for i in range(2)]
+    children = [subprocess.Popen([sys.executable, __file__, str(tmp / f"shard{i}.json"), *shard], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for i, shard in enumerate(shards)]
+    results: dict = {}
+    try:
+        for i, child in enumerate(children):
+            output, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+            assert child.returncode == 0, f"compile child {i} failed:\n{output}"
+            shard = json.loads((tmp / f"shard{i}.json").read_text())
+            if "unavailable" in shard:
+                pytest.skip(f"cannot compile Triton kernels for sm_90 here: {shard['unavailable']}")
+            results.update(shard["cases"])
+    finally:
+        for child in children:
+            child.kill()  # no-op for a child that has exited; stops the other one after a failure or timeout
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_kernel_compiles_for_sm90(case: Case, compiled: dict) -> None:
+    result = compiled[case.id]
+    assert "error" not in result, f"{case.id} does not compile for sm_90:\n{result['error']}"
+    assert result["launches"], f"{case.id} launched no kernel"
+    for launch in result["launches"]:
+        assert launch["shared"] <= H100_MAX_SHARED, f"{case.id}: {launch['kernel']} needs {launch['shared']} B " \
+                                                     f"of shared memory, over the H100's {H100_MAX_SHARED}"
+
+
+def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
+    launches = [launch for result in compiled.values() for launch in result["launches"]]
+    kernels = {name for module in _kernel_modules() for name in _kernels(module)}
+    assert kernels == {launch["kernel"] for launch in launches}
+    for kernel in ("_decode_kernel", "_extend_kernel"):
+        splits = {launch["constexprs"]["NUM_SPLITS"] for launch in launches if launch["kernel"] == kernel}
+        assert 1 in splits and max(splits) > 1, f"{kernel} compiled only with NUM_SPLITS in {splits}"
+    tiles = {(launch["constexprs"]["GROUP"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_Q"])
+             for launch in launches if launch["kernel"] == "_extend_kernel"}
+    wanted = {(group, *attention.choose_extend_tile(q_len, group)) for group, q_len in _extend_query_lengths()}
+    assert wanted <= tiles
+    largest_tile = {case.params["dtype"] for case in CASES if case.launcher == "attention" and
+                    case.params["head_dim"] == 128 and max(case.params["q_lens"]) > 1 and
+                    attention.choose_extend_tile(max(case.params["q_lens"]), case.params["group"])[0] == 128}
+    assert largest_tile == set(DTYPES), "every dtype needs an extend case with the 128-row tile at head_dim 128"
+    print(f"\n{'case':<58} {'kernel':<22} {'warps':>5} {'stages':>6} {'smem B':>7} {'regs':>4} {'spill':>5} "
+          f"{'s':>5}")
+    for case in CASES:
+        for launch in compiled[case.id]["launches"]:
+            print(f"{case.id:<58} {launch['kernel']:<22} {launch['num_warps']:>5} {launch['num_stages']:>6} "
+                  f"{launch['shared']:>7} {launch['registers']!s:>4} {launch['spill_bytes']!s:>5} "
+                  f"{launch['seconds']:>5}")
+
+
+if __name__ == "__main__":  # the child: python test_kernels_compile.py OUT.json CASE_ID...
+    with open(sys.argv[1], "w") as out:
+        json.dump(_compile_cases(sys.argv[2:]), out)
