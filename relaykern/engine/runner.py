@@ -85,7 +85,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
         logits = self._apply_logits_processors(logits, rows)
         want_logprobs = any(row.want_logprobs for row in rows)
-        return sample(logits, self._sampling_batch(rows), want_logprobs)
+        return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """One host-to-device copy (from pinned memory on CUDA, so it does not block the host)."""

@@ -10,22 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Wellons) on int64 lanes holding uint32 values; the low 32 bits of each product are exact."""
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """U(0,1) noise of shape [rows, vocab] from (seed, step) per row, identical on every device and batch layout."""
-    row_key = _hash32((_hash32(seeds & _MASK32) ^ _hash32((steps * 0x9E3779B1 + (seeds >> 32)) & _MASK32)) & _MASK32)
-    column = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _hash32((row_key[:, None] ^ ((column[None, :] * 0x85EBCA6B) & _MASK32)) & _MASK32)
-    return (bits.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+from relaykern.kernels.sample import gumbel_sample, gumbel_sample_reference, row_keys, token_logprobs
 
 
 @dataclass
@@ -56,19 +41,21 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits fp32 [R, V] → (token ids int64 [R], log-probs [R] of those tokens under the sampled distribution)."""
-    greedy = batch.temperature == 0
-    if batch.all_greedy:
+def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool, backend: str = "torch",
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits fp32 [R, V] → (token ids int64 [R], log-probs [R] of those tokens under the sampled distribution).
+
+    ``backend`` "triton" draws with the fused kernel (no [R, V] noise), "torch" with its reference; both draw the
+    same tokens from the same noise. Top-k / top-p filtering needs a sort, done here in torch before the draw.
+    """
+    if batch.all_greedy and backend != "triton":  # the reference would build noise only to ignore it
         tokens = logits.argmax(dim=-1)
-        scaled = logits
-    else:
-        scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
-        if batch.needs_filter:
-            scaled = filter_logits(scaled, batch.top_k, batch.top_p)
-        gumbel = -torch.log(-torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1])))
-        tokens = torch.where(greedy, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))
-    logprobs = None
-    if want_logprobs:
-        logprobs = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+        return tokens, token_logprobs(logits, tokens) if want_logprobs else None
+    draw = gumbel_sample if backend == "triton" else gumbel_sample_reference
+    row_key = row_keys(batch.seeds, batch.steps)
+    if batch.needs_filter and not batch.all_greedy:
+        greedy = batch.temperature == 0
+        scaled = filter_logits(logits / torch.where(greedy, 1.0, batch.temperature)[:, None], batch.top_k, batch.top_p)
+        # Already scaled: draw at temperature 1 (x / 1 is exact), greedy rows at 0 (the filter keeps their argmax).
+        return draw(scaled, (~greedy).to(torch.float32), row_key, want_logprobs)
+    return draw(logits, batch.temperature, row_key, want_logprobs)
