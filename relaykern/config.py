@@ -71,7 +71,8 @@ class RelayConfig:
 class EngineConfig:
     """How one model is served: device, precision, paged KV pool, batching.
 
-    The pool is sized by ``num_blocks`` if given, else by ``kv_cache_memory_gb`` (GPU) or a small CPU default.
+    The pool is sized by ``num_blocks`` if given, else by ``kv_cache_memory_gb``, else from the GPU's free memory
+    (85 %, shared with the other model of a relay) or, on CPU, at most 1 GiB and 4096 blocks.
     ``attention_backend`` picks the Triton kernels or their torch references (same results; the references are
     the fallback where Triton cannot run).
     """

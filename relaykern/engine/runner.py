@@ -21,7 +21,8 @@ from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.loader import load_model, load_state_dict_into
 from relaykern.models.attention import AttentionContext
 
-CPU_DEFAULT_BLOCKS = 512
+CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
+CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
 
 
@@ -61,15 +62,19 @@ class ModelRunner:
 
     def _blocks_from_memory(self, kv_share: float) -> int:
         mc = self.model_config
-        if self.device.type != "cuda":
-            return CPU_DEFAULT_BLOCKS
+        per_block = _C.KVPool.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
+                                              self.dtype)
+        if self.config.kv_cache_memory_gb is None and self.device.type != "cuda":
+            return max(1, min(CPU_MAX_BLOCKS, CPU_KV_BUDGET_BYTES // per_block))
         if self.config.kv_cache_memory_gb is not None:
             budget = int(self.config.kv_cache_memory_gb * 2**30)
         else:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * GPU_MEMORY_FRACTION * kv_share)
-        return _C.KVPool.blocks_for_budget(budget, mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
-                                           self.dtype)
+        if budget < per_block:
+            raise ValueError(f"KV cache budget of {budget / 2**30:.2f} GiB holds no {per_block / 2**20:.1f} MiB block "
+                             "of this model: raise kv_cache_memory_gb or free GPU memory")
+        return budget // per_block
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
