@@ -67,14 +67,6 @@ def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _hash32(x):
-    # lowbias32 on uint32 lanes: the products wrap mod 2**32, as the torch version's ``& 0xFFFFFFFF``.
-    x = (x ^ (x >> 16)) * 0x7FEB352D
-    x = (x ^ (x >> 15)) * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
 def _sample_chunk_kernel(
     logits_ptr, stride_row, temperature_ptr, row_key_ptr,
     best_value_ptr, best_index_ptr, max_ptr, sum_ptr, vocab_size,
@@ -96,7 +88,12 @@ def _sample_chunk_kernel(
         scaled = tl.div_rn(logits, divisor)  # IEEE division, as torch's (``/`` may lower to div.full)
         perturbed = scaled
         if temperature != 0:
-            bits = _hash32(key ^ (column.to(tl.uint32) * 0x85EBCA6B))
+            # hash32 (lowbias32) on uint32 lanes, inline (a jit helper costs the interpreter a re-patch per call).
+            # The products wrap mod 2**32, as the torch version's ``& 0xFFFFFFFF``: not an overflow to sanitize.
+            bits = key ^ tl.mul(column.to(tl.uint32), 0x85EBCA6B, sanitize_overflow=False)
+            bits = tl.mul(bits ^ (bits >> 16), 0x7FEB352D, sanitize_overflow=False)
+            bits = tl.mul(bits ^ (bits >> 15), 0x846CA68B, sanitize_overflow=False)
+            bits = bits ^ (bits >> 16)
             u = ((bits >> 9).to(tl.float32) + 0.5) * _U_STEP
             perturbed = scaled + -tl.log(-tl.log(u))
         better = perturbed > best_value  # strict: a lane keeps its first (lowest) column on ties
@@ -179,7 +176,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, row_key: torc
     )
     _sample_combine_kernel[(rows,)](
         logits, logits.stride(0), temperature, best_value, best_index, max_, sum_, tokens,
-        tokens if logprobs is None else logprobs, num_chunks,
+        tokens if logprobs is None else logprobs, num_chunks,  # a placeholder pointer when no log-probs are stored
         WANT_LOGPROBS=want_logprobs, CHUNKS_BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
     )
     return tokens, logprobs

@@ -1,9 +1,9 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) with the launch parameters its launcher really passes.
 
 The interpreter accepts code the compiler rejects, so CPU tests alone cannot tell that the kernels build on a GPU.
-Here each case calls a real launcher (paged_attention, store_kv, detect_commands, inject_tokens) on CPU tensors
-with its kernels swapped for stand-ins: ``kernel[grid](*args, **kwargs)`` becomes ``kernel.warmup(...)`` for a
-CUDA sm_90 target, i.e. the exact signature, pointer/int specialization, constexprs and num_warps/num_stages the
+Here each case calls a real launcher (paged_attention, store_kv, detect_commands, inject_tokens, gumbel_sample) on
+CPU tensors with its kernels swapped for stand-ins: ``kernel[grid](*args, **kwargs)`` becomes ``kernel.warmup(...)``
+for a CUDA sm_90 target, i.e. the exact signature, pointer/int specialization, constexprs and num_warps/num_stages the
 launch would compile, lowered to a cubin by the ptxas bundled with Triton. No GPU is needed.
 
 Why a child process: TRITON_INTERPRET (set by conftest without CUDA) acts at *import*: under it every @triton.jit,
@@ -32,7 +32,7 @@ import torch
 import triton
 
 import relaykern.kernels
-from relaykern.kernels import attention, detect, inject, store_kv
+from relaykern.kernels import attention, detect, inject, sample, store_kv
 
 TARGET = ("cuda", 90, 32)  # H100 / H200
 H100_SMS = 132  # choose_num_splits sizes the split-KV grid by the SM count
@@ -43,6 +43,7 @@ BLOCK_SIZES = (16, 32, 256)
 GROUPS = (1, 2, 4, 8)  # Qwen3-0.6B/1.7B: 16 q / 8 kv heads; 4B/8B: 32 / 8
 NUM_KV_HEADS = 8
 SHORT_CONTEXT, LONG_CONTEXT = 300, 4096  # one split / several splits on an H100 at these batch sizes
+QWEN3_VOCAB_SIZE = 151936
 CHILD_TIMEOUT_S = 300
 
 
@@ -102,6 +103,9 @@ def _cases() -> list[Case]:
         cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
     for rows, block_size in ((1, 16), (40, 256)):
         cases.append(Case(f"inject-rows{rows}-bs{block_size}", "inject", dict(rows=rows, block_size=block_size)))
+    for rows, want_logprobs in itertools.product((1, 64), (False, True)):
+        cases.append(Case(f"sample-r{rows}-v{QWEN3_VOCAB_SIZE}-logprobs{int(want_logprobs)}", "sample",
+                          dict(rows=rows, want_logprobs=want_logprobs)))
     return cases
 
 
@@ -146,8 +150,13 @@ def _launch_inject(rows, block_size) -> None:
                          torch.zeros(rows, dtype=torch.int32), block_tables, block_size)
 
 
+def _launch_sample(rows, want_logprobs) -> None:
+    sample.gumbel_sample(torch.zeros(rows, QWEN3_VOCAB_SIZE), torch.ones(rows), torch.zeros(rows, dtype=torch.int64),
+                         want_logprobs)
+
+
 LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "detect": _launch_detect,
-             "inject": _launch_inject}
+             "inject": _launch_inject, "sample": _launch_sample}
 
 
 def _kernel_modules() -> list:

@@ -1,56 +1,96 @@
-"""The device sampler: greedy, filters, counter-based noise, and that it draws from the right distribution."""
+"""The device sampler: greedy, filters, counter-based noise, and that it draws from the right distribution.
+
+Every sampling test runs on both backends: "torch" (the reference, noise materialised) and "triton" (the fused
+kernel; under the interpreter on CPU, where each row costs milliseconds, the frequency test draws 500 rows, not
+20000: its 4-sigma bounds are wider, and test_backends_draw_the_same_tokens checks the tokens one by one).
+"""
+import math
+
+import pytest
 import torch
 
-from relaykern.engine.sampler import SamplingBatch, filter_logits, sample, uniform_noise
+from relaykern.engine.sampler import SamplingBatch, filter_logits, sample
+from relaykern.kernels.sample import gumbel_noise, row_keys
+
+BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EULER_GAMMA = 0.5772156649
 
 
 def batch(rows: int, temperature=1.0, top_p=1.0, top_k=0, seed=0) -> SamplingBatch:
+    full = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=DEVICE)  # noqa: E731
     return SamplingBatch(
-        temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
-        top_k=torch.full((rows,), top_k, dtype=torch.int64), seeds=torch.full((rows,), seed, dtype=torch.int64),
-        steps=torch.arange(rows, dtype=torch.int64), needs_filter=top_k > 0 or top_p < 1,
-        all_greedy=temperature == 0)
+        temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32), top_k=full(top_k, torch.int64),
+        seeds=full(seed, torch.int64), steps=torch.arange(rows, dtype=torch.int64, device=DEVICE),
+        needs_filter=top_k > 0 or top_p < 1, all_greedy=temperature == 0)
 
 
-def test_greedy_is_argmax_and_logprob_is_log_softmax():
-    logits = torch.randn(5, 50)
-    tokens, logprobs = sample(logits, batch(5, temperature=0), want_logprobs=True)
+def rows_for(backend: str, rows: int) -> int:
+    """``rows`` draws, a fortieth (at least 50) for the kernel under the interpreter (~7 ms a row)."""
+    return rows if backend == "torch" or torch.cuda.is_available() else max(rows // 40, 50)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_is_argmax_and_logprob_is_log_softmax(backend):
+    logits = torch.randn(5, 50, device=DEVICE)
+    tokens, logprobs = sample(logits, batch(5, temperature=0), want_logprobs=True, backend=backend)
     assert torch.equal(tokens, logits.argmax(-1))
-    assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
+    assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1), atol=1e-6)
 
 
-def test_noise_is_uniform_and_depends_only_on_seed_and_step():
+def test_noise_is_gumbel_and_depends_only_on_seed_and_step():
     seeds = torch.tensor([1, 1, 2], dtype=torch.int64)
     steps = torch.tensor([0, 1, 0], dtype=torch.int64)
-    u = uniform_noise(seeds, steps, 4096)
-    assert u.min() > 0 and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.02
-    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
-    again = uniform_noise(seeds[[2, 0]], steps[[2, 0]], 4096)  # another batch layout, same rows
-    assert torch.equal(again[1], u[0]) and torch.equal(again[0], u[2])
+    noise = gumbel_noise(row_keys(seeds, steps), 4096)
+    assert torch.isfinite(noise).all()
+    assert abs(noise.mean().item() - EULER_GAMMA) < 0.03 and abs(noise.std().item() - math.pi / 6**0.5) < 0.03
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    again = gumbel_noise(row_keys(seeds[[2, 0]], steps[[2, 0]]), 4096)  # another batch layout, same rows
+    assert torch.equal(again[1], noise[0]) and torch.equal(again[0], noise[2])
 
 
-def test_sampling_matches_softmax_frequencies():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(20000, 1)
-    b = batch(20000, temperature=0.7)
-    tokens, _ = sample(logits, b, want_logprobs=False)
-    freq = torch.bincount(tokens, minlength=4).float() / 20000
-    assert torch.allclose(freq, (logits[0] / 0.7).softmax(-1), atol=0.015)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_matches_softmax_frequencies(backend):
+    rows = rows_for(backend, 20000)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0], device=DEVICE).repeat(rows, 1)
+    tokens, _ = sample(logits, batch(rows, temperature=0.7), want_logprobs=False, backend=backend)
+    freq = torch.bincount(tokens, minlength=4).float().cpu() / rows
+    probs = (logits[0].cpu() / 0.7).softmax(-1)
+    assert (freq - probs).abs().le(4 * (probs * (1 - probs) / rows).sqrt() + 1 / rows).all(), (freq, probs)
 
 
-def test_top_k_and_top_p_filter():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_and_top_p_filter(backend):
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     kept_k = filter_logits(logits, torch.tensor([2]), torch.tensor([1.0]))
     assert torch.isfinite(kept_k).tolist() == [[True, True, False, False]]
     probs = logits.softmax(-1)[0]  # ≈ .64 .24 .09 .03
     kept_p = filter_logits(logits, torch.tensor([0]), torch.tensor([float(probs[0]) + 0.01]))
     assert torch.isfinite(kept_p).tolist() == [[True, True, False, False]]
-    tokens, _ = sample(logits.repeat(2000, 1), batch(2000, top_k=2), want_logprobs=False)
+    rows = rows_for(backend, 2000)
+    tokens, _ = sample(logits.to(DEVICE).repeat(rows, 1), batch(rows, top_k=2), want_logprobs=False, backend=backend)
     assert set(tokens.tolist()) == {0, 1}
 
 
-def test_seeded_rows_reproduce():
-    logits = torch.randn(4, 100)
-    a, _ = sample(logits, batch(4, seed=7), want_logprobs=False)
-    b, _ = sample(logits, batch(4, seed=7), want_logprobs=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_rows_reproduce(backend):
+    logits = torch.randn(4, 100, device=DEVICE)
+    a, _ = sample(logits, batch(4, seed=7), want_logprobs=False, backend=backend)
+    b, _ = sample(logits, batch(4, seed=7), want_logprobs=False, backend=backend)
     assert torch.equal(a, b)
+
+
+def test_backends_draw_the_same_tokens_with_and_without_filters():
+    rows, vocab = 12, 3000
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(DEVICE)
+    mixed = batch(rows, temperature=0.8, seed=11)
+    mixed.temperature[::4] = 0  # greedy rows among the sampled ones
+    mixed.all_greedy = False
+    for top_k, top_p in ((0, 1.0), (50, 1.0), (0, 0.9)):
+        mixed.top_k.fill_(top_k)
+        mixed.top_p.fill_(top_p)
+        mixed.needs_filter = top_k > 0 or top_p < 1
+        torch_tokens, torch_logprobs = sample(logits, mixed, want_logprobs=True, backend="torch")
+        triton_tokens, triton_logprobs = sample(logits, mixed, want_logprobs=True, backend="triton")
+        assert torch.equal(torch_tokens, triton_tokens), (top_k, top_p)
+        assert torch.allclose(torch_logprobs, triton_logprobs, rtol=1e-5, atol=1e-5), (top_k, top_p)

@@ -2,7 +2,8 @@
 
 Randomness is counter-based: the noise for (request seed, step, vocabulary index) is a hash, so a request's samples
 do not depend on which other requests share its batch, on preemption, or on the device's RNG state. Sampling is
-Gumbel-max over the filtered, temperature-scaled logits, which draws exactly from their softmax.
+Gumbel-max over the filtered, temperature-scaled logits, which draws exactly from their softmax. The draw (noise,
+argmax, log-prob) is ``relaykern.kernels.sample``: one fused kernel on the triton backend, its torch reference else.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool, backend: str = "torch",
+def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool, backend: str,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits fp32 [R, V] → (token ids int64 [R], log-probs [R] of those tokens under the sampled distribution).
 
