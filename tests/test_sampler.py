@@ -21,7 +21,7 @@ def batch(rows: int, temperature=1.0, top_p=1.0, top_k=0, seed=0) -> SamplingBat
     full = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=DEVICE)  # noqa: E731
     return SamplingBatch(
         temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32), top_k=full(top_k, torch.int64),
-        seeds=full(seed, torch.int64), steps=torch.arange(rows, dtype=torch.int64, device=DEVICE),
+        row_key=row_keys(full(seed, torch.int64), torch.arange(rows, dtype=torch.int64, device=DEVICE)),
         needs_filter=top_k > 0 or top_p < 1, all_greedy=temperature == 0)
 
 

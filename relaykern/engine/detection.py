@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from relaykern.engine.runner import host_to_device
 from relaykern.engine.sequence import Sequence
 from relaykern.kernels.detect import build_detection_table, detect_commands, detect_commands_reference
 
@@ -20,8 +21,8 @@ class Detector:
 
     def detect(self, tokens: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, int, int, int, int]]:
         """For each row: (token, event, n, start_offset, event_end); updates each sequence's automaton state."""
-        state = torch.tensor([s.scan_state for s in seqs], dtype=torch.int32).to(self.device, non_blocking=True)
-        n = torch.tensor([s.scan_n for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        packed_in = host_to_device(self.device, [[s.scan_state for s in seqs], [s.scan_n for s in seqs]], torch.int64)
+        state, n = packed_in[0].to(torch.int32), packed_in[1].clone()
         result = self.kernel(tokens, state, n, self.table)
         packed = torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),
                               result.event_end.long(), state.long(), n]).cpu().tolist()

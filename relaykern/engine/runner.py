@@ -18,12 +18,21 @@ from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.cuda_graphs import DecodeGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
+from relaykern.kernels.sample import row_keys
 from relaykern.loader import load_model, load_state_dict_into
 from relaykern.models.attention import AttentionContext
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
+
+
+def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """One host-to-device copy (from pinned memory on CUDA, so it does not block the host)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
 
 
 @dataclass
@@ -92,20 +101,13 @@ class ModelRunner:
         want_logprobs = any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """One host-to-device copy (from pinned memory on CUDA, so it does not block the host)."""
-        host = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
-
     def _prepare(self, rows: list[Row]) -> tuple[AttentionContext, torch.Tensor, torch.Tensor]:
         lengths = [len(row.tokens) for row in rows]
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
         # Tokens, row bounds and start positions travel together: one copy instead of three.
-        packed = self._to_device([t for row in rows for t in row.tokens] + cu + [row.start for row in rows],
+        packed = host_to_device(self.device, [t for row in rows for t in row.tokens] + cu + [row.start for row in rows],
                                  torch.int64)
         total, batch = cu[-1], len(rows)
         flat = packed[:total]
@@ -138,10 +140,12 @@ class ModelRunner:
         temperature = [row.sampling.temperature for row in rows]
         top_p = [row.sampling.top_p for row in rows]
         top_k = [row.sampling.top_k for row in rows]
-        floats = self._to_device([temperature, top_p], torch.float32)
-        ints = self._to_device([top_k, [row.seed for row in rows], [row.step for row in rows]], torch.int64)
+        floats = host_to_device(self.device, [temperature, top_p], torch.float32)
+        # The noise keys hash a few ints: done on the host, they ride along in the same copy as top-k.
+        keys = row_keys(torch.tensor([row.seed for row in rows]), torch.tensor([row.step for row in rows]))
+        ints = host_to_device(self.device, [top_k, keys.tolist()], torch.int64)
         return SamplingBatch(
-            temperature=floats[0], top_p=floats[1], top_k=ints[0], seeds=ints[1], steps=ints[2],
+            temperature=floats[0], top_p=floats[1], top_k=ints[0], row_key=ints[1],
             needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
             all_greedy=all(t == 0 for t in temperature),
         )

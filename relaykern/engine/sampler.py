@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relaykern.kernels.sample import gumbel_sample, gumbel_sample_reference, row_keys, token_logprobs
+from relaykern.kernels.sample import gumbel_sample, gumbel_sample_reference, token_logprobs
 
 
 @dataclass
@@ -21,8 +21,7 @@ class SamplingBatch:
     temperature: torch.Tensor  # float32 [R]; 0 = greedy
     top_p: torch.Tensor  # float32 [R]
     top_k: torch.Tensor  # int64 [R]; 0 = off
-    seeds: torch.Tensor  # int64 [R]
-    steps: torch.Tensor  # int64 [R]: index of the token being sampled in its response
+    row_key: torch.Tensor  # int64 [R]: kernels.sample.row_keys(request seed, index of the token in its response)
     needs_filter: bool  # some row uses top-k or top-p (skips the sort otherwise)
     all_greedy: bool
 
@@ -53,10 +52,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool, back
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens) if want_logprobs else None
     draw = gumbel_sample if backend == "triton" else gumbel_sample_reference
-    row_key = row_keys(batch.seeds, batch.steps)
     if batch.needs_filter and not batch.all_greedy:
         greedy = batch.temperature == 0
         scaled = filter_logits(logits / torch.where(greedy, 1.0, batch.temperature)[:, None], batch.top_k, batch.top_p)
         # Already scaled: draw at temperature 1 (x / 1 is exact), greedy rows at 0 (the filter keeps their argmax).
-        return draw(scaled, (~greedy).to(torch.float32), row_key, want_logprobs)
-    return draw(logits, batch.temperature, row_key, want_logprobs)
+        return draw(scaled, (~greedy).to(torch.float32), batch.row_key, want_logprobs)
+    return draw(logits, batch.temperature, batch.row_key, want_logprobs)
