@@ -64,7 +64,8 @@ class RelayConfig:
         if self.max_call_tokens < 1:
             raise ValueError(f"RelayConfig.max_call_tokens must be >= 1, got {self.max_call_tokens}")
         if self.after_max_calls not in ("continue", "finish"):
-            raise ValueError(f"RelayConfig.after_max_calls must be 'continue' or 'finish', got {self.after_max_calls!r}")
+            raise ValueError("RelayConfig.after_max_calls must be 'continue' or 'finish', "
+                             f"got {self.after_max_calls!r}")
 
 
 @dataclass
@@ -97,7 +98,8 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("EngineConfig.max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.attention_backend not in (None, "triton", "torch"):
-            raise ValueError(f"EngineConfig.attention_backend must be 'triton' or 'torch', got {self.attention_backend!r}")
+            raise ValueError("EngineConfig.attention_backend must be 'triton' or 'torch', "
+                             f"got {self.attention_backend!r}")
         if isinstance(self.dtype, str):
             try:
                 self.dtype = getattr(torch, self.dtype)

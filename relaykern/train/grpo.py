@@ -135,8 +135,10 @@ class GRPOTrainer:
             if config.kl_coef > 0 else None
         self.slm_path = slm_path
         self.llm_path = resolve_model_path(config.llm, self.out_dir, "llm", runtime) if config.llm else None
-        self.llm = load_causal_lm(self.llm_path, runtime.device, trainable=False, dtype=frozen_dtype(config.precision)) \
-            if self.llm_path is not None and config.rollout == "reference" else None
+        self.llm = None  # the HF teacher, for the reference rollout only (the engine loads its own)
+        if self.llm_path is not None and config.rollout == "reference":
+            self.llm = load_causal_lm(self.llm_path, runtime.device, trainable=False,
+                                      dtype=frozen_dtype(config.precision))
         updates_per_step = -(-config.prompts_per_step * config.group_size //
                              (config.mini_batch_size or config.prompts_per_step * config.group_size))
         self.optimizer, self.scheduler = make_optimizer(self.lm, config.lr, config.weight_decay, config.lr_schedule,
