@@ -6,15 +6,19 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from relaykern.loader import safetensors_files
+from relaykern.models.config import ModelConfig
+
 
 def check_dir(path: str | Path, role: str) -> Path:
+    """The loader's own checks (config.json, safetensors shards), run before the tokenizer is parsed so a bad path
+    fails first, with the model's role in the message."""
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{role} checkpoint directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{role} checkpoint {path} has no config.json")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{role} checkpoint {path} has no *.safetensors weights (pickled .bin is not loaded)")
+    try:
+        ModelConfig.from_dir(path)
+        safetensors_files(path)
+    except ValueError as err:
+        raise ValueError(f"{role} checkpoint: {err}") from None
     return path
 
 

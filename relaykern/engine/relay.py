@@ -212,8 +212,8 @@ class RelayEngine:
         seq.text += self.token_bytes[token]
         if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
             return True
-        return any(seq.text.find(stop.encode(), max(0, before - len(stop.encode()) + 1)) >= 0
-                   for stop in params.stop or ())
+        stops = (stop.encode() for stop in params.stop or ())
+        return any(seq.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
 
     def _serve(self, seq: Sequence, n: int) -> None:
         if seq.llm is not None and seq.stats.calls >= self.relay.max_calls and self.relay.after_max_calls == "finish":

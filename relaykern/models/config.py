@@ -64,7 +64,7 @@ class ModelConfig:
         """Reads ``path/config.json``, plus the EOS ids of ``generation_config.json`` (chat models stop on several)."""
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"model directory {path} does not exist (or is not a directory)")
+            raise ValueError(f"model directory {path} not found: it does not exist (or is not a directory)")
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(f"no config.json in model directory {path}: is it a Hugging Face checkpoint?")
