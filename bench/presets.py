@@ -50,7 +50,10 @@ class Preset:
     reference_requests: int
     """The reference relay runs one request at a time, so a few give its tokens/s for any batch."""
     staggered: bool
-    """Also run the 1 % workload with calls spread over the steps instead of aligned across the batch."""
+    """Also run the 1 % workload with calls spread over the steps instead of aligned across the batch, once with
+    the LLM running whenever it has work and once batching calls (the two ``llm_batch_*`` knobs of RelayConfig)."""
+    llm_batch_wait_steps: int
+    llm_batch_min_rows: int
     repeats: int
     throughput_repeats: int
     """Runs of each throughput workload; the one of median time is reported."""
@@ -72,7 +75,8 @@ TINY = Preset(
     name="tiny", device="cpu", dtype="float32", decode_batch_sizes=(1, 4, 16), decode_context=64,
     prefill_length=512, catchup_lengths=(16, 64, 256), catchup_context=256, call_lengths=(1, 10), relay_batch=16,
     prompt_length=32, long_prompt_length=256, max_tokens=200, call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05,
-    reference_requests=2, staggered=True, repeats=5, throughput_repeats=3, copy_mib=256, num_blocks=2048, cpu_threads=1,
+    reference_requests=2, staggered=True, llm_batch_wait_steps=8, llm_batch_min_rows=4, repeats=5,
+    throughput_repeats=3, copy_mib=256, num_blocks=2048, cpu_threads=1,
 )
 TINY_QUICK = dataclasses.replace(
     TINY, decode_batch_sizes=(1, 4), decode_context=32, prefill_length=128, catchup_lengths=(16, 64),
@@ -83,8 +87,9 @@ GPU = Preset(
     name="gpu", device="cuda", dtype="bfloat16", decode_batch_sizes=(1, 16, 64, 256), decode_context=512,
     prefill_length=4096, catchup_lengths=(16, 64, 256, 512, 1024, 2048), catchup_context=2048,
     call_lengths=(1, 10, 100), relay_batch=64, prompt_length=128, long_prompt_length=1536, max_tokens=512,
-    call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05, reference_requests=1, staggered=True, repeats=5,
-    throughput_repeats=1, copy_mib=2048, kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
+    call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05, reference_requests=1, staggered=True,
+    llm_batch_wait_steps=16, llm_batch_min_rows=8, repeats=5, throughput_repeats=1, copy_mib=2048,
+    kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
 )
 GPU_QUICK = dataclasses.replace(
     GPU, decode_batch_sizes=(1, 64), catchup_lengths=(16, 512, 2048), call_lengths=(1, 10), max_tokens=256,

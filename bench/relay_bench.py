@@ -15,11 +15,13 @@ against the ideal token-weighted mix of the two models' decode speeds at the sam
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from typing import Callable
 
 import torch
 
+from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
 from relaykern.bench.model_bench import GREEDY, Probe
@@ -31,7 +33,9 @@ def detection_ms(engine: RelayEngine, batch: int, repeats: int) -> float:
     """The fused detection of one SLM step over ``batch`` rows (table lookup on the device + one readback)."""
     seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(batch)]
     tokens = torch.randint(1000, 5000, (batch,), device=engine.slm.device)
-    return median_ms(lambda: engine.detector.detect(tokens, seqs), engine.slm.device, repeats)
+    detector = engine.detector
+    return median_ms(lambda: detector.unpack(Readback(detector.launch(tokens, seqs)).wait()[0], seqs),
+                     engine.slm.device, repeats)
 
 
 def measure_latency(engine: RelayEngine, preset) -> dict:
@@ -111,14 +115,24 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     slm_only = median_run(engine, workloads(0.0), "slm-only", preset.throughput_repeats)
     slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
     runs = []
-    named = [(f"aligned {r:.1%}", r, False) for r in preset.call_ratios]
+    named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.staggered:
-        named.append(("staggered 1.0%", 0.01, True))
-    for name, ratio, staggered in named:
-        figures = median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats)
+        batched = dataclasses.replace(engine.relay, llm_batch_wait_steps=preset.llm_batch_wait_steps,
+                                      llm_batch_min_rows=preset.llm_batch_min_rows)
+        named += [("staggered 1.0%", 0.01, True, None), ("staggered 1.0% batched", 0.01, True, batched)]
+    eager = engine.relay
+    for name, ratio, staggered, relay in named:
+        engine.relay = relay or eager
+        try:
+            figures = median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats)
+        finally:
+            engine.relay = eager
         figures["ideal_tokens_per_s"] = ideal_tokens_per_s(figures["ratio"], slm_decode, llm_decode)
         figures["of_ideal"] = figures["tokens_per_s"] / figures["ideal_tokens_per_s"]
         figures["of_slm_only"] = figures["tokens_per_s"] / slm_only["tokens_per_s"]
+        if relay is not None:
+            figures["llm_batch_wait_steps"] = relay.llm_batch_wait_steps
+            figures["llm_batch_min_rows"] = relay.llm_batch_min_rows
         runs.append(figures)
     return {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
             "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}

@@ -358,7 +358,9 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
     for seq, seq_len in enumerate(seq_lens.tolist()):
         q_start, q_end = bounds[seq], bounds[seq + 1]
         q_len = q_end - q_start
-        if q_len == 0:
+        if seq_len == 0:  # batch padding, as in the kernels
+            out[q_start:q_end] = 0
+        if q_len == 0 or seq_len == 0:
             continue
         blocks = block_tables[seq, : -(-seq_len // block_size)].long()
         key, value = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len].float().unbind(0)  # [seq_len, Hkv, D] each

@@ -41,15 +41,17 @@ _LOWEST: tl.constexpr = tl.constexpr(-torch.finfo(torch.float32).max)
 """Start of the running maxima: finite, so ``x - max`` is never ``-inf - -inf`` (NaN); empty lanes keep sum 0."""
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Wellons) on int64 lanes holding uint32 values; the low 32 bits of each product are exact."""
+def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """lowbias32 (Wellons) on int64 lanes (or a Python int) holding uint32 values; the low 32 bits of each product
+    are exact."""
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
 
 
-def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """int64 [R] keys in [0, 2**32) of the noise of each row, from its request's seed and the sampled step."""
+def row_keys(seeds: torch.Tensor | int, steps: torch.Tensor | int) -> torch.Tensor | int:
+    """int64 [R] keys in [0, 2**32) of the noise of each row, from its request's seed and the sampled step (or one
+    row's key from Python ints: the same value, as long as ``steps * 0x9E3779B1`` fits in int64)."""
     return hash32((hash32(seeds & _MASK32) ^ hash32((steps * 0x9E3779B1 + (seeds >> 32)) & _MASK32)) & _MASK32)
 
 

@@ -52,17 +52,28 @@ class RelayConfig:
     max_calls: commands served per request; a later command is left as text (``after_max_calls="continue"``)
         or ends the request with ``finish_reason="max_calls"`` (``"finish"``).
     max_call_tokens: cap on N; N is also capped by the request's remaining ``max_tokens``.
+    llm_batch_wait_steps, llm_batch_min_rows: throughput mode (GRPO rollouts, offline batches). An LLM decode
+        forward costs about as much for one row as for several, so a sequence waiting for the LLM (to start a call
+        or for its next token) may wait up to ``llm_batch_wait_steps`` engine steps; the LLM runs as soon as one
+        has waited that long, ``llm_batch_min_rows`` are waiting, or the SLM has nothing to do. 0 (default): the
+        LLM runs every step it has work, the lowest latency.
     """
 
     max_calls: int = 5
     max_call_tokens: int = 4096
     after_max_calls: Literal["continue", "finish"] = "continue"
+    llm_batch_wait_steps: int = 0
+    llm_batch_min_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.max_calls < 0:
             raise ValueError(f"RelayConfig.max_calls must be >= 0, got {self.max_calls}")
         if self.max_call_tokens < 1:
             raise ValueError(f"RelayConfig.max_call_tokens must be >= 1, got {self.max_call_tokens}")
+        if self.llm_batch_wait_steps < 0:
+            raise ValueError(f"RelayConfig.llm_batch_wait_steps must be >= 0, got {self.llm_batch_wait_steps}")
+        if self.llm_batch_min_rows < 1:
+            raise ValueError(f"RelayConfig.llm_batch_min_rows must be >= 1, got {self.llm_batch_min_rows}")
         if self.after_max_calls not in ("continue", "finish"):
             raise ValueError("RelayConfig.after_max_calls must be 'continue' or 'finish', "
                              f"got {self.after_max_calls!r}")

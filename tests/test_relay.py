@@ -9,6 +9,7 @@ import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
+from relaykern.engine.cuda_graphs import DecodeGraphs
 from relaykern.engine.runner import ModelRunner, Row
 from relaykern.reference import reference_generate
 
@@ -76,6 +77,37 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
         assert by_name["huge_n"].stats.call_records[0].n_served == 6
     for runner in (engine.slm, engine.llm):
         assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+
+
+def count_forwards(runner, method: str = "execute") -> list[int]:
+    """Counts calls of ``runner.<method>`` from now on (the list's one item)."""
+    count, forward = [0], getattr(runner, method)
+
+    def counted(*args):
+        count[0] += 1
+        return forward(*args)
+
+    setattr(runner, method, counted)
+    return count
+
+
+def test_batched_llm_calls_write_the_same_tokens_with_fewer_llm_forwards(slm_dir, llm_dir, tokenizer):
+    prompts = [text_tokens(tokenizer, f"Request {i}.") for i in range(8)]
+    samplings = [scripted({1 + 3 * i: command_tokens(tokenizer, 4)}, max_tokens=40) for i in range(8)]
+
+    def run(relay: RelayConfig):
+        cpu = EngineConfig(device="cpu")
+        engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=cpu, llm_config=cpu)
+        forwards = count_forwards(engine.llm)
+        return [comparable(o) for o in engine.generate(prompts, samplings)], forwards[0]
+
+    eager, eager_forwards = run(RelayConfig())
+    batched, batched_forwards = run(RelayConfig(llm_batch_wait_steps=12, llm_batch_min_rows=8))
+    assert batched == eager and all(out[5] == 1 for out in eager)  # each request made its one call
+    assert eager_forwards >= 4 * 8 - 4 * 3 and batched_forwards <= 12  # staggered calls mostly overlap, batched all
+    alone, alone_forwards = run(RelayConfig(llm_batch_wait_steps=10**9))
+    print("FORWARDS", eager_forwards, batched_forwards, alone_forwards)  # an SLM with nothing to do never waits
+    assert alone == eager
 
 
 def test_llm_eos_ends_the_request_and_triton_backend_agrees(slm_dir, llm_dir, slm_model, llm_model, tokenizer):
@@ -201,3 +233,27 @@ def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, to
     assert persistent.calls == 2
     # The second call re-reads the prompt and everything before it instead of only what is new.
     assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens
+
+
+@pytest.mark.parametrize("backend,requests", [("torch", 16), ("triton", 5)])
+def test_decode_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, backend, requests):
+    """The CUDA-graph decode path's buffer handling (padding rows, one input buffer per size, block tables of
+    growing width), replayed eagerly on the CPU: the same outputs as the plain path, through a pool that preempts."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 30))] for _ in range(requests)]
+    samplings = [random_script(rng, tokenizer) for _ in prompts]
+
+    def run(graphs: bool):
+        config = EngineConfig(device="cpu", block_size=4, num_blocks=40, max_num_seqs=6, attention_backend=backend)
+        engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+        replays = []
+        if graphs:
+            for runner in (engine.slm, engine.llm):
+                runner.graphs = DecodeGraphs(runner, capture=False)
+                replays.append(count_forwards(runner.graphs, "run"))
+        return [comparable(o) for o in engine.generate(prompts, samplings)], [count[0] for count in replays]
+
+    plain, _ = run(graphs=False)
+    replayed, replays = run(graphs=True)
+    assert replayed == plain
+    assert min(replays) >= 2 and max(replays) >= 10  # both models decoded through the graph buffers

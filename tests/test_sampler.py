@@ -22,7 +22,7 @@ def batch(rows: int, temperature=1.0, top_p=1.0, top_k=0, seed=0) -> SamplingBat
     return SamplingBatch(
         temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32), top_k=full(top_k, torch.int64),
         row_key=row_keys(full(seed, torch.int64), torch.arange(rows, dtype=torch.int64, device=DEVICE)),
-        needs_filter=top_k > 0 or top_p < 1, all_greedy=temperature == 0)
+        needs_filter=top_k > 0 or top_p < 1)
 
 
 def rows_for(backend: str, rows: int) -> int:
@@ -31,11 +31,19 @@ def rows_for(backend: str, rows: int) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_is_argmax_and_logprob_is_log_softmax(backend):
+@pytest.mark.parametrize("all_greedy", [True, False], ids=["no_batch", "temperature_0"])
+def test_greedy_is_argmax_and_logprob_is_log_softmax(backend, all_greedy):
     logits = torch.randn(5, 50, device=DEVICE)
-    tokens, logprobs = sample(logits, batch(5, temperature=0), want_logprobs=True, backend=backend)
+    settings = None if all_greedy else batch(5, temperature=0)
+    tokens, logprobs = sample(logits, settings, want_logprobs=True, backend=backend)
     assert torch.equal(tokens, logits.argmax(-1))
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1), atol=1e-6)
+
+
+def test_row_keys_of_python_ints_equal_the_tensor_ones():
+    seeds, steps = [0, 7, 2**62 - 1, -5], [0, 1, 40959, 3]
+    keys = row_keys(torch.tensor(seeds), torch.tensor(steps)).tolist()
+    assert [row_keys(seed, step) for seed, step in zip(seeds, steps)] == keys
 
 
 def test_noise_is_gumbel_and_depends_only_on_seed_and_step():
@@ -85,7 +93,6 @@ def test_backends_draw_the_same_tokens_with_and_without_filters():
     logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(DEVICE)
     mixed = batch(rows, temperature=0.8, seed=11)
     mixed.temperature[::4] = 0  # greedy rows among the sampled ones
-    mixed.all_greedy = False
     for top_k, top_p in ((0, 1.0), (50, 1.0), (0, 0.9)):
         mixed.top_k.fill_(top_k)
         mixed.top_p.fill_(top_p)

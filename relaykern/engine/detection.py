@@ -12,6 +12,9 @@ from relaykern.engine.runner import host_to_device
 from relaykern.engine.sequence import Sequence
 from relaykern.kernels.detect import build_detection_table, detect_commands, detect_commands_reference
 
+DetectedRow = tuple[int, int, int, int, int]
+"""(token, event, n, start_offset, event_end) of one row."""
+
 
 class Detector:
     def __init__(self, token_bytes: list[bytes], device: torch.device, backend: str) -> None:
@@ -19,13 +22,17 @@ class Detector:
         self.device = device
         self.kernel = detect_commands if backend == "triton" else detect_commands_reference
 
-    def detect(self, tokens: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, int, int, int, int]]:
-        """For each row: (token, event, n, start_offset, event_end); updates each sequence's automaton state."""
+    def launch(self, tokens: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Runs detection on the sampled ``tokens`` (no host sync); returns the [7, rows] tensor to read back."""
         packed_in = host_to_device(self.device, [[s.scan_state for s in seqs], [s.scan_n for s in seqs]], torch.int64)
         state, n = packed_in[0].to(torch.int32), packed_in[1].clone()
         result = self.kernel(tokens, state, n, self.table)
-        packed = torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),
-                              result.event_end.long(), state.long(), n]).cpu().tolist()
+        return torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),
+                            result.event_end.long(), state.long(), n])
+
+    @staticmethod
+    def unpack(packed: list[list[int]], seqs: list[Sequence]) -> list[DetectedRow]:
+        """The read-back ``launch`` tensor, per row; stores each sequence's new automaton state."""
         rows = []
         for i, seq in enumerate(seqs):
             seq.scan_state, seq.scan_n = packed[5][i], packed[6][i]

@@ -1,18 +1,19 @@
 """The relay loop: an SLM and an optional LLM in one continuous-batching engine, both KV caches kept for the
 life of each request.
 
-Each ``step()``:
+Each ``step()`` launches two forwards before it waits on either:
 
 1. one SLM forward over every sequence in the SLM phase (decode rows, and catch-up rows that first read what the
-   LLM wrote, packed together), sampling on the device;
-2. fused command detection on the sampled tokens (a table lookup per row on the device); the host reads back one
-   small tensor of ids + events, never detokenizing;
-3. per sequence: append the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
-   turn minus the command bytes (``protocol.strip_commands``) and the sequence moves to the LLM phase;
-4. one LLM forward over every sequence in the LLM phase: its first row of a call is a catch-up over only the new
+   LLM wrote, packed together), sampling and fused command detection on the device (a table lookup per row);
+2. one LLM forward over every sequence in the LLM phase: its first row of a call is a catch-up over only the new
    tag-free tokens (extend attention over the LLM's paged cache), then decode rows until N tokens, EOS or the
-   budget; then the sequence goes back to the SLM, whose next forward catches up on those tokens by id
-   (same tokenizer: injection without re-encoding).
+   budget (``RelayConfig.llm_batch_wait_steps`` may hold it back a few steps so that more rows share a forward);
+3. the host reads back the SLM's ids + detection events (never detokenizing) while the GPU runs the LLM, and per
+   sequence appends the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
+   turn minus the command bytes (``protocol.strip_commands``) and the sequence moves to the LLM phase, served
+   from the next step on;
+4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
+   those tokens by id (same tokenizer: injection without re-encoding).
 
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
@@ -29,12 +30,22 @@ import torch
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
-from relaykern.engine.runner import ModelRunner
+from relaykern.engine.readback import Readback
+from relaykern.engine.runner import ModelRunner, Row
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
 from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length, strip_commands
 from relaykern.tokenizer import encode_bytes, token_bytes
+
+
+@dataclasses.dataclass
+class Launched:
+    """One model's forward of this step, launched; its results arrive through ``readback``."""
+
+    seqs: list[Sequence]
+    rows: list[Row]
+    readback: Readback
 
 
 class RelayEngine:
@@ -64,6 +75,7 @@ class RelayEngine:
         self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
         models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
         self.scheduler = Scheduler(slm_config, models)
+        self.steps = 0
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
 
@@ -141,33 +153,57 @@ class RelayEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
-        seqs, rows = self.scheduler.schedule(Phase.SLM, self.slm, lambda s: s.slm)
-        result = self._forward(self.slm, seqs, rows) if rows else None
-        if result is not None:
-            tokens, logprobs = result
-            readback = self.detector.detect(tokens, seqs)
-            for seq, row_readback, logprob in zip(seqs, readback, logprobs):
+        """One SLM forward and one LLM forward, both launched before the host waits on either."""
+        slm = self._launch(self.slm, Phase.SLM, busy=[])
+        llm = None
+        if self.llm is not None and self._llm_runs_now(slm_busy=slm is not None):
+            llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
+        self.steps += 1
+        if slm is not None:
+            detected, logprobs = slm.readback.wait()
+            logprobs = logprobs or [None] * len(slm.seqs)
+            for seq, row, logprob in zip(slm.seqs, self.detector.unpack(detected, slm.seqs), logprobs):
                 seq.slm.num_cached = len(seq.slm.tokens)
-                self._on_slm_token(seq, *row_readback, logprob)
+                self._on_slm_token(seq, *row, logprob)
         self._reap()
-        if self.llm is not None:
-            seqs, rows = self.scheduler.schedule(Phase.LLM, self.llm, lambda s: s.llm)
-            result = self._forward(self.llm, seqs, rows) if rows else None
-            if result is not None:
-                tokens, logprobs = result
-                for seq, row, token, logprob in zip(seqs, rows, tokens.tolist(), logprobs):
-                    seq.llm.num_cached = len(seq.llm.tokens)
-                    self._on_llm_token(seq, token, logprob, len(row.tokens))
+        if llm is not None:
+            tokens, logprobs = llm.readback.wait()
+            for seq, row, token, logprob in zip(llm.seqs, llm.rows, tokens, logprobs or [None] * len(tokens)):
+                seq.llm.num_cached = len(seq.llm.tokens)
+                self._on_llm_token(seq, token, logprob, len(row.tokens))
         self._reap()
+
+    def _llm_runs_now(self, slm_busy: bool) -> bool:
+        """Whether this step runs the LLM (see ``RelayConfig.llm_batch_wait_steps``)."""
+        waiting = [s for s in self.scheduler.sequences() if s.phase is Phase.LLM]
+        if not waiting:
+            return False
+        relay = self.relay
+        return (relay.llm_batch_wait_steps == 0 or not slm_busy or len(waiting) >= relay.llm_batch_min_rows
+                or self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
         for seq in [s for s in self.scheduler.running if s.finished]:
             self.scheduler.finish(seq)
 
+    def _launch(self, runner: ModelRunner, phase: Phase, busy: list[Sequence]) -> "Launched | None":
+        """Schedules and launches one model's forward (sampling, and detection for the SLM) and starts reading its
+        results back; ``busy``: the other model's launched sequences, which scheduling must not preempt."""
+        view_of = (lambda s: s.slm) if runner is self.slm else (lambda s: s.llm)
+        seqs, rows = self.scheduler.schedule(phase, runner, view_of, busy)
+        result = self._forward(runner, seqs, rows) if rows else None
+        if result is None:
+            return None
+        tokens, logprobs = result
+        if runner is self.slm:
+            tokens = self.detector.launch(tokens, seqs)
+        return Launched(seqs, rows, Readback(tokens, logprobs))
+
     def _forward(self, runner: ModelRunner, seqs: list[Sequence], rows: list) -> tuple | None:
-        """Runs a forward. If it fails (a broken logits processor, say), each row is retried alone so that only the
-        requests that fail are finished with ``finish_reason="error"``; rewriting a row's KV is idempotent."""
+        """Runs a forward: (sampled ids, log-probs) on the device. If it fails (a broken logits processor, say),
+        each row is retried alone so that only the requests that fail are finished with ``finish_reason="error"``;
+        rewriting a row's KV is idempotent. Log-probs: ``None`` if no row asked for them."""
         try:
             tokens, logprobs = runner.execute(rows)
         except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
@@ -181,8 +217,13 @@ class RelayEngine:
             rows[:] = [rows[i] for i in kept]
             if not kept:
                 return None
-            return torch.cat([results[i][0] for i in kept]), [results[i][1][0] for i in kept]
-        return tokens, logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+            tokens = torch.cat([results[i][0] for i in kept])
+            logprobs = [results[i][1] for i in kept]
+            if all(lp is None for lp in logprobs):
+                return tokens, None
+            return tokens, torch.cat([torch.zeros_like(tokens[:1], dtype=torch.float32) if lp is None else lp
+                                      for lp in logprobs])
+        return tokens, logprobs
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:
@@ -230,7 +271,7 @@ class RelayEngine:
         seq.llm.tokens += strip_commands(run, [self.token_bytes[t] for t in run], seq.run_commands,
                                          lambda data: encode_bytes(self.tokenizer, data))
         seq.stats.calls += 1
-        seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served)
+        seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served, waiting_since=self.steps)
         seq.stats.call_records.append(seq.call.record)
         seq.phase = Phase.LLM
 
@@ -241,6 +282,7 @@ class RelayEngine:
             seq.stats.llm_prefill_tokens += fed
         stopped = self._append(seq, token, "llm", logprob, self.llm_eos, seq.llm_sampling)
         call.produced += 1
+        call.waiting_since = self.steps
         done = call.produced == call.n_served
         if stopped:
             seq.finish("stop")

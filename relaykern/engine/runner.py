@@ -91,12 +91,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs one forward over ``rows``; returns the sampled token (and log-prob) of each row, on the device."""
-        ctx, input_ids, positions = self._prepare(rows)
-        if self.graphs is not None and ctx.max_q_len == 1 and self.graphs.fits(len(rows)):
-            hidden = self.graphs.run(input_ids, positions, ctx)
+        if self.graphs is not None and all(len(row.tokens) == 1 for row in rows) and self.graphs.fits(len(rows)):
+            tables = self.blocks.block_tables([row.seq_id for row in rows],
+                                              max(self.blocks_needed(row.start + 1) for row in rows))
+            logits = self.graphs.run([row.tokens[0] for row in rows], [row.start for row in rows], tables)
         else:
+            ctx, input_ids, positions = self._prepare(rows)
             hidden = self.model(input_ids, positions, ctx)
-        logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
+            logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
         logits = self._apply_logits_processors(logits, rows)
         want_logprobs = any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
@@ -136,19 +138,19 @@ class ModelRunner:
                 logits[i] = processor(list(row.history), logits[i])
         return logits
 
-    def _sampling_batch(self, rows: list[Row]) -> SamplingBatch:
+    def _sampling_batch(self, rows: list[Row]) -> SamplingBatch | None:
+        """The rows' settings on the device; None when every row is greedy (nothing to send)."""
         temperature = [row.sampling.temperature for row in rows]
+        if not any(temperature):
+            return None
         top_p = [row.sampling.top_p for row in rows]
         top_k = [row.sampling.top_k for row in rows]
         floats = host_to_device(self.device, [temperature, top_p], torch.float32)
         # The noise keys hash a few ints: done on the host, they ride along in the same copy as top-k.
-        keys = row_keys(torch.tensor([row.seed for row in rows]), torch.tensor([row.step for row in rows]))
-        ints = host_to_device(self.device, [top_k, keys.tolist()], torch.int64)
-        return SamplingBatch(
-            temperature=floats[0], top_p=floats[1], top_k=ints[0], row_key=ints[1],
-            needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
-            all_greedy=all(t == 0 for t in temperature),
-        )
+        keys = [row_keys(row.seed, row.step) for row in rows]
+        ints = host_to_device(self.device, [top_k, keys], torch.int64)
+        return SamplingBatch(temperature=floats[0], top_p=floats[1], top_k=ints[0], row_key=ints[1],
+                             needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it)."""

@@ -23,7 +23,6 @@ class SamplingBatch:
     top_k: torch.Tensor  # int64 [R]; 0 = off
     row_key: torch.Tensor  # int64 [R]: kernels.sample.row_keys(request seed, index of the token in its response)
     needs_filter: bool  # some row uses top-k or top-p (skips the sort otherwise)
-    all_greedy: bool
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -41,18 +40,19 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, want_logprobs: bool, backend: str,
+def sample(logits: torch.Tensor, batch: SamplingBatch | None, want_logprobs: bool, backend: str,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits fp32 [R, V] → (token ids int64 [R], log-probs [R] of those tokens under the sampled distribution).
 
-    ``backend`` "triton" draws with the fused kernel (no [R, V] noise), "torch" with its reference; both draw the
-    same tokens from the same noise. Top-k / top-p filtering needs a sort, done here in torch before the draw.
+    ``batch`` None: every row is greedy (an argmax; no settings sent to the device). ``backend`` "triton" draws
+    with the fused kernel (no [R, V] noise), "torch" with its reference; both draw the same tokens from the same
+    noise. Top-k / top-p filtering needs a sort, done here in torch before the draw.
     """
-    if batch.all_greedy and backend != "triton":  # the reference would build noise only to ignore it
+    if batch is None:
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens) if want_logprobs else None
     draw = gumbel_sample if backend == "triton" else gumbel_sample_reference
-    if batch.needs_filter and not batch.all_greedy:
+    if batch.needs_filter:
         greedy = batch.temperature == 0
         scaled = filter_logits(logits / torch.where(greedy, 1.0, batch.temperature)[:, None], batch.top_k, batch.top_p)
         # Already scaled: draw at temperature 1 (x / 1 is exact), greedy rows at 0 (the filter keeps their argmax).

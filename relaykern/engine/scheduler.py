@@ -40,8 +40,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf) -> tuple[list[Sequence], list[Row]]:
-        """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it."""
+    def sequences(self) -> list[Sequence]:
+        return self.running + list(self.waiting)
+
+    def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, busy: list[Sequence] = ()
+                 ) -> tuple[list[Sequence], list[Row]]:
+        """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it.
+        ``busy``: sequences in the other model's forward of this step, never preempted."""
         batch: list[Sequence] = []
         rows: list[Row] = []
         admitted: set[int] = set()
@@ -54,7 +59,7 @@ class Scheduler:
                 break
             if rows and num_tokens + view.num_pending > self.config.max_num_batched_tokens:
                 break
-            if not self._reserve(seq, view, runner, batch):
+            if not self._reserve(seq, view, runner, batch + list(busy)):
                 break
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
@@ -65,7 +70,7 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if s.request_id not in admitted)
         return batch, rows
 
-    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, batch: list[Sequence]) -> bool:
+    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: list[Sequence]) -> bool:
         """Makes ``runner``'s block manager hold all of ``view``; preempts others if needed. False: try next step."""
         blocks = runner.blocks
         needed = len(view.tokens)
@@ -82,7 +87,7 @@ class Scheduler:
             elif blocks.can_append(seq.request_id, needed - blocks.seq_len(seq.request_id)):
                 blocks.append(seq.request_id, view.tokens[blocks.seq_len(seq.request_id):])
                 return True
-            if not self._preempt_one(runner, exclude=batch + [seq]):
+            if not self._preempt_one(runner, exclude=keep + [seq]):
                 return False
 
     def _preempt_one(self, runner: ModelRunner, exclude: list[Sequence]) -> bool:

@@ -42,6 +42,8 @@ class ModelView:
 class PendingCall:
     record: CallRecord
     n_served: int
+    waiting_since: int
+    """The engine step from which the sequence has been waiting for the LLM's next forward."""
     produced: int = 0
     started_at: float = field(default_factory=time.perf_counter)
 

@@ -43,7 +43,8 @@ class GRPOConfig(FileConfig):
     ``grader``: ``"math"`` (symbolic, eval/grading.py) or ``"exact"`` (boxed string equality).
     ``rollout``: ``"engine"`` (relaykern's relay engine, weights synced in process) or ``"reference"`` (the HF
     reference relay on the live policy: slow, exact, for checks). ``rollout_kv_cache_gb``: the engine's KV budget
-    on a GPU shared with training (default: 30 % of the free memory).
+    on a GPU shared with training (default: 30 % of the free memory). ``llm_batch_wait_steps`` /
+    ``llm_batch_min_rows``: RelayConfig's throughput mode for the engine's rollouts (0: off).
     """
 
     slm: str = "tiny"
@@ -75,6 +76,8 @@ class GRPOConfig(FileConfig):
     llm_top_p: float = 1.0
     max_calls: int = 3
     max_call_tokens: int = 4096
+    llm_batch_wait_steps: int = 0
+    llm_batch_min_rows: int = 16
     rollout_logprobs: bool = True
     rollout: str = "engine"
     rollout_kv_cache_gb: float | None = None
@@ -317,7 +320,9 @@ class GRPOTrainer:
 
 def _relay_settings(c: GRPOConfig) -> tuple[SamplingParams, RelayConfig]:
     llm_sampling = SamplingParams(temperature=c.llm_temperature, top_p=c.llm_top_p, max_tokens=c.max_tokens)
-    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens)
+    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens,
+                                     llm_batch_wait_steps=c.llm_batch_wait_steps,
+                                     llm_batch_min_rows=c.llm_batch_min_rows)
 
 
 def _reference_backend(trainer: GRPOTrainer) -> RolloutBackend:
