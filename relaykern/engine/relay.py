@@ -162,14 +162,15 @@ class RelayEngine:
         if slm is not None:
             detected, logprobs = slm.readback.wait()
             logprobs = logprobs or [None] * len(slm.seqs)
-            for seq, row, logprob in zip(slm.seqs, self.detector.unpack(detected, slm.seqs), logprobs):
-                seq.slm.num_cached = len(seq.slm.tokens)
-                self._on_slm_token(seq, *row, logprob)
+            for seq, row, found, logprob in zip(slm.seqs, slm.rows, self.detector.unpack(detected, slm.seqs),
+                                                logprobs):
+                seq.slm.num_cached = row.start + len(row.tokens)
+                self._on_slm_token(seq, *found, logprob)
         self._reap()
         if llm is not None:
             tokens, logprobs = llm.readback.wait()
             for seq, row, token, logprob in zip(llm.seqs, llm.rows, tokens, logprobs or [None] * len(tokens)):
-                seq.llm.num_cached = len(seq.llm.tokens)
+                seq.llm.num_cached = row.start + len(row.tokens)
                 self._on_llm_token(seq, token, logprob, len(row.tokens))
         self._reap()
 
@@ -253,7 +254,9 @@ class RelayEngine:
         seq.text += self.token_bytes[token]
         if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
             return True
-        stops = (stop.encode() for stop in params.stop or ())
+        if not params.stop:
+            return False
+        stops = (stop.encode() for stop in params.stop)
         return any(seq.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
 
     def _serve(self, seq: Sequence, n: int) -> None:

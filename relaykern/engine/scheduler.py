@@ -50,6 +50,7 @@ class Scheduler:
         batch: list[Sequence] = []
         rows: list[Row] = []
         admitted: set[int] = set()
+        keep = {s.request_id for s in busy}  # never preempted: this batch so far, and the other model's
         num_tokens = 0
         # Snapshots: preemption below moves sequences from running to waiting while we walk.
         candidates = [s for s in self.running if s.phase is phase] + [s for s in self.waiting if s.phase is phase]
@@ -59,18 +60,19 @@ class Scheduler:
                 break
             if rows and num_tokens + view.num_pending > self.config.max_num_batched_tokens:
                 break
-            if not self._reserve(seq, view, runner, batch + list(busy)):
+            if not self._reserve(seq, view, runner, keep):
                 break
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
             num_tokens += len(rows[-1].tokens)
             admitted.add(seq.request_id)
+            keep.add(seq.request_id)
         if any(s.request_id in admitted for s in self.waiting):  # one pass, not one deque scan per sequence
             self.running += [s for s in self.waiting if s.request_id in admitted]
             self.waiting = deque(s for s in self.waiting if s.request_id not in admitted)
         return batch, rows
 
-    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: list[Sequence]) -> bool:
+    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: set[int]) -> bool:
         """Makes ``runner``'s block manager hold all of ``view``; preempts others if needed. False: try next step."""
         blocks = runner.blocks
         needed = len(view.tokens)
@@ -84,15 +86,17 @@ class Scheduler:
                     view.num_cached = blocks.allocate(seq.request_id, view.tokens)
                     view.allocated = True
                     return True
-            elif blocks.can_append(seq.request_id, needed - blocks.seq_len(seq.request_id)):
-                blocks.append(seq.request_id, view.tokens[blocks.seq_len(seq.request_id):])
-                return True
-            if not self._preempt_one(runner, exclude=keep + [seq]):
+            else:
+                held = blocks.seq_len(seq.request_id)
+                if blocks.can_append(seq.request_id, needed - held):
+                    blocks.append(seq.request_id, view.tokens[held:])
+                    return True
+            if not self._preempt_one(runner, exclude=keep | {seq.request_id}):
                 return False
 
-    def _preempt_one(self, runner: ModelRunner, exclude: list[Sequence]) -> bool:
+    def _preempt_one(self, runner: ModelRunner, exclude: set[int]) -> bool:
         for victim in reversed(self.running):
-            if victim not in exclude and runner.blocks.has_seq(victim.request_id):
+            if victim.request_id not in exclude and runner.blocks.has_seq(victim.request_id):
                 self.preempt(victim)
                 return True
         return False
