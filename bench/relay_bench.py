@@ -104,8 +104,13 @@ def ideal_tokens_per_s(ratio: float, slm_decode: dict, llm_decode: dict) -> floa
     return 1.0 / ((1 - ratio) / slm_decode["tokens_per_s"] + ratio / llm_decode["tokens_per_s"])
 
 
-def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict) -> dict:
-    """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context."""
+def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict,
+                       llm_prefill_tokens_per_s: float) -> dict:
+    """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context.
+
+    The ideal mix counts decode only, yet on every call the LLM must first read the SLM's text since its last turn
+    (its catch-up prefill). ``of_ideal_with_catchup`` adds that work to the ideal, timed at the LLM's measured
+    prefill speed: what is left between it and 1 is the engine's own cost."""
     def workloads(ratio: float, staggered: bool = False) -> Callable[[str], Workload]:
         return lambda name: preset_workload(engine.tokenizer, preset, engine.slm.model_config.vocab_size, name,
                                             ratio, staggered=staggered)
@@ -130,6 +135,9 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
         figures["ideal_tokens_per_s"] = ideal_tokens_per_s(figures["ratio"], slm_decode, llm_decode)
         figures["of_ideal"] = figures["tokens_per_s"] / figures["ideal_tokens_per_s"]
         figures["of_slm_only"] = figures["tokens_per_s"] / slm_only["tokens_per_s"]
+        catchup_s = figures["llm_prefill_tokens"] / llm_prefill_tokens_per_s
+        ideal_s = figures["tokens"] / figures["ideal_tokens_per_s"] + catchup_s
+        figures["of_ideal_with_catchup"] = ideal_s / figures["seconds"]
         if relay is not None:
             figures["llm_batch_wait_steps"] = relay.llm_batch_wait_steps
             figures["llm_batch_min_rows"] = relay.llm_batch_min_rows

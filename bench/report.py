@@ -91,9 +91,10 @@ def format_table(report: dict) -> str:
         s = thr["slm_only"]
         lines.append(f"relay throughput, batch {thr['batch']}: SLM-only {s['tokens_per_s']:.4g} tokens/s "
                      f"({s['of_ideal']:.3g} of its decode speed)")
-        lines += _rows(["workload", "ratio", "calls", "tokens/s", "ideal tokens/s", "of_ideal", "of_slm_only"],
+        lines += _rows(["workload", "ratio", "calls", "tokens/s", "ideal tokens/s", "of_ideal", "+catch-up",
+                        "of_slm_only"],
                        [[x["name"], f"{x['ratio']:.2%}", x["calls"], x["tokens_per_s"], x["ideal_tokens_per_s"],
-                         x["of_ideal"], x["of_slm_only"]] for x in thr["runs"]])
+                         x["of_ideal"], x["of_ideal_with_catchup"], x["of_slm_only"]] for x in thr["runs"]])
     if "baselines" in report:
         base = report["baselines"]
         w = base["workload"]

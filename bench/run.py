@@ -146,7 +146,8 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     report.section("relay_latency", lambda: measure_latency(engine, preset))
     if models is not None:
         report.section("relay_throughput", lambda: measure_throughput(
-            engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"]))
+            engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"],
+            models["llm"]["prefill"]["tokens_per_s"]))
 
     vocab_size = engine.slm.model_config.vocab_size
     long_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context", preset.baseline_ratio,

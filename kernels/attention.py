@@ -24,6 +24,7 @@ from relaykern.kernels.store_kv import check_kv_cache
 
 LOG2E = 1.4426950408889634
 TILE_N = 64  # keys per inner-loop step; a tile may span several cache blocks (each key looks its block up)
+FP32_TILE_N, FP32_MAX_EXTEND_ROWS = 16, 16  # exact fp32 dots hold their operands in registers: smaller tiles
 MIN_SPLIT_KEYS = 256  # split-KV: fewer keys per split than this costs more in the merge than it gains
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 4  # decode is memory bound: several resident programs per SM hide load latency
@@ -230,6 +231,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _key_tile(dtype: torch.dtype) -> int:
+    return FP32_TILE_N if dtype == torch.float32 else TILE_N
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -291,17 +296,18 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
-        TILE=TILE_N, DOT_PRECISION=_dot_precision(q.dtype),
+        TILE=_key_tile(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
     _merge_splits(part_out, part_lse, out, num_splits)
     return out
 
 
-def choose_extend_tile(max_q_len: int, group: int) -> tuple[int, int]:
+def choose_extend_tile(max_q_len: int, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_Q): a tile is BLOCK_Q query rows x group heads = BLOCK_M rows, sized to the longest q_len
-    so a 4-row catch-up uses the smallest tile tl.dot allows (16 rows) and long prefills 128 rows."""
-    block_m = min(max(triton.next_power_of_2(max_q_len * group), 16), 128)
+    so a 4-row catch-up uses the smallest tile tl.dot allows (16 rows) and long prefills 128 rows (16 in fp32)."""
+    max_rows = FP32_MAX_EXTEND_ROWS if dtype == torch.float32 else 128
+    block_m = min(max(triton.next_power_of_2(max_q_len * group), 16), max_rows)
     block_m = max(block_m, triton.next_power_of_2(group))
     return block_m, block_m // group
 
@@ -317,7 +323,7 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
-    block_m, block_q = choose_extend_tile(max_q_len, group)
+    block_m, block_q = choose_extend_tile(max_q_len, group, q.dtype)
     num_q_tiles = num_tokens // block_q + num_seqs
     if num_splits is None:
         num_splits = choose_num_splits(num_q_tiles * num_kv_heads, block_tables.shape[1] * block_size, q.device)
@@ -329,7 +335,7 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q, kv_cache, block_tables, seq_lens, cu_seqlens_q, out, part_out, part_lse, scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, BLOCK_M=block_m,
-        BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=TILE_N,
+        BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=_key_tile(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=8 if block_m >= 128 else 4,
     )
     _merge_splits(part_out, part_lse, out, num_splits)

@@ -58,13 +58,19 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _extend_query_lengths() -> list[tuple[int, int]]:
-    """(group, max_q_len): for every group, the shortest max_q_len giving each tile choose_extend_tile returns
-    (from 2: paged_attention sends max_q_len 1 to the decode kernel)."""
+def _extend_query_lengths(dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(group, max_q_len): for every group, the shortest max_q_len giving each tile choose_extend_tile returns for
+    ``dtype`` (from 2: paged_attention sends max_q_len 1 to the decode kernel)."""
     first_q_len = {}
     for group, max_q_len in itertools.product(GROUPS, range(2, 257)):
-        first_q_len.setdefault((group, attention.choose_extend_tile(max_q_len, group)), max_q_len)
+        first_q_len.setdefault((group, attention.choose_extend_tile(max_q_len, group, dtype)), max_q_len)
     return [(group, max_q_len) for (group, _tile), max_q_len in first_q_len.items()]
+
+
+def _extend_tile(case: Case) -> tuple[int, int, int]:
+    """(group, BLOCK_M, BLOCK_Q) the launcher picks for an extend case."""
+    params = case.params
+    return (params["group"], *attention.choose_extend_tile(max(params["q_lens"]), params["group"], params["dtype"]))
 
 
 def _cases() -> list[Case]:
@@ -81,11 +87,16 @@ def _cases() -> list[Case]:
         cases.append(Case(f"decode-{_name(dtype)}-d{head_dim}-bs{block_size}-g{group}-b{num_seqs}-ctx{context}",
                           "attention", dict(dtype=dtype, head_dim=head_dim, block_size=block_size, group=group,
                                             q_lens=(1,) * num_seqs, context=context)))
-    # Extend: every (BLOCK_M, BLOCK_Q) choose_extend_tile returns for each group; the largest tiles (most shared
-    # memory and registers) at head_dim 128. Dtype, block size, batch and context rotate.
-    for i, (group, max_q_len) in enumerate(_extend_query_lengths()):
-        block_m, block_q = attention.choose_extend_tile(max_q_len, group)
-        dtype, head_dim = DTYPES[i % 3], 128 if block_m == 128 else HEAD_DIMS[i % 2]
+    # Extend: every (BLOCK_M, BLOCK_Q) choose_extend_tile returns for each group, 16-bit and fp32 (whose tiles are
+    # smaller); the largest tiles (most shared memory and registers) at head_dim 128. Block size, batch, context
+    # and the 16-bit dtype rotate.
+    extend = [(dtype, group, q) for dtype in (torch.bfloat16, torch.float32) for group, q in _extend_query_lengths(dtype)]
+    for i, (tile_dtype, group, max_q_len) in enumerate(extend):
+        block_m, block_q = attention.choose_extend_tile(max_q_len, group, tile_dtype)
+        largest = block_m == attention.choose_extend_tile(256, group, tile_dtype)[0]
+        sixteen_bit = DTYPES[1 + (GROUPS.index(group) if largest else i) % 2]  # largest tiles: both 16-bit dtypes
+        dtype = tile_dtype if tile_dtype == torch.float32 else sixteen_bit
+        head_dim = 128 if largest else HEAD_DIMS[i % 2]
         block_size, context = BLOCK_SIZES[i % 3], (SHORT_CONTEXT, LONG_CONTEXT)[i // 2 % 2] + max_q_len
         q_lens = (max_q_len,) if i % 2 else (max_q_len, 1, (max_q_len + 1) // 2)
         cases.append(Case(f"extend-{_name(dtype)}-d{head_dim}-bs{block_size}-g{group}-m{block_m}q{block_q}"
@@ -297,12 +308,16 @@ def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
         assert 1 in splits and max(splits) > 1, f"{kernel} compiled only with NUM_SPLITS in {splits}"
     tiles = {(launch["constexprs"]["GROUP"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_Q"])
              for launch in launches if launch["kernel"] == "_extend_kernel"}
-    wanted = {(group, *attention.choose_extend_tile(q_len, group)) for group, q_len in _extend_query_lengths()}
+    wanted = {(group, *attention.choose_extend_tile(q_len, group, dtype))
+              for dtype in DTYPES for group, q_len in _extend_query_lengths(dtype)}
     assert wanted <= tiles
-    largest_tile = {case.params["dtype"] for case in CASES if case.launcher == "attention" and
-                    case.params["head_dim"] == 128 and max(case.params["q_lens"]) > 1 and
-                    attention.choose_extend_tile(max(case.params["q_lens"]), case.params["group"])[0] == 128}
-    assert largest_tile == set(DTYPES), "every dtype needs an extend case with the 128-row tile at head_dim 128"
+    extend_cases = [case for case in CASES if case.launcher == "attention" and max(case.params["q_lens"]) > 1]
+    largest_tile = {case.params["dtype"] for case in extend_cases if case.params["head_dim"] == 128 and
+                    _extend_tile(case)[1] == attention.choose_extend_tile(256, 1, case.params["dtype"])[0]}
+    assert largest_tile == set(DTYPES), "every dtype needs an extend case with its largest tile at head_dim 128"
+    spills = {(case.id, launch["kernel"]): launch["spill_bytes"] for case in CASES
+              for launch in compiled[case.id]["launches"] if launch["spill_bytes"]}
+    assert not spills, f"register spills (bytes per thread): {spills}"
     print(f"\n{'case':<58} {'kernel':<22} {'warps':>5} {'stages':>6} {'smem B':>7} {'regs':>4} {'spill':>5} "
           f"{'s':>5}")
     for case in CASES:

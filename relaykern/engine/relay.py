@@ -31,7 +31,7 @@ from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.runner import ModelRunner, Row, device_scope
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
@@ -193,13 +193,14 @@ class RelayEngine:
         results back; ``busy``: the other model's launched sequences, which scheduling must not preempt."""
         view_of = (lambda s: s.slm) if runner is self.slm else (lambda s: s.llm)
         seqs, rows = self.scheduler.schedule(phase, runner, view_of, busy)
-        result = self._forward(runner, seqs, rows) if rows else None
-        if result is None:
-            return None
-        tokens, logprobs = result
-        if runner is self.slm:
-            tokens = self.detector.launch(tokens, seqs)
-        return Launched(seqs, rows, Readback(tokens, logprobs))
+        with device_scope(runner.device):
+            result = self._forward(runner, seqs, rows) if rows else None
+            if result is None:
+                return None
+            tokens, logprobs = result
+            if runner is self.slm:
+                tokens = self.detector.launch(tokens, seqs)
+            return Launched(seqs, rows, Readback(tokens, logprobs))
 
     def _forward(self, runner: ModelRunner, seqs: list[Sequence], rows: list) -> tuple | None:
         """Runs a forward: (sampled ids, log-probs) on the device. If it fails (a broken logits processor, say),

@@ -7,6 +7,7 @@ the injection kernel from the block tables, which the C++ block manager exports 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +26,12 @@ from relaykern.models.attention import AttentionContext
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device (Triton launches on the current device, not on its tensors'), so a
+    model on ``cuda:1`` runs there; a no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -67,7 +74,10 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_pool.cache)
         self.blocks = _C.BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and config.cuda_graphs else None
+        # The torch backend's references read sequence lengths on the host, which a CUDA graph cannot capture.
+        capturable = self.device.type == "cuda" and self.backend == "triton"
+        with device_scope(self.device):
+            self.graphs = DecodeGraphs(self) if capturable and config.cuda_graphs else None
 
     def _blocks_from_memory(self, kv_share: float) -> int:
         mc = self.model_config
