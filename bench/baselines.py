@@ -54,9 +54,10 @@ def _timed(device: torch.device, fn) -> tuple[object, float]:
 
 
 def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: list,
-                 slm_only_workload: Workload) -> dict:
+                 slm_only_workload: Workload, alone_prompt: list[int]) -> dict:
     """The reference relay on the first requests of ``relay_workload`` (``ours``: our outputs for it, to count
-    identical ones) and HF ``generate`` of the SLM on the whole ``slm_only_workload``."""
+    identical ones), HF ``generate`` of the SLM on the whole ``slm_only_workload``, and on ``alone_prompt`` alone
+    for ``preset.alone_tokens`` tokens."""
     device = torch.device(preset.device)
     slm_model, llm_model, tokenizer = load_reference_models(slm, llm, device, getattr(torch, preset.dtype))
     try:
@@ -77,16 +78,18 @@ def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: l
             "tokens_per_s": tokens / seconds,
             "identical_to_ours": sum(a.token_ids == b.token_ids for a, b in zip(outputs, ours)),
         }
-        generate = _hf_generate(slm_model, slm_only_workload, device)
+        generate = _hf_generate(slm_model, slm_only_workload.prompts, slm_only_workload.max_tokens, device)
+        alone = _hf_generate(slm_model, [alone_prompt], preset.alone_tokens, device)
+        alone["ms_per_token"] = alone["seconds"] / alone["tokens"] * 1e3
     finally:
         del slm_model, llm_model
         release_memory()
-    return {"reference_relay": reference, "hf_generate_slm_only": generate}
+    return {"reference_relay": reference, "hf_generate_slm_only": generate, "hf_generate_alone": alone}
 
 
-def _hf_generate(model, workload: Workload, device: torch.device) -> dict:
+def _hf_generate(model, prompts: list[list[int]], max_tokens: int, device: torch.device) -> dict:
     """Batched greedy HF ``generate`` of exactly ``max_tokens`` tokens per prompt (equal-length prompts: no pad)."""
-    input_ids = torch.tensor(workload.prompts, device=device)
+    input_ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(input_ids)
 
     def generate(new_tokens: int):
@@ -97,7 +100,7 @@ def _hf_generate(model, workload: Workload, device: torch.device) -> dict:
             return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
     generate(4)  # warm-up
-    out, seconds = _timed(device, lambda: generate(workload.max_tokens))
+    out, seconds = _timed(device, lambda: generate(max_tokens))
     tokens = out.sequences[:, input_ids.shape[1]:].numel()
-    return {"name": "HF generate, SLM only (batched)", "batch": workload.batch, "max_tokens": workload.max_tokens,
+    return {"name": "HF generate, SLM only", "batch": len(prompts), "max_tokens": max_tokens,
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

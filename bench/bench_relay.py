@@ -7,11 +7,11 @@ whole story; these are for quick before/after comparisons of one piece)::
 import pytest
 import torch
 
-from relaykern.config import EngineConfig
+from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.relay import RelayEngine
-from relaykern.engine.sequence import Sequence
-from relaykern.bench.model_bench import GREEDY, Probe
+from relaykern.bench.model_bench import Probe
 from relaykern.bench.presets import TINY, build_pair
+from relaykern.bench.relay_bench import detection_step
 from relaykern.bench.workloads import make_workload
 
 CONTEXT = 256
@@ -29,9 +29,24 @@ def engine(tmp_path_factory):
 
 
 def test_detection(benchmark, engine):
-    seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(BATCH)]
-    tokens = torch.randint(1000, 5000, (BATCH,))
-    benchmark(engine.detector.detect, tokens, seqs)
+    benchmark(detection_step(engine, BATCH))
+
+
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_host_work_per_decode_step(benchmark, tmp_path_factory, batch):
+    """The engine's own work per step (scheduling, block bookkeeping, detection, per-token checks) with both
+    models' forwards stubbed out: what every GPU step pays on the host on top of its kernels."""
+    slm, llm = build_pair(TINY, tmp_path_factory.mktemp("host-checkpoints"))
+    config = EngineConfig(device="cpu", num_blocks=4096, max_num_seqs=batch)
+    engine = RelayEngine(slm, llm, slm_config=config, llm_config=config)
+    plain = engine.tokenizer.encode(" the", add_special_tokens=False)[0]  # no command can start in it
+    for runner in (engine.slm, engine.llm):
+        runner.execute = lambda rows: (torch.full((len(rows),), plain), None)
+    sampling = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    for index in range(batch):
+        engine.add_request([1000 + index] * 32, sampling)
+    engine.step()  # the prefill
+    benchmark.pedantic(engine.step, rounds=60, warmup_rounds=5)
 
 
 @pytest.mark.parametrize("k", [16, 256])

@@ -9,7 +9,9 @@ followed by tokens from the probe's own random stream, so that no request's prom
 """
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -17,7 +19,7 @@ import torch
 
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner, Row
-from relaykern.bench.timing import median_ms
+from relaykern.bench.timing import median_ms, synchronize
 
 GREEDY = SamplingParams(temperature=0)
 FIRST_PROBE_ID = 1 << 40
@@ -149,3 +151,19 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
     }
+
+
+def engine_decode_alone(engine, prompt: list[int], tokens: int) -> dict:
+    """One request alone through ``engine.generate``, SLM only (no command is ever written), greedy, no logits
+    processor: the engine's whole decode loop per token (CUDA graphs, sampling, detection, host bookkeeping),
+    timed as ``HF generate`` is (prefill included). Warmed up on another prompt first."""
+    sampling = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    engine.generate([[PROBE_MARKER] + prompt[1:]], dataclasses.replace(sampling, max_tokens=4))
+    device = engine.slm.device
+    synchronize(device)
+    start = time.perf_counter()
+    out = engine.generate([prompt], sampling)[0]
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"batch": 1, "prompt_length": len(prompt), "tokens": len(out.token_ids), "seconds": seconds,
+            "ms_per_token": seconds / len(out.token_ids) * 1e3}

@@ -29,13 +29,16 @@ from relaykern.bench.timing import median_ms, synchronize
 from relaykern.bench.workloads import Workload, preset_workload
 
 
-def detection_ms(engine: RelayEngine, batch: int, repeats: int) -> float:
-    """The fused detection of one SLM step over ``batch`` rows (table lookup on the device + one readback)."""
+def detection_step(engine: RelayEngine, batch: int) -> Callable[[], list]:
+    """The fused detection of one SLM step over ``batch`` rows: table lookup on the device, one readback."""
     seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(batch)]
     tokens = torch.randint(1000, 5000, (batch,), device=engine.slm.device)
     detector = engine.detector
-    return median_ms(lambda: detector.unpack(Readback(detector.launch(tokens, seqs)).wait()[0], seqs),
-                     engine.slm.device, repeats)
+    return lambda: detector.unpack(Readback(detector.launch(tokens, seqs)).wait()[0], seqs)
+
+
+def detection_ms(engine: RelayEngine, batch: int, repeats: int) -> float:
+    return median_ms(detection_step(engine, batch), engine.slm.device, repeats)
 
 
 def measure_latency(engine: RelayEngine, preset) -> dict:

@@ -16,7 +16,15 @@ GOALS: list[tuple[str, float, bool, Callable[[dict], float]]] = [
     ("ours >= 20 x the reference relay", 20.0, True, lambda r: r["baselines"]["speedups"]["vs_reference_relay"]),
     ("ours >= 3 x official-style re-prefill (long contexts)", 3.0, True,
      lambda r: r["baselines"]["speedups"]["vs_official_style"]),
+    ("SLM decode at batch 1 >= 0.70 of the HBM roofline (1.7B)", 0.70, True,
+     lambda r: _decode_at(r["models"]["slm"], 1)["fraction_of_roofline"]),
+    ("LLM decode at batch 1 >= 0.80 of the HBM roofline (8B)", 0.80, True,
+     lambda r: _decode_at(r["models"]["llm"], 1)["fraction_of_roofline"]),
 ]
+
+
+def _decode_at(model: dict, batch: int) -> dict:
+    return next(point for point in model["decode"] if point["batch"] == batch)
 
 
 def evaluate_goals(report: dict) -> list[dict]:
@@ -32,7 +40,7 @@ def evaluate_goals(report: dict) -> list[dict]:
     return goals
 
 
-def speedups(baselines: dict, ours_slm_only: dict | None) -> dict:
+def speedups(baselines: dict, ours_slm_only: dict | None, ours_alone: dict | None = None) -> dict:
     ours = baselines["ours"]["tokens_per_s"]
     out = {}
     if "official_style" in baselines:
@@ -42,6 +50,8 @@ def speedups(baselines: dict, ours_slm_only: dict | None) -> dict:
     if "hf_generate_slm_only" in baselines and ours_slm_only is not None:
         hf_tokens_per_s = baselines["hf_generate_slm_only"]["tokens_per_s"]
         out["slm_only_vs_hf_generate"] = ours_slm_only["tokens_per_s"] / hf_tokens_per_s
+    if "hf_generate_alone" in baselines and ours_alone is not None:
+        out["alone_vs_hf_generate"] = baselines["hf_generate_alone"]["ms_per_token"] / ours_alone["ms_per_token"]
     return out
 
 
@@ -106,6 +116,10 @@ def format_table(report: dict) -> str:
         lines += _rows(["system", "tokens", "seconds", "tokens/s", "llm_prefill_tokens"],
                        [[name, x["tokens"], x["seconds"], x["tokens_per_s"], x.get("llm_prefill_tokens")]
                         for name, x in systems if x is not None])
+        if "slm_alone" in report and "hf_generate_alone" in base:
+            ours, hf = report["slm_alone"], base["hf_generate_alone"]
+            lines.append(f"  one request alone, SLM only, {ours['tokens']} tokens: ours {ours['ms_per_token']:.3g} "
+                         f"ms/token, HF generate {hf['ms_per_token']:.3g} ms/token")
         lines.append("  speed-ups: " + ", ".join(f"{k} {v:.3g}x" for k, v in base.get("speedups", {}).items()))
     lines.append("goals:")
     for g in report["goals"]:

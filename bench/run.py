@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
     from relaykern.engine.relay import RelayEngine
     from relaykern.bench.baselines import hf_baselines, official_style, release_memory
-    from relaykern.bench.model_bench import measure_model
+    from relaykern.bench.model_bench import engine_decode_alone, measure_model
     from relaykern.bench.relay_bench import measure_latency, measure_throughput, run_workload
     from relaykern.bench.workloads import preset_workload
 
@@ -150,6 +150,8 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
             models["llm"]["prefill"]["tokens_per_s"]))
 
     vocab_size = engine.slm.model_config.vocab_size
+    alone_prompt = preset_workload(engine.tokenizer, preset, vocab_size, "alone", 0.0).prompts[0]
+    report.section("slm_alone", lambda: engine_decode_alone(engine, alone_prompt, preset.alone_tokens))
     long_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context", preset.baseline_ratio,
                                     long_prompts=True)
     slm_only_workload = preset_workload(engine.tokenizer, preset, vocab_size, "slm-only", 0.0)  # as in throughput
@@ -166,10 +168,10 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     if official is not None:
         baselines["official_style"] = official
     hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
-                                                            slm_only_workload), store=False)
+                                                            slm_only_workload, alone_prompt), store=False)
     baselines.update(hf or {})
     slm_only = report.get("relay_throughput", {}).get("slm_only")
-    baselines["speedups"] = speedups(baselines, slm_only)
+    baselines["speedups"] = speedups(baselines, slm_only, report.get("slm_alone"))
 
 
 def _slug(text: str) -> str:

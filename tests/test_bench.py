@@ -12,8 +12,8 @@ import pytest
 
 from relaykern import cli
 
-SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "relay_latency", "relay_throughput", "baselines",
-            "goals", "errors")
+SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "relay_latency", "relay_throughput", "slm_alone",
+            "baselines", "goals", "errors")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,11 @@ def test_workloads_did_the_scripted_work(bench_run):
     assert base["official_style"]["llm_prefill_tokens"] >= base["ours"]["llm_prefill_tokens"]
     reference = base["reference_relay"]
     assert reference["identical_to_ours"] == reference["requests"] == preset["reference_requests"]
-    assert set(base["speedups"]) == {"vs_official_style", "vs_reference_relay", "slm_only_vs_hf_generate"}
+    assert set(base["speedups"]) == {"vs_official_style", "vs_reference_relay", "slm_only_vs_hf_generate",
+                                     "alone_vs_hf_generate"}
+    assert report["slm_alone"]["tokens"] == base["hf_generate_alone"]["tokens"] == preset["alone_tokens"]
     goals = report["goals"]
-    assert len(goals) == 5 and all(isinstance(g["met"], bool) for g in goals)
+    assert len(goals) == 7 and all(isinstance(g["met"], bool) for g in goals)
 
 
 def test_the_table_is_printed(bench_run):

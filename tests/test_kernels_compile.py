@@ -90,7 +90,8 @@ def _cases() -> list[Case]:
     # Extend: every (BLOCK_M, BLOCK_Q) choose_extend_tile returns for each group, 16-bit and fp32 (whose tiles are
     # smaller); the largest tiles (most shared memory and registers) at head_dim 128. Block size, batch, context
     # and the 16-bit dtype rotate.
-    extend = [(dtype, group, q) for dtype in (torch.bfloat16, torch.float32) for group, q in _extend_query_lengths(dtype)]
+    extend = [(dtype, group, q) for dtype in (torch.bfloat16, torch.float32)
+              for group, q in _extend_query_lengths(dtype)]
     for i, (tile_dtype, group, max_q_len) in enumerate(extend):
         block_m, block_q = attention.choose_extend_tile(max_q_len, group, tile_dtype)
         largest = block_m == attention.choose_extend_tile(256, group, tile_dtype)[0]

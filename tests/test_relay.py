@@ -171,17 +171,19 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
     prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 12))] for _ in range(500)]
     samplings = [random_script(rng, tokenizer) for _ in prompts]
 
-    def engine(num_blocks):
+    def engine(num_blocks, relay=None):
         config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=64)
-        return RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+        return RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=config, llm_config=config)
 
     expected = [comparable(o) for o in engine(4096).generate(prompts, samplings)]
-    tight = engine(30)
-    outs = tight.generate(prompts, samplings)
-    assert [comparable(o) for o in outs] == expected
-    assert sum(o.stats.calls for o in outs) > 100
-    for runner in (tight.slm, tight.llm):
-        assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+    # Tight pools, with the LLM running whenever it has work and with calls held back to share its forwards.
+    for relay in (None, RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6)):
+        tight = engine(30, relay)
+        outs = tight.generate(prompts, samplings)
+        assert [comparable(o) for o in outs] == expected
+        assert sum(o.stats.calls for o in outs) > 100
+        for runner in (tight.slm, tight.llm):
+            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
 
 
 def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
