@@ -86,7 +86,9 @@ fi
 
 step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 step import 60 "$PYTHON" -c "import relaykern, relaykern._C, relaykern.kernels, relaykern.bench.run; print('import ok')"
-step pytest_gpu 110 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+# Each test compiles its own kernel variants: spread them over 4 processes when pytest-xdist is there.
+XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
 step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
 # `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
 # RELAY_BENCH_ARGS adds options, e.g. "--quick" or "--pair 0.6b+4b".
