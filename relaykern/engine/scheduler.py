@@ -14,6 +14,7 @@ from collections import deque
 from typing import Callable
 
 from relaykern.config import EngineConfig
+from relaykern._C import OutOfBlocks
 from relaykern.engine.runner import ModelRunner, Row
 from relaykern.engine.sequence import ModelView, Phase, Sequence
 
@@ -84,13 +85,15 @@ class Scheduler:
             if not view.allocated:
                 if blocks.can_allocate(view.tokens):
                     view.num_cached = blocks.allocate(seq.request_id, view.tokens)
-                    view.allocated = True
+                    view.allocated, view.reserved = True, needed
                     return True
             else:
-                held = blocks.seq_len(seq.request_id)
-                if blocks.can_append(seq.request_id, needed - held):
-                    blocks.append(seq.request_id, view.tokens[held:])
+                try:  # one call in the common case; running out of blocks leaves the manager unchanged
+                    blocks.append(seq.request_id, view.tokens[view.reserved:])
+                    view.reserved = needed
                     return True
+                except OutOfBlocks:
+                    pass
             if not self._preempt_one(runner, exclude=keep | {seq.request_id}):
                 return False
 

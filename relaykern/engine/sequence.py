@@ -32,6 +32,8 @@ class ModelView:
     num_cached: int = 0
     allocated: bool = False
     """Whether the model's block manager holds this sequence (false before its first forward and after preemption)."""
+    reserved: int = 0
+    """How many of ``tokens`` the block manager holds (every token fed to the model so far)."""
 
     @property
     def num_pending(self) -> int:
