@@ -1,8 +1,8 @@
 """Device-to-host copies started when a forward is launched and waited for only when its results are needed.
 
 The relay step launches the SLM's forward, starts its readback, then launches the LLM's forward before waiting:
-the host handles the SLM's tokens while the GPU runs the LLM (and both GPUs run at once when the LLM sits on
-another device). A plain ``.cpu()`` would instead wait for everything queued on the stream, the LLM included.
+the host handles the SLM's tokens while the GPU runs the LLM. The copies and their event go on the current
+stream (the model's own, inside ``ModelRunner.scope``); a plain ``.cpu()`` would block the host at once.
 """
 from __future__ import annotations
 

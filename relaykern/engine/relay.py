@@ -31,7 +31,7 @@ from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
-from relaykern.engine.runner import ModelRunner, Row, device_scope
+from relaykern.engine.runner import ModelRunner, Row
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
@@ -72,7 +72,8 @@ class RelayEngine:
         vocab = max(r.model_config.vocab_size for r in (self.slm, self.llm) if r is not None)
         known = token_bytes(self.tokenizer)
         self.token_bytes = known + [b""] * (vocab - len(known))  # embedding padding rows write nothing
-        self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
+        with self.slm.scope():  # the table is copied on the stream that will read it
+            self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
         models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
         self.scheduler = Scheduler(slm_config, models)
         self.steps = 0
@@ -193,7 +194,7 @@ class RelayEngine:
         results back; ``busy``: the other model's launched sequences, which scheduling must not preempt."""
         view_of = (lambda s: s.slm) if runner is self.slm else (lambda s: s.llm)
         seqs, rows = self.scheduler.schedule(phase, runner, view_of, busy)
-        with device_scope(runner.device):
+        with runner.scope():  # detection and the readback go on the model's stream, after its forward
             result = self._forward(runner, seqs, rows) if rows else None
             if result is None:
                 return None

@@ -28,12 +28,6 @@ CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
 
 
-def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Makes ``device`` the current CUDA device (Triton launches on the current device, not on its tensors'), so a
-    model on ``cuda:1`` runs there; a no-op off CUDA."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
     """One host-to-device copy (from pinned memory on CUDA, so it does not block the host)."""
     host = torch.tensor(values, dtype=dtype)
@@ -74,10 +68,29 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_pool.cache)
         self.blocks = _C.BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
+        # step at once (they share no memory).
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # The torch backend's references read sequence lengths on the host, which a CUDA graph cannot capture.
         capturable = self.device.type == "cuda" and self.backend == "triton"
-        with device_scope(self.device):
+        with self.scope():
             self.graphs = DecodeGraphs(self) if capturable and config.cuda_graphs else None
+        self._wait_for_default_stream()
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Makes this model's device and stream current (Triton launches on the current device, not on its
+        tensors', so a model on ``cuda:1`` runs there); a no-op off CUDA."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        scope = contextlib.ExitStack()
+        scope.enter_context(torch.cuda.device(self.device))
+        scope.enter_context(torch.cuda.stream(self.stream))
+        return scope
+
+    def _wait_for_default_stream(self) -> None:
+        """Weights and the KV pool are written on the default stream; this model's stream must not run ahead."""
+        if self.stream is not None:
+            torch.cuda.synchronize(self.device)
 
     def _blocks_from_memory(self, kv_share: float) -> int:
         mc = self.model_config
@@ -100,7 +113,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Runs one forward over ``rows``; returns the sampled token (and log-prob) of each row, on the device."""
+        """Runs one forward over ``rows`` on this model's stream; returns the sampled token (and log-prob) of each
+        row, on the device, ready for use on the caller's stream."""
+        caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        with self.scope():
+            result = self._execute(rows)
+        if caller is not None and caller != self.stream:
+            caller.wait_stream(self.stream)
+        return result
+
+    def _execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.graphs is not None and all(len(row.tokens) == 1 for row in rows) and self.graphs.fits(len(rows)):
             tables = self.blocks.block_tables([row.seq_id for row in rows],
                                               max(self.blocks_needed(row.start + 1) for row in rows))
@@ -165,3 +187,4 @@ class ModelRunner:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it)."""
         load_state_dict_into(self.model, dict(named_tensors))
+        self._wait_for_default_stream()
