@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from relay_fixtures import *  # noqa: F401,F403
-from relaykern import EngineConfig, RelayEngine, SamplingParams
+from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.reference import reference_generate
 
 pytestmark = pytest.mark.gpu
@@ -29,13 +29,16 @@ def test_cuda_graph_decode_equals_transformers(slm_dir):
         assert out.token_ids == ids[0, len(prompt):].tolist()
 
 
-def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, tokenizer):
-    engine = RelayEngine(slm_dir, llm_dir, slm_config=gpu_config(), llm_config=gpu_config())
-    schedule = {2: command_tokens(tokenizer, 5), 16: command_tokens(tokenizer, 3)}
-    sampling = SamplingParams(temperature=0, max_tokens=32, logits_processors=[force_tokens(schedule)])
+@pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3)],
+                         ids=["eager", "batched_calls"])
+def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
+    """Both models on their own streams, CUDA graphs, pinned readbacks: the reference relay's tokens."""
+    engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=gpu_config(), llm_config=gpu_config())
     prompts = [text_tokens(tokenizer, f"Question {i}") for i in range(4)]
-    ours = engine.generate(prompts, sampling)
-    theirs = [reference_generate([p], slm_model, llm_model, tokenizer, sampling)[0] for p in prompts]
+    samplings = [SamplingParams(temperature=0, max_tokens=32, logits_processors=[force_tokens(
+        {2 + i: command_tokens(tokenizer, 5), 16 + i: command_tokens(tokenizer, 3)})]) for i in range(4)]
+    ours = engine.generate(prompts, samplings)
+    theirs = [reference_generate([p], slm_model, llm_model, tokenizer, s)[0] for p, s in zip(prompts, samplings)]
     assert [(o.token_ids, o.spans, o.finish_reason) for o in ours] == \
         [(o.token_ids, o.spans, o.finish_reason) for o in theirs]
     assert all(o.stats.calls == 2 for o in ours)
