@@ -20,7 +20,6 @@ Without an LLM this is a plain single-model engine (commands stay text and are c
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from pathlib import Path
 from typing import Iterator, Literal, Sequence as Seq
@@ -28,6 +27,7 @@ from typing import Iterator, Literal, Sequence as Seq
 import torch
 
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
+from relaykern.engine.admission import new_sequence
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
@@ -84,40 +84,13 @@ class RelayEngine:
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     llm_sampling: SamplingParams | None = None) -> Sequence:
         """Validates and queues one request. Bad input raises ValueError here, before any work starts."""
-        seq = self._new_sequence(prompt, sampling, llm_sampling)
+        seq = self._admit(prompt, sampling, llm_sampling)
         self.scheduler.add(seq)
         return seq
 
-    def _new_sequence(self, prompt: str | list[int], sampling: SamplingParams | None,
-                      llm_sampling: SamplingParams | None) -> Sequence:
-        sampling = sampling or SamplingParams()
-        prompt_ids = self._prompt_ids(prompt)
-        limit = self.slm.max_model_len if self.llm is None else min(self.slm.max_model_len, self.llm.max_model_len)
-        if len(prompt_ids) + sampling.max_tokens > limit:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
-                             f"model context of {limit} tokens; shorten the prompt or lower max_tokens")
-        for runner in [self.slm] + ([self.llm] if self.llm else []):
-            need = runner.blocks_needed(len(prompt_ids) + sampling.max_tokens)
-            if need > runner.num_blocks:
-                raise ValueError(f"one request needs up to {need} KV blocks but the pool has {runner.num_blocks}; "
-                                 "raise num_blocks / kv_cache_memory_gb or lower max_tokens")
-        if llm_sampling is None:  # the teacher samples like the student, without the student's scripting/stops
-            llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
-        return Sequence(prompt_ids, sampling, llm_sampling, self.llm is not None, seed)
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = [int(t) for t in prompt]
-            vocab = self.slm.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        return ids
+    def _admit(self, prompt: str | list[int], sampling: SamplingParams | None,
+               llm_sampling: SamplingParams | None) -> Sequence:
+        return new_sequence(prompt, sampling, llm_sampling, self.tokenizer, self.slm, self.llm)
 
     def generate(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
                  llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
@@ -125,7 +98,7 @@ class RelayEngine:
         samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
-        seqs = self._queue([self._new_sequence(p, s, llm_sampling) for p, s in zip(prompts, samplings)])
+        seqs = self._queue([self._admit(p, s, llm_sampling) for p, s in zip(prompts, samplings)])
         while not all(s.finished for s in seqs):
             self.step()
         return [self.output(s) for s in seqs]
@@ -133,7 +106,7 @@ class RelayEngine:
     def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | None = None,
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
         """Yields ``(prompt index, source model, new token ids)`` as tokens are written."""
-        seqs = self._queue([self._new_sequence(p, sampling, llm_sampling) for p in prompts])
+        seqs = self._queue([self._admit(p, sampling, llm_sampling) for p in prompts])
         while not all(s.finished for s in seqs):
             self.step()
             for index, seq in enumerate(seqs):

@@ -1,0 +1,45 @@
+"""Admission: a request is checked against both models before it is queued, so bad input fails alone, at once,
+with a message naming the problem, and never inside a step where it could take other requests down."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from relaykern.config import SamplingParams
+from relaykern.engine.runner import ModelRunner
+from relaykern.engine.sequence import Sequence
+
+
+def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_sampling: SamplingParams | None,
+                 tokenizer, slm: ModelRunner, llm: ModelRunner | None) -> Sequence:
+    """The request as a Sequence, or ValueError: an empty prompt, ids outside the vocabulary, a prompt + max_tokens
+    longer than either model's context or than either KV pool can ever hold."""
+    sampling = sampling or SamplingParams()
+    prompt_ids = _prompt_ids(prompt, tokenizer, slm.model_config.vocab_size)
+    runners = [slm] + ([llm] if llm is not None else [])
+    limit = min(runner.max_model_len for runner in runners)
+    if len(prompt_ids) + sampling.max_tokens > limit:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
+                         f"model context of {limit} tokens; shorten the prompt or lower max_tokens")
+    for runner in runners:
+        need = runner.blocks_needed(len(prompt_ids) + sampling.max_tokens)
+        if need > runner.num_blocks:
+            raise ValueError(f"one request needs up to {need} KV blocks but the pool has {runner.num_blocks}; "
+                             "raise num_blocks / kv_cache_memory_gb or lower max_tokens")
+    if llm_sampling is None:  # the teacher samples like the student, without the student's scripting/stops
+        llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+    return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed)
+
+
+def _prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if not ids:
+        raise ValueError("empty prompt: give at least one token")
+    return ids
