@@ -59,7 +59,7 @@ class Probe:
             del self.tokens[seq_id]
 
     def _row(self, seq_id: int, num_tokens: int, start: int) -> Row:
-        return Row(seq_id, self.tokens[seq_id][start:start + num_tokens], start, GREEDY, 0, 0, [], False)
+        return Row(seq_id, self.tokens[seq_id][start:start + num_tokens], start, True, GREEDY, 0, 0, [], False)
 
     def _execute(self, rows: list[Row]) -> list[int]:
         return self.runner.execute(rows)[0].tolist()

@@ -86,7 +86,8 @@ class EngineConfig:
     The pool is sized by ``num_blocks`` if given, else by ``kv_cache_memory_gb``, else from the GPU's free memory
     (85 %, shared with the other model of a relay) or, on CPU, at most 1 GiB and 4096 blocks.
     ``attention_backend`` picks the Triton kernels or their torch references (same results; the references are
-    the fallback where Triton cannot run).
+    the fallback where Triton cannot run). A forward feeds at most ``max_num_seqs`` rows and
+    ``max_num_batched_tokens`` tokens: longer prompts and catch-ups are fed in chunks over several steps.
     """
 
     device: str | torch.device | None = None

@@ -131,7 +131,7 @@ def gather_kv(runner: ModelRunner, seq_id: int, length: int) -> torch.Tensor:
 def fresh_prefill_kv(path, tokens: list[int]) -> torch.Tensor:
     runner = ModelRunner(path, EngineConfig(device="cpu", num_blocks=64))
     runner.blocks.allocate(0, tokens)
-    runner.execute([Row(0, tokens, 0, SamplingParams(temperature=0), 0, 0, [], False)])
+    runner.execute([Row(0, tokens, 0, True, SamplingParams(temperature=0), 0, 0, [], False)])
     return gather_kv(runner, 0, len(tokens))
 
 
@@ -184,6 +184,36 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
         assert sum(o.stats.calls for o in outs) > 100
         for runner in (tight.slm, tight.llm):
             assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+
+
+def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, tokenizer):
+    """A budget of 8 tokens per forward splits prompts and catch-ups into chunks, only the last of which samples
+    (and a tight pool preempts between chunks): the same outputs as one row per view, no forward over budget."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(9, 30))] for _ in range(24)]
+    samplings = [random_script(rng, tokenizer) for _ in prompts]
+
+    def run(budget: int, num_blocks: int):
+        config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=16,
+                              max_num_batched_tokens=budget)
+        engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+        sizes = []
+        for runner in (engine.slm, engine.llm):
+            def execute(rows, forward=runner.execute):
+                sizes.append(sum(len(row.tokens) for row in rows))
+                return forward(rows)
+            runner.execute = execute
+        outs = engine.generate(prompts, samplings)
+        for runner in (engine.slm, engine.llm):
+            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+        return [comparable(o) for o in outs], [o.stats.llm_prefill_tokens for o in outs], max(sizes)
+
+    expected, prefill, largest = run(8192, 4096)
+    assert largest > 8 and sum(out[5] for out in expected) > 10  # prompts longer than 8, calls made
+    chunked, chunked_prefill, largest = run(8, 4096)
+    assert chunked == expected and chunked_prefill == prefill and largest <= 8
+    tight, _, largest = run(8, 24)
+    assert tight == expected and largest <= 8
 
 
 def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):

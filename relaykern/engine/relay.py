@@ -31,7 +31,7 @@ from relaykern.engine.admission import new_sequence
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.runner import ModelRunner, Row, host_to_device
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
@@ -139,13 +139,18 @@ class RelayEngine:
             for seq, row, found, logprob in zip(slm.seqs, slm.rows, self.detector.unpack(detected, slm.seqs),
                                                 logprobs):
                 seq.slm.num_cached = row.start + len(row.tokens)
-                self._on_slm_token(seq, *found, logprob)
+                if row.samples:
+                    self._on_slm_token(seq, *found, logprob)
         self._reap()
         if llm is not None:
             tokens, logprobs = llm.readback.wait()
             for seq, row, token, logprob in zip(llm.seqs, llm.rows, tokens, logprobs or [None] * len(tokens)):
                 seq.llm.num_cached = row.start + len(row.tokens)
-                self._on_llm_token(seq, token, logprob, len(row.tokens))
+                if seq.call.produced == 0:  # the call's catch-up, in one row or several chunks
+                    seq.call.record.llm_catchup += len(row.tokens)
+                    seq.stats.llm_prefill_tokens += len(row.tokens)
+                if row.samples:
+                    self._on_llm_token(seq, token, logprob)
         self._reap()
 
     def _llm_runs_now(self, slm_busy: bool) -> bool:
@@ -173,6 +178,9 @@ class RelayEngine:
                 return None
             tokens, logprobs = result
             if runner is self.slm:
+                if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
+                    samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
+                    tokens = torch.where(samples, tokens, -1)
                 tokens = self.detector.launch(tokens, seqs)
             return Launched(seqs, rows, Readback(tokens, logprobs))
 
@@ -253,11 +261,8 @@ class RelayEngine:
         seq.stats.call_records.append(seq.call.record)
         seq.phase = Phase.LLM
 
-    def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None, fed: int) -> None:
+    def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         call = seq.call
-        if call.produced == 0:
-            call.record.llm_catchup = fed
-            seq.stats.llm_prefill_tokens += fed
         stopped = self._append(seq, token, "llm", logprob, self.llm_eos, seq.llm_sampling)
         call.produced += 1
         call.waiting_since = self.steps

@@ -43,6 +43,9 @@ class Row:
     seq_id: int
     tokens: list[int]
     start: int
+    samples: bool
+    """Whether the row ends its view, so that its sampled token is the model's next one (a prefill or catch-up
+    chunk that does not end it is computed for its KV alone; what it samples is ignored)."""
     sampling: SamplingParams
     seed: int
     step: int
@@ -166,7 +169,7 @@ class ModelRunner:
     @staticmethod
     def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         for i, row in enumerate(rows):
-            for processor in row.sampling.logits_processors:
+            for processor in row.sampling.logits_processors if row.samples else ():
                 logits[i] = processor(list(row.history), logits[i])
         return logits
 

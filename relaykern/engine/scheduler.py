@@ -1,17 +1,20 @@
 """Picks, each step, the rows of one model's forward, and keeps its block manager in step with the views.
 
-Both models are scheduled by the same policy over the sequences in their phase: running sequences first (oldest
-first), then waiting ones, each feeding all its uncached tokens, until ``max_num_seqs`` rows or
-``max_num_batched_tokens`` tokens (at least one row always runs). Blocks are taken from the model's C++ block
-manager just before the forward. When they run out, the newest running sequence that is not in this step's batch is
-preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never lost).
-Only sequences not yet in the batch are preempted, so a block is never freed between being hashed for prefix sharing
-and being computed.
+Both models are scheduled by the same policy over the sequences in their phase: running sequences that feed one
+token (decode) first, then the other running ones (catch-ups, prefills), oldest first, then waiting ones, until
+``max_num_seqs`` rows or ``max_num_batched_tokens`` tokens. A row feeds its view's uncached tokens; when they do
+not fit in what is left of the token budget, it feeds a chunk (chunked prefill: a long prompt or catch-up spreads
+over several steps and never stalls the decode rows), and only its last chunk samples. Blocks are taken from the
+model's C++ block manager just before the forward, for the tokens that forward computes and no more. When they run
+out, the newest running sequence that is not in this step's batch is preempted: both of its caches are freed and it
+is recomputed later from its token views (its tokens are never lost). Only sequences not yet in the batch are
+preempted, and a block is registered for prefix sharing only in the step that computes it, so no sequence ever
+shares a block whose KV is not written.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterator
 
 from relaykern.config import EngineConfig
 from relaykern._C import OutOfBlocks
@@ -53,15 +56,12 @@ class Scheduler:
         admitted: set[int] = set()
         keep = {s.request_id for s in busy}  # never preempted: this batch so far, and the other model's
         num_tokens = 0
-        # Snapshots: preemption below moves sequences from running to waiting while we walk.
-        candidates = [s for s in self.running if s.phase is phase] + [s for s in self.waiting if s.phase is phase]
-        for seq in candidates:
+        for seq in self._candidates(phase, view_of):
             view = view_of(seq)
-            if len(rows) >= self.config.max_num_seqs:
+            room = self.config.max_num_batched_tokens - num_tokens
+            if len(rows) >= self.config.max_num_seqs or room <= 0:
                 break
-            if rows and num_tokens + view.num_pending > self.config.max_num_batched_tokens:
-                break
-            if not self._reserve(seq, view, runner, keep):
+            if not self._reserve(seq, view, runner, keep, upto=view.num_cached + min(view.num_pending, room)):
                 break
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
@@ -73,24 +73,38 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if s.request_id not in admitted)
         return batch, rows
 
-    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: set[int]) -> bool:
-        """Makes ``runner``'s block manager hold all of ``view``; preempts others if needed. False: try next step."""
+    def _candidates(self, phase: Phase, view_of: ViewOf) -> Iterator[Sequence]:
+        """The sequences in ``phase`` in scheduling order: running ones that decode, other running ones, waiting
+        ones. Snapshots: preemption moves sequences from running to waiting while the caller walks."""
+        running, waiting = list(self.running), [s for s in self.waiting if s.phase is phase]
+        others = []
+        for seq in running:
+            if seq.phase is phase:
+                if view_of(seq).num_pending == 1:
+                    yield seq
+                else:
+                    others.append(seq)
+        yield from others
+        yield from waiting
+
+    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: set[int], upto: int) -> bool:
+        """Makes ``runner``'s block manager hold ``view.tokens[:upto]`` (the tokens computed by this step's forward
+        and before); preempts others if needed. False: try next step."""
         blocks = runner.blocks
-        needed = len(view.tokens)
-        if runner.blocks_needed(needed) > blocks.num_blocks:
-            raise PoolTooSmall(f"request {seq.request_id} needs {runner.blocks_needed(needed)} KV blocks for "
-                               f"{needed} tokens but the pool has {blocks.num_blocks}; raise num_blocks or "
-                               "kv_cache_memory_gb, or lower max_tokens")
+        if runner.blocks_needed(len(view.tokens)) > blocks.num_blocks:
+            raise PoolTooSmall(f"request {seq.request_id} needs {runner.blocks_needed(len(view.tokens))} KV blocks "
+                               f"for {len(view.tokens)} tokens but the pool has {blocks.num_blocks}; raise "
+                               "num_blocks or kv_cache_memory_gb, or lower max_tokens")
         while True:
             if not view.allocated:
-                if blocks.can_allocate(view.tokens):
-                    view.num_cached = blocks.allocate(seq.request_id, view.tokens)
-                    view.allocated, view.reserved = True, needed
+                if blocks.can_allocate(view.tokens[:upto]):
+                    view.num_cached = blocks.allocate(seq.request_id, view.tokens[:upto])
+                    view.allocated, view.reserved = True, upto
                     return True
             else:
                 try:  # one call in the common case; running out of blocks leaves the manager unchanged
-                    blocks.append(seq.request_id, view.tokens[view.reserved:])
-                    view.reserved = needed
+                    blocks.append(seq.request_id, view.tokens[view.reserved:upto])
+                    view.reserved = upto
                     return True
                 except OutOfBlocks:
                     pass
@@ -135,8 +149,9 @@ class Scheduler:
         is_slm = phase is Phase.SLM
         return Row(
             seq_id=seq.request_id,
-            tokens=view.tokens[view.num_cached:],
+            tokens=view.tokens[view.num_cached:view.reserved],
             start=view.num_cached,
+            samples=view.reserved == len(view.tokens),
             sampling=seq.sampling if is_slm else seq.llm_sampling,
             seed=seq.seed if is_slm else seq.seed ^ 0x5EED,
             step=len(seq.response),
