@@ -138,9 +138,8 @@ def fresh_prefill_kv(path, tokens: list[int]) -> torch.Tensor:
 def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer):
     engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
                          llm_config=EngineConfig(device="cpu"))
-    seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."),
-                             scripted({1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)},
-                                      max_tokens=22))
+    script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)}
+    seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=22))
     checked_llm = checked_slm_after_call = 0
     while not seq.finished:
         engine.step()
