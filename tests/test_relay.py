@@ -135,9 +135,10 @@ def fresh_prefill_kv(path, tokens: list[int]) -> torch.Tensor:
     return gather_kv(runner, 0, len(tokens))
 
 
-def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer):
-    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
-                         llm_config=EngineConfig(device="cpu"))
+@pytest.mark.parametrize("budget", [8192, 3], ids=["whole_rows", "chunks_of_3"])
+def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer, budget):
+    config = EngineConfig(device="cpu", max_num_batched_tokens=budget)
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
     script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)}
     seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=22))
     checked_llm = checked_slm_after_call = 0
