@@ -12,7 +12,6 @@ Each is loaded only while it runs, after the previous system's memory is release
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from relaykern.config import SamplingParams
 from relaykern.engine.relay import RelayEngine
 from relaykern.reference import _generation_config, load_reference_models, reference_generate
 from relaykern.bench.relay_bench import run_workload
-from relaykern.bench.timing import synchronize
+from relaykern.bench.timing import timed
 from relaykern.bench.workloads import Workload
 
 
@@ -45,14 +44,6 @@ def official_style(build_engine: Callable[[str], RelayEngine], workload: Workloa
         release_memory()
 
 
-def _timed(device: torch.device, fn) -> tuple[object, float]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
 def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: list,
                  slm_only_workload: Workload, alone_prompt: list[int]) -> dict:
     """The reference relay on the first requests of ``relay_workload`` (``ours``: our outputs for it, to count
@@ -64,9 +55,9 @@ def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: l
         requests = relay_workload.head(preset.reference_requests)
         warmup = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         reference_generate(requests.prompts[:1], slm_model, llm_model, tokenizer, warmup)
-        outputs, seconds = _timed(device, lambda: [
+        outputs, seconds = timed(lambda: [
             reference_generate([prompt], slm_model, llm_model, tokenizer, sampling)[0]
-            for prompt, sampling in zip(requests.prompts, requests.samplings)])
+            for prompt, sampling in zip(requests.prompts, requests.samplings)], device)
         tokens = sum(len(o.token_ids) for o in outputs)
         reference = {
             "name": "reference relay (HF, one request at a time)",
@@ -100,7 +91,7 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int, device: torch
             return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
     generate(4)  # warm-up
-    out, seconds = _timed(device, lambda: generate(max_tokens))
+    out, seconds = timed(lambda: generate(max_tokens), device)
     tokens = out.sequences[:, input_ids.shape[1]:].numel()
     return {"name": "HF generate, SLM only", "batch": len(prompts), "max_tokens": max_tokens,
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

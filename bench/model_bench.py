@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -19,7 +18,7 @@ import torch
 
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner, Row
-from relaykern.bench.timing import median_ms, synchronize
+from relaykern.bench.timing import median_ms, timed
 
 GREEDY = SamplingParams(temperature=0)
 FIRST_PROBE_ID = 1 << 40
@@ -159,11 +158,7 @@ def engine_decode_alone(engine, prompt: list[int], tokens: int) -> dict:
     timed as ``HF generate`` is (prefill included). Warmed up on another prompt first."""
     sampling = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     engine.generate([[PROBE_MARKER] + prompt[1:]], dataclasses.replace(sampling, max_tokens=4))
-    device = engine.slm.device
-    synchronize(device)
-    start = time.perf_counter()
-    out = engine.generate([prompt], sampling)[0]
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    outs, seconds = timed(lambda: engine.generate([prompt], sampling), engine.slm.device)
+    out = outs[0]
     return {"batch": 1, "prompt_length": len(prompt), "tokens": len(out.token_ids), "seconds": seconds,
             "ms_per_token": seconds / len(out.token_ids) * 1e3}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 from typing import Callable
 
 import torch
@@ -25,7 +24,7 @@ from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
 from relaykern.bench.model_bench import GREEDY, Probe
-from relaykern.bench.timing import median_ms, synchronize
+from relaykern.bench.timing import median_ms, timed
 from relaykern.bench.workloads import Workload, preset_workload
 
 
@@ -68,12 +67,7 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
 
 def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
-    device = engine.slm.device
-    synchronize(device)
-    start = time.perf_counter()
-    outputs = engine.generate(workload.prompts, workload.samplings)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
     tokens = sum(len(o.token_ids) for o in outputs)
     llm_tokens = sum(o.stats.llm_tokens for o in outputs)
     figures = {

@@ -13,9 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
+
+
+T = TypeVar("T")
 
 
 def synchronize(device: torch.device) -> None:
@@ -23,17 +26,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()``'s result and its seconds, between two synchronizations of ``device``."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats)) * 1e3
 
 
 def copy_bandwidth(device: torch.device, mib: int, repeats: int) -> dict:
