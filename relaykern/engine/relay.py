@@ -154,13 +154,14 @@ class RelayEngine:
         self._reap()
 
     def _llm_runs_now(self, slm_busy: bool) -> bool:
-        """Whether this step runs the LLM (see ``RelayConfig.llm_batch_wait_steps``)."""
-        waiting = [s for s in self.scheduler.sequences() if s.phase is Phase.LLM]
-        if not waiting:
-            return False
+        """Whether this step runs the LLM (see ``RelayConfig.llm_batch_wait_steps``); without a wait it always does
+        (its scheduling finds the sequences, if any)."""
         relay = self.relay
-        return (relay.llm_batch_wait_steps == 0 or not slm_busy or len(waiting) >= relay.llm_batch_min_rows
-                or self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
+        if relay.llm_batch_wait_steps == 0 or not slm_busy:
+            return True
+        waiting = [s for s in self.scheduler.sequences() if s.phase is Phase.LLM]
+        return bool(waiting) and (len(waiting) >= relay.llm_batch_min_rows or
+                                  self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
