@@ -8,6 +8,7 @@
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
 # 540 s: a device call is limited to 600 s); a failing step does not stop the next. The log goes to
 # $OUT/gpu_check.log, and $OUT/summary.json (rewritten after each step) holds every step's exit code and time.
+# GPU_CHECK_CAP_<step>=S changes one step's cap (0: leave it out), e.g. GPU_CHECK_CAP_pytest_gpu=0.
 # relay.json is saved after each of its sections, so a timed-out bench still returns what it measured.
 #
 # Needs the model shapes (qwen3-*/config.json): ./shared/model-shapes, ./.shapes, $RELAYKERN_MODEL_SHAPES or
@@ -53,9 +54,15 @@ EOF
 }
 
 # step NAME CAP_SECONDS COMMAND... : runs COMMAND under min(CAP, time left in the budget); records its exit code.
+# GPU_CHECK_CAP_<NAME>=S overrides a step's cap; 0 leaves the step out (e.g. a rerun that only benchmarks).
 step() {
-  local name=$1 cap=$2
+  local name=$1 override="GPU_CHECK_CAP_$1"
+  local cap=${!override:-$2}
   shift 2
+  if (( cap == 0 )); then
+    echo "=== $name: left out ($override=0)"
+    return 0
+  fi
   local left=$(( BUDGET_S - ($(date +%s) - START) - 10 ))
   local limit=$(( cap < left ? cap : left ))
   local code began=$(date +%s)
