@@ -100,11 +100,15 @@ GPU_QUICK = dataclasses.replace(
 )
 
 
-def get_preset(name: str, quick: bool = False, pair: str | None = None) -> Preset:
+def get_preset(name: str, quick: bool = False, pair: str | None = None, overrides: list[str] = ()) -> Preset:
+    """The named preset (its quick variant), then ``overrides``: ``FIELD=VALUE`` strings, tuples comma-separated
+    (``decode_batch_sizes=1,16,64``)."""
     presets = {"tiny": (TINY, TINY_QUICK), "gpu": (GPU, GPU_QUICK)}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'gpu'")
     preset = presets[name][quick]
+    if overrides:
+        preset = dataclasses.replace(preset, **dict(_parse_override(preset, text) for text in overrides))
     if pair is not None:
         if name != "gpu" or pair not in GPU_PAIRS:
             raise ValueError(f"--pair {pair!r}: only the gpu preset takes a pair, one of {sorted(GPU_PAIRS)}")
@@ -112,6 +116,28 @@ def get_preset(name: str, quick: bool = False, pair: str | None = None) -> Prese
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"preset {name!r} needs a CUDA GPU; use --preset tiny on a CPU")
     return preset
+
+
+def _parse_override(preset: Preset, text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(Preset)} - {"name", "device", "pair"}
+    if not sep or name not in fields:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+    current = getattr(preset, name)
+    try:
+        if isinstance(current, tuple):
+            return name, tuple(_number(item) for item in value.split(","))
+        if isinstance(current, bool):
+            return name, {"true": True, "false": False}[value.lower()]
+        return name, _number(value) if current is None else type(current)(value)
+    except (ValueError, KeyError):
+        raise ValueError(f"--set {text!r}: {value!r} is not a value of {name} (now {current!r})") from None
+
+
+def _number(text: str) -> int | float | None:
+    if text.lower() == "none":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 def default_shapes_dir() -> Path:

@@ -1,6 +1,6 @@
 """``relaykern bench``: the whole performance story in one process, on one device, in one table and one JSON file.
 
-    relaykern bench --preset tiny|gpu [--quick] [--out FILE] [--pair 0.6b+4b] [--cache-dir DIR]
+    relaykern bench --preset tiny|gpu [--quick] [--set FIELD=VALUE ...] [--out FILE] [--pair 0.6b+4b] [--cache-dir DIR]
 
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
 roofline and one long prefill; one relay's latency taken apart; relay throughput on scripted workloads against the
@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "gpu"], default="tiny")
     parser.add_argument("--quick", action="store_true", help="smaller shapes (CI smoke run)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="change preset fields, e.g. --set decode_batch_sizes=1,16,64 repeats=3")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>-<date>.json)")
     parser.add_argument("--pair", choices=sorted(GPU_PAIRS), help="gpu preset: SLM+LLM shapes (default 1.7b+8b)")
     parser.add_argument("--cache-dir", type=Path, help="keep (and reuse) the random checkpoints here")
@@ -90,7 +92,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
-    preset = get_preset(args.preset, args.quick, args.pair)
+    preset = get_preset(args.preset, args.quick, args.pair, args.set)
     device = torch.device(preset.device)
     _quiet_transformers()
     meta = environment(device, list(argv or []))

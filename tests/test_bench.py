@@ -87,3 +87,15 @@ def test_plots_are_drawn_from_the_json(bench_run, tmp_path):
     for folder in (drawn_by_bench, tmp_path):
         for name in ("relay_latency.png", "throughput_vs_batch.png"):
             assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_preset_overrides():
+    from relaykern.bench.presets import get_preset
+
+    preset = get_preset("tiny", True, None, ["decode_batch_sizes=1,16,64", "repeats=2", "staggered=true",
+                                              "kv_cache_gb=1.5,none"])
+    assert (preset.decode_batch_sizes, preset.repeats, preset.staggered, preset.kv_cache_gb) == (
+        (1, 16, 64), 2, True, (1.5, None))
+    for bad, message in [("device=cuda", "FIELD one of"), ("repeats=x", "not a value of repeats"), ("repeats", "")]:
+        with pytest.raises(ValueError, match=message):
+            get_preset("tiny", True, None, [bad])

@@ -11,8 +11,10 @@ pytestmark = pytest.mark.gpu
 
 
 def gpu_config(**kw) -> EngineConfig:
+    # A small pool: by default the KV cache takes most of the free memory, which the kernel tests running beside
+    # these (pytest-xdist) need.
     return EngineConfig(device="cuda", dtype=torch.float32, attention_backend="triton", cuda_graphs=True,
-                        max_num_seqs=16, **kw)
+                        max_num_seqs=16, kv_cache_memory_gb=0.25, **kw)
 
 
 def test_cuda_graph_decode_equals_transformers(slm_dir):

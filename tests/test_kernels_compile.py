@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) with the launch parameters its launcher really passes.
 
 The interpreter accepts code the compiler rejects, so CPU tests alone cannot tell that the kernels build on a GPU.
-Here each case calls a real launcher (paged_attention, store_kv, detect_commands, inject_tokens, gumbel_sample) on
+Here each case calls a real launcher (paged_attention, store_kv, the norms, detect_commands, ...) on
 CPU tensors with its kernels swapped for stand-ins: ``kernel[grid](*args, **kwargs)`` becomes ``kernel.warmup(...)``
 for a CUDA sm_90 target, i.e. the exact signature, pointer/int specialization, constexprs and num_warps/num_stages the
 launch would compile, lowered to a cubin by the ptxas bundled with Triton. No GPU is needed.
@@ -32,7 +32,7 @@ import torch
 import triton
 
 import relaykern.kernels
-from relaykern.kernels import attention, detect, inject, sample, store_kv
+from relaykern.kernels import activation, attention, detect, inject, rms_norm, rope, sample, store_kv
 
 TARGET = ("cuda", 90, 32)  # H100 / H200
 H100_SMS = 132  # choose_num_splits sizes the split-KV grid by the SM count
@@ -111,6 +111,18 @@ def _cases() -> list[Case]:
     cases.append(Case("tiny-extend", "attention", dict(tiny, q_lens=(7, 1))))
     cases.append(Case("tiny-store_kv", "store_kv", dict(dtype=torch.float32, head_dim=16, num_kv_heads=2,
                                                         num_q_heads=4, slot_dtype=torch.int64)))
+    # The layers' elementwise kernels at Qwen3-1.7B / 8B widths in bf16, and the tiny models' in fp32.
+    for dtype, hidden, intermediate, heads, head_dim in ((torch.bfloat16, 2048, 6144, (16, 8), 128),
+                                                         (torch.bfloat16, 4096, 12288, (32, 8), 128),
+                                                         (torch.float32, 64, 128, (4, 2), 16)):
+        for residual in (False, True):
+            cases.append(Case(f"rms_norm-{_name(dtype)}-h{hidden}-residual{int(residual)}", "rms_norm",
+                              dict(dtype=dtype, hidden=hidden, residual=residual)))
+        for with_norm in (True, False):
+            cases.append(Case(f"qk_norm_rope-{_name(dtype)}-h{heads[0]}x{heads[1]}-d{head_dim}-norm{int(with_norm)}",
+                              "qk_norm_rope", dict(dtype=dtype, heads=heads, head_dim=head_dim, with_norm=with_norm)))
+        cases.append(Case(f"silu_and_mul-{_name(dtype)}-i{intermediate}", "silu_and_mul",
+                          dict(dtype=dtype, intermediate=intermediate)))
     for batch in (1, 48):
         cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
     for rows, block_size in ((1, 16), (40, 256)):
@@ -145,6 +157,25 @@ def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_k
     attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5)
 
 
+def _launch_rms_norm(dtype, hidden, residual) -> None:
+    x = torch.zeros(3, hidden, dtype=dtype)
+    rms_norm.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.zeros_like(x) if residual else None)
+
+
+def _launch_qk_norm_rope(dtype, heads, head_dim, with_norm) -> None:
+    # As the model passes them: q and k views of the fused qkv projection.
+    num_q_heads, num_kv_heads = heads
+    qkv = torch.zeros(3, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q = qkv[:, :num_q_heads * head_dim].view(3, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim:(num_q_heads + num_kv_heads) * head_dim].view(3, num_kv_heads, head_dim)
+    norms = (torch.ones(head_dim, dtype=dtype), torch.ones(head_dim, dtype=dtype), 1e-6) if with_norm else ()
+    rope.qk_norm_rope(q, k, torch.zeros(3, dtype=torch.int64), torch.zeros(64, head_dim), *norms)
+
+
+def _launch_silu_and_mul(dtype, intermediate) -> None:
+    activation.silu_and_mul(torch.zeros(3, 2 * intermediate, dtype=dtype))
+
+
 def _launch_detect(batch) -> None:
     table = detect.DetectionTable(column_of_token=torch.zeros(64, dtype=torch.int32),
                                   records=torch.zeros(detect.NUM_STATES, 75, detect.RECORD, dtype=torch.int64))
@@ -167,7 +198,8 @@ def _launch_sample(rows, want_logprobs) -> None:
                          want_logprobs)
 
 
-LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "detect": _launch_detect,
+LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "rms_norm": _launch_rms_norm,
+             "qk_norm_rope": _launch_qk_norm_rope, "silu_and_mul": _launch_silu_and_mul, "detect": _launch_detect,
              "inject": _launch_inject, "sample": _launch_sample}
 
 

@@ -6,13 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relaykern.kernels.attention import paged_attention, paged_attention_reference
-from relaykern.kernels.store_kv import store_kv, store_kv_reference
-
-BACKENDS = {
-    "triton": (store_kv, paged_attention),
-    "torch": (store_kv_reference, paged_attention_reference),
-}
+from relaykern.models.ops import BACKENDS, Ops
 
 
 @dataclass
@@ -36,6 +30,10 @@ class AttentionContext:
         if self.backend not in BACKENDS:
             raise ValueError(f"AttentionContext.backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
 
+    @property
+    def ops(self) -> Ops:
+        return BACKENDS[self.backend]
+
 
 class Attention(nn.Module):
     """Stores this step's K/V in the layer's slice of the pool, then attends from q over the whole cache.
@@ -54,6 +52,5 @@ class Attention(nn.Module):
         """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` → ``[T, Hq, D]``."""
         if self.kv_cache is None:
             raise ValueError("Attention has no KV cache: call model.bind_kv_cache(pool) before forward")
-        store, attend = BACKENDS[ctx.backend]
-        store(k, v, self.kv_cache, ctx.slot_mapping)
-        return attend(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len, self.scale)
+        ctx.ops.store_kv(k, v, self.kv_cache, ctx.slot_mapping)
+        return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len, self.scale)

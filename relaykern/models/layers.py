@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: linear layers (fused qkv / gate_up), RMSNorm, RoPE, SiLU-and-mul.
+"""Building blocks of the decoder: linear layers (fused qkv / gate_up), RMSNorm, the RoPE table.
 
 All work on packed rows ``[T, ...]`` (the tokens of every sequence in a step, one after another). Parameters are
 allocated with ``torch.empty`` in the current default device/dtype: weights come from the loader, so there is no
@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from relaykern.models.ops import Ops
 
 
 class Linear(nn.Module):
@@ -52,10 +54,10 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim, normalized in fp32 and scaled in the model dtype (as HF does).
+    """``x / rms(x) * weight`` over the last dim (``relaykern.kernels.rms_norm`` computes it).
 
-    ``forward(x, residual)`` is the fused pre-norm step: ``residual + x`` is the new residual stream (summed in
-    the model dtype, like HF's ``hidden = residual + hidden``) and its norm is the next block's input.
+    ``forward(x, ops, residual)`` with a residual is the fused pre-norm step: ``residual + x`` is the new residual
+    stream and its norm is the next block's input.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -63,26 +65,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return self._norm(x)
-        residual = residual + x
-        return self._norm(residual), residual
+    def forward(self, x: torch.Tensor, ops: Ops, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate the two halves of each head) from a cos/sin table over all positions.
+    """The table of Neox-style RoPE (``relaykern.kernels.rope`` applies it).
 
     ``cos_sin_cache[p] = [cos(p * inv_freq), sin(p * inv_freq)]``, ``[max_position, head_dim]`` in fp32; it is
-    not a parameter (recomputed at build, never loaded). ``forward`` gathers the rows' cos/sin once per step;
-    ``apply_rotary`` then rotates in the activations' dtype, as HF does.
+    not a parameter (recomputed at build, never loaded).
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None) -> None:
@@ -92,17 +84,6 @@ class RotaryEmbedding(nn.Module):
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[T]`` → (cos, sin), each ``[T, 1, head_dim // 2]`` in ``dtype`` (broadcast over heads)."""
-        cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x[T, H, D]``: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` (HF's ``rotate_half`` form)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -115,11 +96,3 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(is_medium, blended, scaled)
-
-
-class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` for ``x = [gate | up]`` (the fused gate_up projection's output)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up

@@ -14,9 +14,7 @@ from torch import nn
 
 from relaykern.models.attention import Attention, AttentionContext
 from relaykern.models.config import ModelConfig
-from relaykern.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
-
-Rope = tuple[torch.Tensor, torch.Tensor]
+from relaykern.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding
 
 
 class Qwen3Attention(nn.Module):
@@ -33,14 +31,14 @@ class Qwen3Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, rope: Rope, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, rope: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext
+                ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        q, k = ctx.ops.qk_norm_rope(q, k, positions, rope.cos_sin_cache, *norms)
         o = self.attn(q, k, v, ctx)
         return self.o_proj(o.flatten(1))
 
@@ -50,10 +48,9 @@ class Qwen3MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-        self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -65,16 +62,17 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None, ctx: AttentionContext
+        self, rope: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+        ctx: AttentionContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``residual`` is the stream before this layer's input norm (None at layer 0, where ``x`` is the stream)."""
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, ctx.ops), x
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            x, residual = self.input_layernorm(x, ctx.ops, residual)
+        x = self.self_attn(rope, positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, ctx.ops, residual)
+        return self.mlp(x, ctx), residual
 
 
 class Qwen3Model(nn.Module):
@@ -88,10 +86,9 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary_emb(positions, x.dtype)  # gathered once, shared by every layer
         for layer in self.layers:
-            x, residual = layer(rope, x, residual, ctx)
-        x, _ = self.norm(x, residual)
+            x, residual = layer(self.rotary_emb, positions, x, residual, ctx)
+        x, _ = self.norm(x, ctx.ops, residual)
         return x
 
 

@@ -1,0 +1,112 @@
+"""Rotary embedding of q and k, with Qwen3's per-head RMSNorm before it: one Triton kernel and its torch reference.
+
+Neox-style RoPE (each head's two halves rotate together): ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``, with
+``cos_sin_cache[p] = [cos(p * inv_freq), sin(p * inv_freq)]`` (fp32, ``[max_position, head_dim]``). As in HF, cos
+and sin are cast to the activations' dtype and every product and sum is rounded to it; the per-head norm (weights
+given) is RMSNorm over head_dim. Unfused, norm and rotation of q and k take about thirty kernels per layer.
+
+q and k may be strided views of the fused qkv projection's output; the results are new contiguous tensors.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from relaykern.kernels.rms_norm import rms_norm_reference
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x (fp32) rounded to dtype, back in fp32: one elementwise op of torch in that dtype."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr, q_weight_ptr, k_weight_ptr, eps,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cache,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    # Program (token, head): heads 0..Hq-1 are q's, the next Hkv are k's.
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = offs < half
+    dtype = q_out_ptr.dtype.element_ty
+    if head < NUM_Q_HEADS:
+        src = q_ptr + token * stride_q_token + head * stride_q_head
+        dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
+        weight_ptr = q_weight_ptr
+    else:
+        src = k_ptr + token * stride_k_token + (head - NUM_Q_HEADS) * stride_k_head
+        dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
+        weight_ptr = k_weight_ptr
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+        w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = _round(w1 * _round(x1 * inv_rms, dtype), dtype)
+        x2 = _round(w2 * _round(x2 * inv_rms, dtype), dtype)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    cos = _round(tl.load(cache_ptr + position * stride_cache + offs, mask=mask, other=0.0), dtype)
+    sin = _round(tl.load(cache_ptr + position * stride_cache + half + offs, mask=mask, other=0.0), dtype)
+    out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
+    out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
+    tl.store(dst + offs, out1.to(dtype), mask=mask)
+    tl.store(dst + half + offs, out2.to(dtype), mask=mask)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                  q_weight: torch.Tensor | None, k_weight: torch.Tensor | None) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.dtype != k.dtype:
+        raise ValueError(f"q [T, Hq, D] and k [T, Hkv, D] must agree in T, D and dtype; got {tuple(q.shape)} "
+                         f"{q.dtype}, {tuple(k.shape)} {k.dtype}")
+    head_dim = q.shape[2]
+    if head_dim % 2 or q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError(f"head_dim must be even and contiguous; got {head_dim}, strides {q.stride()}, {k.stride()}")
+    if positions.shape != (q.shape[0],) or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(f"positions must be [T={q.shape[0]}] and cos_sin_cache [max_position, {head_dim}]; got "
+                         f"{tuple(positions.shape)}, {tuple(cos_sin_cache.shape)}")
+    if (q_weight is None) != (k_weight is None) or (q_weight is not None and (
+            q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,))):
+        raise ValueError(f"q_weight and k_weight must both be None or both [{head_dim}]")
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hkv, D] at ``positions`` [T] → rotated (normed first, if weights are given) copies."""
+    _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    if num_tokens:
+        has_norm = q_weight is not None
+        _qk_norm_rope_kernel[(num_tokens, num_q_heads + num_kv_heads)](
+            q, k, q_out, k_out, positions, cos_sin_cache, q_weight if has_norm else q, k_weight if has_norm else k,
+            eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, num_warps=1,
+        )
+    return q_out, k_out
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x[T, H, D]``: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` (HF's ``rotate_half`` form)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                           q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's order: ``q_norm``/``k_norm`` (RMSNorm per head), then ``apply_rotary_pos_emb`` in the model dtype."""
+    _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
+    if q_weight is not None:
+        q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,0 +1,102 @@
+"""rms_norm, qk_norm_rope and silu_and_mul (Triton) against their torch references; CPU runs the interpreter.
+
+In fp32 the kernels equal the references up to summation order. In bf16 they round after every op as torch does,
+so on a GPU they are off by at most two roundings (an fp32 sum in another order moves a last bit, and the next
+rounding may double it); the interpreter's conversions to bf16 do not round to nearest, so it gets more slack.
+"""
+import pytest
+import torch
+
+from relaykern.kernels.activation import silu_and_mul, silu_and_mul_reference
+from relaykern.kernels.rms_norm import rms_norm, rms_norm_reference
+from relaykern.kernels.rope import qk_norm_rope, qk_norm_rope_reference
+from relaykern.models.layers import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_TOLERANCE = 2 ** -6 if DEVICE == "cuda" else 2 ** -4
+
+
+def randn(*shape, dtype=torch.float32, seed=0, device=DEVICE):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+def assert_close(actual, expected):
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=BF16_TOLERANCE, atol=BF16_TOLERANCE)
+
+
+def qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed, device=DEVICE):
+    """q and k as the strided views of a fused qkv projection the model hands over."""
+    qkv = randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=seed, device=device)
+    q, k, _ = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return q.view(num_tokens, num_q_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,hidden", [(1, 64), (7, 48), (3, 100)])
+def test_rms_norm(num_rows, hidden, dtype):
+    x, residual = randn(num_rows, hidden, dtype=dtype, seed=1), randn(num_rows, hidden, dtype=dtype, seed=2)
+    weight = randn(hidden, dtype=dtype, seed=3)
+    assert_close(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    for actual, expected in zip(rms_norm(x, weight, 1e-6, residual), rms_norm_reference(x, weight, 1e-6, residual)):
+        assert_close(actual, expected)
+
+
+def test_rms_norm_rejects_strided_rows():
+    x = randn(4, 32)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        rms_norm(x.t(), randn(4), 1e-6)
+    assert rms_norm(x[:0], randn(32), 1e-6).shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3", "llama"])
+@pytest.mark.parametrize("num_tokens,num_q_heads,num_kv_heads,head_dim", [(5, 4, 2, 16), (3, 3, 1, 24)])
+def test_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, with_norm, dtype):
+    q, k = qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed=num_tokens)
+    cache = RotaryEmbedding(head_dim, 64, 1e6, None).cos_sin_cache.to(DEVICE)
+    positions = torch.tensor([0, 63, 7, 1, 30][:num_tokens], device=DEVICE)
+    norms = (randn(head_dim, dtype=dtype, seed=5), randn(head_dim, dtype=dtype, seed=6), 1e-6) if with_norm else ()
+    for actual, expected in zip(qk_norm_rope(q, k, positions, cache, *norms),
+                                qk_norm_rope_reference(q, k, positions, cache, *norms)):
+        assert actual.is_contiguous() and actual.shape == expected.shape
+        assert_close(actual, expected)
+
+
+def test_qk_norm_rope_bad_input():
+    q, k = qkv_views(2, 2, 1, 16, torch.float32, seed=0)
+    cache = RotaryEmbedding(16, 8, 1e4, None).cos_sin_cache.to(DEVICE)
+    positions = torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="both be None"):
+        qk_norm_rope(q, k, positions, cache, randn(16), None)
+    with pytest.raises(ValueError, match="positions"):
+        qk_norm_rope(q, k, positions[:1], cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,width", [(1, 32), (4, 2 * 1500)])  # 1500: two column blocks, the last partial
+def test_silu_and_mul(num_rows, width, dtype):
+    x = randn(num_rows, width, dtype=dtype, seed=width) * 4
+    assert_close(silu_and_mul(x), silu_and_mul_reference(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3", "llama"])
+def test_gpu_qwen3_8b_shapes(with_norm):
+    """bf16 at the 8B model's widths: hidden 4096, intermediate 12288, 32 q / 8 kv heads of 128."""
+    x, residual, weight = (randn(37, 4096, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))
+    normed, summed = rms_norm(x, weight, 1e-6, residual)
+    expected_normed, expected_summed = rms_norm_reference(x, weight, 1e-6, residual)
+    assert torch.equal(summed, expected_summed)
+    assert_close(normed, expected_normed)
+    q, k = qkv_views(37, 32, 8, 128, torch.bfloat16, seed=4)
+    cache = RotaryEmbedding(128, 40960, 1e6, None).cos_sin_cache.cuda()
+    positions = torch.randint(0, 40960, (37,), device="cuda")
+    norms = (randn(128, dtype=torch.bfloat16, seed=5), randn(128, dtype=torch.bfloat16, seed=6), 1e-6)
+    for actual, expected in zip(qk_norm_rope(q, k, positions, cache, *norms[:3 if with_norm else 0]),
+                                qk_norm_rope_reference(q, k, positions, cache, *norms[:3 if with_norm else 0])):
+        assert_close(actual, expected)
+    gate_up = randn(37, 2 * 12288, dtype=torch.bfloat16, seed=7) * 4
+    assert_close(silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
