@@ -4,7 +4,7 @@
 #   2. pip install --no-deps --no-build-isolation -e .   (builds relaykern._C against the machine's torch);
 #   3. pytest -m gpu;
 #   4. bench/bench_kernels.py                       -> $OUT/kernels.json;
-#   5. relaykern bench --preset gpu                 -> $OUT/relay.json (+ $OUT/relay-plots/*.png).
+#   5. relaykern bench --preset gpu --quick --set … -> $OUT/relay.json.
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
 # 540 s: a device call is limited to 600 s); a failing step does not stop the next. The log goes to
 # $OUT/gpu_check.log, and $OUT/summary.json (rewritten after each step) holds every step's exit code and time.
@@ -98,9 +98,13 @@ XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
 step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
 step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
 # `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
-# RELAY_BENCH_ARGS adds options, e.g. "--quick" or "--pair 0.6b+4b".
+# By default the quick gpu preset widened to every shape the issues name (about 3 minutes on an H100, HF baselines
+# included); RELAY_BENCH_ARGS replaces these options, e.g. "" for the full preset or "--quick --pair 0.6b+4b".
+# No plots: $OUT returns at most 8 files (draw them later: python -m relaykern.bench.plots relay.json --out-dir D).
+DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call_lengths=1,10,100 \
+catchup_lengths=16,64,256,512,1024,2048"
 step relay_bench 600 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
-  --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS:-}
+  --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
 
 set +x
 ls -la "$OUT" "$OUT/relay-plots" 2>/dev/null

@@ -85,13 +85,20 @@ class Probe:
 
     @contextmanager
     def decode_chain(self, steps: int, context: int) -> Iterator[Callable[[], None]]:
-        """``steps`` successive decode steps of one sequence, starting after ``context`` cached tokens."""
+        """``steps`` successive decode steps of one sequence, starting after ``context`` cached tokens. The sequence
+        grows by a token a step, as in the engine (a block table never holds blocks past the step's position)."""
         ids = self.sequences(1, context + steps)
+        seq_id = ids[0]
+        tokens = self.tokens[seq_id]
+        rows = [self._row(seq_id, 1, context + i) for i in range(steps)]
+        blocks = self.runner.blocks
         try:
-            rows = [self._row(ids[0], 1, context + i) for i in range(steps)]
-
             def chain() -> None:
-                for row in rows:
+                blocks.free(seq_id)
+                blocks.allocate(seq_id, tokens[:context + 1])
+                for i, row in enumerate(rows):
+                    if i:
+                        blocks.append(seq_id, row.tokens)
                     self._execute([row])
 
             yield chain

@@ -28,6 +28,10 @@ FP32_TILE_N, FP32_MAX_EXTEND_ROWS = 16, 16  # exact fp32 dots hold their operand
 MIN_SPLIT_KEYS = 256  # split-KV: fewer keys per split than this costs more in the merge than it gains
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 4  # decode is memory bound: several resident programs per SM hide load latency
+PER_STEP_ARGS = ["num_seqs", "num_splits", "stride_table"]
+"""Integers that change from step to step (batch, split count, block-table width): Triton would otherwise compile a
+variant for each value class it specializes on (== 1, divisible by 16), each a stall of a second or more on first
+use in the middle of serving."""
 
 
 @triton.jit
@@ -57,36 +61,36 @@ def _attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.conste
 
 
 @triton.jit
-def _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, offs_d, row_mask, d_mask, m, l, acc,
-                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, row_mask, d_mask, m, l, acc,
+                  HEAD_DIM: tl.constexpr):
     """rows: flat (token, query head) indices. One split writes out[rows]; several write the split's normalized
     output to part_out[rows, split] and its base-2 log-sum-exp to part_lse[rows, split]. A row that saw no key
     (an empty split, a seq_len 0 padding row) has l == 0: it writes zeros and lse -inf, which the merge ignores."""
     l_safe = tl.where(l > 0, l, 1.0)
     out = acc / l_safe[:, None]
     mask = row_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(part_out_ptr + (rows[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :], out, mask=mask)
-        tl.store(part_lse_ptr + rows * NUM_SPLITS + split, m + tl.log2(l_safe), mask=row_mask)
+        tl.store(part_out_ptr + (rows[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(part_lse_ptr + rows * num_splits + split, m + tl.log2(l_safe), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _decode_kernel(
-    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_kv, stride_block, stride_offset, stride_head, stride_table,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
-    over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / NUM_SPLITS)
+    over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
     rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE) * TILE
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -110,23 +114,23 @@ def _decode_kernel(
         m, l, acc = _attend_tile(q, k, v, pos_mask[None, :], m, l, acc, qk_scale, DOT_PRECISION)
 
     rows = seq * (tl.num_programs(1) * GROUP) + heads
-    _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, offs_d, h_mask, d_mask, m, l, acc,
-                  HEAD_DIM, NUM_SPLITS)
+    _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, h_mask, d_mask, m, l, acc,
+                  HEAD_DIM)
 
 
-@triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program row = (sequence, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max)."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # all -inf: seq_len 0, out = 0
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+    parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(weights, axis=0)
     out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
@@ -149,12 +153,12 @@ def _find_seq(cu_seqlens_q_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _extend_kernel(
     q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_seqs,
+    qk_scale, num_seqs, num_splits,
     stride_q_tok, stride_q_head, stride_kv, stride_block, stride_offset, stride_head, stride_table,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -189,7 +193,7 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row_ptr = block_tables_ptr + seq * stride_table
     kv_end = tl.minimum(context_len + first_row + BLOCK_Q, seq_len)
-    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE) * TILE
+    split_len = tl.cdiv(tl.cdiv(kv_end, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, kv_end)
     for tile_start in range(start, end, TILE):
@@ -201,8 +205,8 @@ def _extend_kernel(
         m, l, acc = _attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
 
     rows = tokens * (tl.num_programs(1) * GROUP) + heads
-    _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, offs_d, r_mask, d_mask, m, l, acc,
-                  HEAD_DIM, NUM_SPLITS)
+    _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, r_mask, d_mask, m, l, acc,
+                  HEAD_DIM)
 
 
 def _check_attention_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -263,8 +267,8 @@ def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
     if num_splits > 1:
         rows, heads, head_dim = out.shape
         _merge_splits_kernel[(rows * heads,)](
-            part_out, part_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
+            part_out, part_lse, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(MAX_SPLITS),
+            BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         )
 
 
@@ -292,9 +296,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         return out
     group = num_q_heads // num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         TILE=_key_tile(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
@@ -333,8 +337,8 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         return out
     _extend_kernel[(num_q_tiles, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, cu_seqlens_q, out, part_out, part_lse, scale * LOG2E, num_seqs,
-        q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, BLOCK_M=block_m,
+        num_splits, q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=_key_tile(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=8 if block_m >= 128 else 4,
     )

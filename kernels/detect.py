@@ -155,7 +155,7 @@ def _check_representable(token_id: int, token: bytes, column: tuple) -> None:
                              f"state {state}; the detection table cannot represent it")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # the batch changes every step
 def _detect_kernel(
     tokens_ptr, state_ptr, n_ptr, column_of_token_ptr,
     next_state_ptr, event_ptr, a_ptr, b_ptr, start_offset_ptr, event_end_ptr, stride_state, stride_column,

@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_ROWS = 1 << 16
+"""The binary search over the rows always takes log2(MAX_ROWS) steps: one compiled variant for every batch (a few
+extra loads of a tiny vector per token)."""
+
 
 @dataclass
 class InjectedRows:
@@ -24,7 +28,7 @@ class InjectedRows:
     slot_mapping: torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table_row", "total", "num_rows"])  # they change every step
 def _inject_kernel(
     new_tokens_ptr, cu_rows_ptr, start_pos_ptr, block_tables_ptr, stride_table_row,
     input_ids_ptr, positions_ptr, slot_mapping_ptr,
@@ -60,6 +64,8 @@ def _check_inputs(new_tokens: torch.Tensor, cu_rows: torch.Tensor, start_pos: to
         raise ValueError(f"cu_rows must be a contiguous int32 [B + 1] vector (B >= 1) of row offsets, got "
                          f"{cu_rows.dtype} {tuple(cu_rows.shape)}")
     rows = cu_rows.numel() - 1
+    if rows > MAX_ROWS:
+        raise ValueError(f"at most {MAX_ROWS} rows per forward, got {rows}")
     if start_pos.shape != (rows,) or start_pos.dtype != torch.int32 or not start_pos.is_contiguous():
         raise ValueError(f"start_pos must be a contiguous int32 [{rows}] vector (one per row of cu_rows), got "
                          f"{start_pos.dtype} {tuple(start_pos.shape)}")
@@ -100,7 +106,7 @@ def inject_tokens(new_tokens: torch.Tensor, cu_rows: torch.Tensor, start_pos: to
     _inject_kernel[(triton.cdiv(total, block),)](
         new_tokens, cu_rows, start_pos, block_tables, block_tables.stride(0),
         out.input_ids, out.positions, out.slot_mapping,
-        total, rows, block_size, SEARCH_STEPS=max(rows - 1, 1).bit_length(), BLOCK=block,
+        total, rows, block_size, SEARCH_STEPS=MAX_ROWS.bit_length() - 1, BLOCK=block,
     )
     return out
 

@@ -52,6 +52,21 @@ def test_greedy_equals_transformers(checkpoints, arch, backend):
     assert engine.slm.blocks.num_free_blocks == engine.slm.num_blocks
 
 
+def test_start_up_warm_up_leaves_no_trace(checkpoints):
+    """The GPU start-up compile pass (one forward per extend tile, each sampler) frees its scratch sequence and
+    its prefix hashes; run here by hand, as the CPU path skips it."""
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=64,
+                                                                       attention_backend="triton"))
+    prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    before = engine.generate(prompts, sampling)[0].token_ids
+    runner = engine.slm
+    runner._compile_forward_variants()
+    assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+    assert runner.blocks.can_allocate([0] * 64) and runner.blocks.allocate(0, [0] * 64) == 0  # no prefix hit
+    runner.blocks.free(0, keep_cached=False)
+    assert engine.generate(prompts, sampling)[0].token_ids == before
+
+
 def test_logprobs_are_the_models(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompt = prompts_of([9])[0]

@@ -336,9 +336,6 @@ def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
     launches = [launch for result in compiled.values() for launch in result["launches"]]
     kernels = {name for module in _kernel_modules() for name in _kernels(module)}
     assert kernels == {launch["kernel"] for launch in launches}
-    for kernel in ("_decode_kernel", "_extend_kernel"):
-        splits = {launch["constexprs"]["NUM_SPLITS"] for launch in launches if launch["kernel"] == kernel}
-        assert 1 in splits and max(splits) > 1, f"{kernel} compiled only with NUM_SPLITS in {splits}"
     tiles = {(launch["constexprs"]["GROUP"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_Q"])
              for launch in launches if launch["kernel"] == "_extend_kernel"}
     wanted = {(group, *attention.choose_extend_tile(q_len, group, dtype))

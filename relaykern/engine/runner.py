@@ -18,6 +18,7 @@ from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.cuda_graphs import DecodeGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
+from relaykern.kernels.attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.kernels.sample import row_keys
 from relaykern.loader import load_model, load_state_dict_into
@@ -26,6 +27,8 @@ from relaykern.models.attention import AttentionContext
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
+WARMUP_SEQ_ID = -1
+"""The scratch sequence of the start-up warm-up (request ids are >= 0)."""
 
 
 def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -78,7 +81,28 @@ class ModelRunner:
         capturable = self.device.type == "cuda" and self.backend == "triton"
         with self.scope():
             self.graphs = DecodeGraphs(self) if capturable and config.cuda_graphs else None
+            if self.device.type == "cuda" and self.backend == "triton":
+                self._compile_forward_variants()
         self._wait_for_default_stream()
+
+    def _compile_forward_variants(self) -> None:
+        """Runs one forward per tile size of the extend kernel (prefill and catch-up rows) and samples with and
+        without temperature and log-probs, so that Triton compiles those variants now: compiled on first use, each
+        would stall serving for a second or more at some later step. The scratch sequence's KV is forgotten."""
+        mc = self.model_config
+        group = mc.num_heads // mc.num_kv_heads
+        lengths = {}
+        for q_len in (2, 4, 8, 16, 32, 64, 128):
+            lengths.setdefault(choose_extend_tile(q_len, group, self.dtype), q_len)
+        sampled = [SamplingParams(temperature=0), SamplingParams(temperature=1),
+                   SamplingParams(temperature=1, top_p=0.9, logprobs=True)]
+        for index, q_len in enumerate(lengths.values()):
+            sampling = sampled[index % len(sampled)]
+            self.blocks.allocate(WARMUP_SEQ_ID, [0] * q_len)
+            try:
+                self._execute([Row(WARMUP_SEQ_ID, [0] * q_len, 0, True, sampling, 0, 0, [], sampling.logprobs)])
+            finally:
+                self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Makes this model's device and stream current (Triton launches on the current device, not on its
