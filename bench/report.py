@@ -86,6 +86,10 @@ def format_table(report: dict) -> str:
             rows.append([role, "prefill", p["tokens"], p["ms"], "-", "-", p["tokens_per_s"]])
         lines += _rows(["model", "batch", "context", "ms", "roofline_ms", "of_roofline", "tokens/s"], rows)
         lines.append("  * the relay workload's batch and mean context: the decode speeds of the ideal mix")
+    for role, k in report.get("decode_kernels", {}).items():
+        top = ", ".join(f"{x['name'][:28]} {x['ms_per_step']:.3g}" for x in k["top"][:4])
+        lines.append(f"  {role} bs1 step: {k['kernels_per_step']:.0f} kernels, {k['kernel_ms_per_step']:.3g} ms of "
+                     f"{k['graph_step_ms']:.3g} ms; top (ms): {top}")
     if "relay_latency" in report:
         lat = report["relay_latency"]
         steps = ", ".join(f"N={d['n']}: {d['ms_per_step']:.3g}" for d in lat["llm_decode"])

@@ -3,7 +3,7 @@
     relaykern bench --preset tiny|gpu [--quick] [--set FIELD=VALUE ...] [--out FILE] [--pair 0.6b+4b] [--cache-dir DIR]
 
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
-roofline and one long prefill; one relay's latency taken apart; relay throughput on scripted workloads against the
+roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart; relay throughput on scripted workloads against the
 ideal mix and the SLM alone; baselines on one long-context workload (the official-style re-prefill mode, the
 reference relay, HF generate). Each section that fails is recorded in ``errors`` and the run goes on; the exit
 status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json`` by default, rewritten after every
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
     from relaykern.engine.relay import RelayEngine
     from relaykern.bench.baselines import hf_baselines, official_style, release_memory
+    from relaykern.bench.kernel_profile import decode_kernel_times
     from relaykern.bench.model_bench import engine_decode_alone, measure_model
     from relaykern.bench.relay_bench import measure_latency, measure_throughput, run_workload
     from relaykern.bench.workloads import preset_workload
@@ -145,6 +146,11 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     models = report.section("models", lambda: {
         role: measure_model(runner, preset, gb_per_s, mix_context)
         for role, runner in (("slm", engine.slm), ("llm", engine.llm))})
+    if models is not None and 1 in preset.decode_batch_sizes:
+        bs1 = preset.decode_batch_sizes.index(1)
+        report.section("decode_kernels", lambda: {
+            role: decode_kernel_times(runner, 1, preset.decode_context, models[role]["decode"][bs1]["ms"])
+            for role, runner in (("slm", engine.slm), ("llm", engine.llm))})
     report.section("relay_latency", lambda: measure_latency(engine, preset))
     if models is not None:
         report.section("relay_throughput", lambda: measure_throughput(

@@ -12,8 +12,8 @@ import pytest
 
 from relaykern import cli
 
-SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "relay_latency", "relay_throughput", "slm_alone",
-            "baselines", "goals", "errors")
+SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "decode_kernels", "relay_latency", "relay_throughput",
+            "slm_alone", "baselines", "goals", "errors")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,9 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         assert [d["batch"] for d in model["decode"]] == preset["decode_batch_sizes"]
         assert all(d["ms"] > 0 and 0 < d["fraction_of_roofline"] for d in model["decode"])
         assert model["prefill"]["tokens_per_s"] > 0
+    for role, kernels in report["decode_kernels"].items():
+        assert kernels["batch"] == 1 and kernels["kernels_per_step"] > 0 and kernels["top"]
+        assert 0 < sum(k["ms_per_step"] for k in kernels["top"]) <= kernels["kernel_ms_per_step"]
     latency = report["relay_latency"]
     assert {(x["k"], x["n"]) for x in latency["relays"]} == {
         (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
