@@ -1,15 +1,16 @@
 """``relaykern bench``: the whole performance story in one process, on one device, in one table and one JSON file.
 
-    relaykern bench --preset tiny|gpu [--quick] [--set FIELD=VALUE ...] [--out FILE] [--pair 0.6b+4b] [--cache-dir DIR]
+    relaykern bench --preset tiny|gpu [--quick] [--set FIELD=VALUE ...] [--out FILE] [--pair 0.6b+4b]
+                    [--cache-dir DIR]
 
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
-roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart; relay throughput on scripted workloads against the
-ideal mix and the SLM alone; baselines on one long-context workload (the official-style re-prefill mode, the
-reference relay, HF generate). Each section that fails is recorded in ``errors`` and the run goes on; the exit
-status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json`` by default, rewritten after every
-section) holds the device, commit, versions, command line, preset, model shapes, every figure (units in the key
-names: ``ms``, ``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is met. Plots are drawn next to
-it when matplotlib is installed.
+roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart; relay
+throughput on scripted workloads against the ideal mix and the SLM alone; baselines on one long-context workload
+(the official-style re-prefill mode, the reference relay, HF generate). Each section that fails is recorded in
+``errors`` and the run goes on; the exit status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json``
+by default, rewritten after every section) holds the device, commit, versions, command line, preset, model shapes,
+every figure (units in the key names: ``ms``, ``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is
+met. Plots are drawn next to it when matplotlib is installed.
 """
 from __future__ import annotations
 

@@ -95,9 +95,10 @@ def test_gpu_qwen3_8b_shapes(with_norm):
     q, k = qkv_views(37, 32, 8, 128, torch.bfloat16, seed=4)
     cache = RotaryEmbedding(128, 40960, 1e6, None).cos_sin_cache.cuda()
     positions = torch.randint(0, 40960, (37,), device="cuda")
-    norms = (randn(128, dtype=torch.bfloat16, seed=5), randn(128, dtype=torch.bfloat16, seed=6), 1e-6)
-    for actual, expected in zip(qk_norm_rope(q, k, positions, cache, *norms[:3 if with_norm else 0]),
-                                qk_norm_rope_reference(q, k, positions, cache, *norms[:3 if with_norm else 0])):
+    norms = (randn(128, dtype=torch.bfloat16, seed=5), randn(128, dtype=torch.bfloat16, seed=6), 1e-6) \
+        if with_norm else ()
+    for actual, expected in zip(qk_norm_rope(q, k, positions, cache, *norms),
+                                qk_norm_rope_reference(q, k, positions, cache, *norms)):
         assert_close(actual, expected)
     gate_up = randn(37, 2 * 12288, dtype=torch.bfloat16, seed=7) * 4
     assert_close(silu_and_mul(gate_up), silu_and_mul_reference(gate_up))

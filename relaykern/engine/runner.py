@@ -77,11 +77,12 @@ class ModelRunner:
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
         # step at once (they share no memory).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # The torch backend's references read sequence lengths on the host, which a CUDA graph cannot capture.
-        capturable = self.device.type == "cuda" and self.backend == "triton"
+        # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
+        # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here.
+        triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
         with self.scope():
-            self.graphs = DecodeGraphs(self) if capturable and config.cuda_graphs else None
-            if self.device.type == "cuda" and self.backend == "triton":
+            self.graphs = DecodeGraphs(self) if triton_on_gpu and config.cuda_graphs else None
+            if triton_on_gpu:
                 self._compile_forward_variants()
         self._wait_for_default_stream()
 

@@ -53,4 +53,5 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise ValueError("Attention has no KV cache: call model.bind_kv_cache(pool) before forward")
         ctx.ops.store_kv(k, v, self.kv_cache, ctx.slot_mapping)
-        return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len, self.scale)
+        return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len,
+                                 self.scale)
