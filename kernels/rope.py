@@ -1,17 +1,21 @@
-"""Rotary embedding of q and k, with Qwen3's per-head RMSNorm before it: one Triton kernel and its torch reference.
+"""Rotary embedding of q and k, with Qwen3's per-head RMSNorm before it, and the K/V store of the paged cache: one
+Triton kernel and its torch reference.
 
 Neox-style RoPE (each head's two halves rotate together): ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``, with
 ``cos_sin_cache[p] = [cos(p * inv_freq), sin(p * inv_freq)]`` (fp32, ``[max_position, head_dim]``). As in HF, cos
 and sin are cast to the activations' dtype and every product and sum is rounded to it; the per-head norm (weights
 given) is RMSNorm over head_dim. Unfused, norm and rotation of q and k take about thirty kernels per layer.
 
-q and k may be strided views of the fused qkv projection's output; the results are new contiguous tensors.
+Rotated k and v go straight to their slots of the layer's paged cache (``relaykern.kernels.store_kv``'s layout and
+slot convention, -1 = not stored): k is never written anywhere else, and the store costs no launch of its own.
+q, k and v may be strided views of the fused qkv projection's output; the rotated q is a new contiguous tensor.
 """
 import torch
 import triton
 import triton.language as tl
 
 from relaykern.kernels.rms_norm import rms_norm_reference
+from relaykern.kernels.store_kv import check_store_inputs, store_kv_reference
 
 
 @triton.jit
@@ -21,27 +25,38 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr, q_weight_ptr, k_weight_ptr, eps,
-    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cache,
+def _qk_norm_rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, cache_ptr, slot_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
+    stride_cache_kv, stride_cache_slot, stride_cache_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
 ):
-    # Program (token, head): heads 0..Hq-1 are q's, the next Hkv are k's.
+    # Program (token, head): heads 0..Hq-1 are q's (rotated into q_out), the next Hkv k's (rotated into the cache),
+    # the last Hkv v's (copied into the cache).
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
     offs = tl.arange(0, BLOCK_HALF)
     mask = offs < half
     dtype = q_out_ptr.dtype.element_ty
-    if head < NUM_Q_HEADS:
+    if head >= NUM_Q_HEADS:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot < 0:
+            return
+        kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
+        dst = cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head
+        if head >= NUM_Q_HEADS + NUM_KV_HEADS:
+            src = v_ptr + token * stride_v_token + kv_head * stride_v_head
+            tl.store(dst + stride_cache_kv + offs, tl.load(src + offs, mask=mask), mask=mask)
+            tl.store(dst + stride_cache_kv + half + offs, tl.load(src + half + offs, mask=mask), mask=mask)
+            return
+        src = k_ptr + token * stride_k_token + kv_head * stride_k_head
+        weight_ptr = k_weight_ptr
+    else:
         src = q_ptr + token * stride_q_token + head * stride_q_head
         dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
         weight_ptr = q_weight_ptr
-    else:
-        src = k_ptr + token * stride_k_token + (head - NUM_Q_HEADS) * stride_k_head
-        dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
-        weight_ptr = k_weight_ptr
     x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
@@ -51,8 +66,8 @@ def _qk_norm_rope_kernel(
         x1 = _round(w1 * _round(x1 * inv_rms, dtype), dtype)
         x2 = _round(w2 * _round(x2 * inv_rms, dtype), dtype)
     position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = _round(tl.load(cache_ptr + position * stride_cache + offs, mask=mask, other=0.0), dtype)
-    sin = _round(tl.load(cache_ptr + position * stride_cache + half + offs, mask=mask, other=0.0), dtype)
+    cos = _round(tl.load(cos_sin_ptr + position * stride_cos_sin + offs, mask=mask, other=0.0), dtype)
+    sin = _round(tl.load(cos_sin_ptr + position * stride_cos_sin + half + offs, mask=mask, other=0.0), dtype)
     out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
     out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
     tl.store(dst + offs, out1.to(dtype), mask=mask)
@@ -75,24 +90,27 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
         raise ValueError(f"q_weight and k_weight must both be None or both [{head_dim}]")
 
 
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                 q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D] at ``positions`` [T] → rotated (normed first, if weights are given) copies."""
+def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       ) -> torch.Tensor:
+    """q [T, Hq, D], k and v [T, Hkv, D] at ``positions`` [T]: returns q rotated (normed first, if weights are
+    given); k, rotated likewise, and v go to ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at ``slot_mapping``."""
     _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
+    check_store_inputs(k, v, kv_cache, slot_mapping)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
     if num_tokens:
         has_norm = q_weight is not None
-        _qk_norm_rope_kernel[(num_tokens, num_q_heads + num_kv_heads)](
-            q, k, q_out, k_out, positions, cos_sin_cache, q_weight if has_norm else q, k_weight if has_norm else k,
-            eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        _qk_norm_rope_store_kernel[(num_tokens, num_q_heads + 2 * num_kv_heads)](
+            q, k, v, q_out, kv_cache, slot_mapping, positions, cos_sin_cache, q_weight if has_norm else q,
+            k_weight if has_norm else k, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, num_warps=1,
         )
-    return q_out, k_out
+    return q_out
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,12 +119,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                           q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's order: ``q_norm``/``k_norm`` (RMSNorm per head), then ``apply_rotary_pos_emb`` in the model dtype."""
+def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                 cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                 q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                                 eps: float = 1e-6) -> torch.Tensor:
+    """HF's order: ``q_norm``/``k_norm`` (RMSNorm per head), then ``apply_rotary_pos_emb`` in the model dtype; then
+    ``store_kv_reference`` of the rotated k and v."""
     _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
     if q_weight is not None:
         q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
     cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    store_kv_reference(apply_rotary(k, cos, sin), v, kv_cache, slot_mapping)
+    return apply_rotary(q, cos, sin)

@@ -3,6 +3,9 @@
 Cache layout of one layer: ``kv_cache[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 = K, 1 = V).
 Token t goes to slot ``s = slot_mapping[t]``, i.e. block ``s // block_size``, offset ``s % block_size``;
 ``s == -1`` means "do not store" (padding rows, e.g. of a CUDA-graph batch).
+
+The models store through ``relaykern.kernels.rope.qk_norm_rope_store`` (the same layout and checks, fused with the
+rotation of k); this kernel is the store alone, for callers that have k and v ready.
 """
 import torch
 import triton
@@ -42,7 +45,8 @@ def _store_kv_kernel(
     tl.store(dst + stride_cache_kv, value, mask=mask)
 
 
-def _check_inputs(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def check_store_inputs(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
     check_kv_cache(kv_cache)
     if key.shape != value.shape or key.dim() != 3 or key.shape[1:] != kv_cache.shape[3:]:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be "
@@ -58,7 +62,7 @@ def _check_inputs(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache[0].flat_slot[slot_mapping[t]] = key[t] and likewise V, skipping slot -1. key/value: [T, Hkv, D]
     (head_dim contiguous; token/head strides may be those of a fused qkv view)."""
-    _check_inputs(key, value, kv_cache, slot_mapping)
+    check_store_inputs(key, value, kv_cache, slot_mapping)
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key/value need a contiguous last (head_dim) dimension; call .contiguous() first")
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -76,7 +80,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
     """Plain-torch store_kv: index_copy into the [num_blocks * block_size, Hkv, D] view of K and of V."""
-    _check_inputs(key, value, kv_cache, slot_mapping)
+    check_store_inputs(key, value, kv_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     kv_cache[0].view(-1, *kv_cache.shape[3:]).index_copy_(0, slots, key[keep])

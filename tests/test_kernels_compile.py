@@ -119,8 +119,9 @@ def _cases() -> list[Case]:
             cases.append(Case(f"rms_norm-{_name(dtype)}-h{hidden}-residual{int(residual)}", "rms_norm",
                               dict(dtype=dtype, hidden=hidden, residual=residual)))
         for with_norm in (True, False):
-            cases.append(Case(f"qk_norm_rope-{_name(dtype)}-h{heads[0]}x{heads[1]}-d{head_dim}-norm{int(with_norm)}",
-                              "qk_norm_rope", dict(dtype=dtype, heads=heads, head_dim=head_dim, with_norm=with_norm)))
+            cases.append(Case(f"qk_norm_rope_store-{_name(dtype)}-h{heads[0]}x{heads[1]}-d{head_dim}-"
+                              f"norm{int(with_norm)}", "qk_norm_rope_store",
+                              dict(dtype=dtype, heads=heads, head_dim=head_dim, with_norm=with_norm)))
         cases.append(Case(f"silu_and_mul-{_name(dtype)}-i{intermediate}", "silu_and_mul",
                           dict(dtype=dtype, intermediate=intermediate)))
     for batch in (1, 48):
@@ -162,14 +163,16 @@ def _launch_rms_norm(dtype, hidden, residual) -> None:
     rms_norm.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.zeros_like(x) if residual else None)
 
 
-def _launch_qk_norm_rope(dtype, heads, head_dim, with_norm) -> None:
-    # As the model passes them: q and k views of the fused qkv projection.
+def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm) -> None:
+    # As the model passes them: q, k and v views of the fused qkv projection, int64 slots.
     num_q_heads, num_kv_heads = heads
     qkv = torch.zeros(3, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
-    q = qkv[:, :num_q_heads * head_dim].view(3, num_q_heads, head_dim)
-    k = qkv[:, num_q_heads * head_dim:(num_q_heads + num_kv_heads) * head_dim].view(3, num_kv_heads, head_dim)
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    k, v = (t.view(3, num_kv_heads, head_dim) for t in (k, v))
+    kv_cache = torch.zeros(2, 2, 16, num_kv_heads, head_dim, dtype=dtype)
     norms = (torch.ones(head_dim, dtype=dtype), torch.ones(head_dim, dtype=dtype), 1e-6) if with_norm else ()
-    rope.qk_norm_rope(q, k, torch.zeros(3, dtype=torch.int64), torch.zeros(64, head_dim), *norms)
+    rope.qk_norm_rope_store(q.view(3, num_q_heads, head_dim), k, v, torch.zeros(3, dtype=torch.int64),
+                            torch.zeros(64, head_dim), kv_cache, torch.arange(3), *norms)
 
 
 def _launch_silu_and_mul(dtype, intermediate) -> None:
@@ -199,8 +202,8 @@ def _launch_sample(rows, want_logprobs) -> None:
 
 
 LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "rms_norm": _launch_rms_norm,
-             "qk_norm_rope": _launch_qk_norm_rope, "silu_and_mul": _launch_silu_and_mul, "detect": _launch_detect,
-             "inject": _launch_inject, "sample": _launch_sample}
+             "qk_norm_rope_store": _launch_qk_norm_rope_store, "silu_and_mul": _launch_silu_and_mul,
+             "detect": _launch_detect, "inject": _launch_inject, "sample": _launch_sample}
 
 
 def _kernel_modules() -> list:

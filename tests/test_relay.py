@@ -9,7 +9,7 @@ import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
-from relaykern.engine.cuda_graphs import DecodeGraphs
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.engine.runner import ModelRunner, Row
 from relaykern.reference import reference_generate
 
@@ -263,25 +263,31 @@ def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, to
     assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens
 
 
-@pytest.mark.parametrize("backend,requests", [("torch", 16), ("triton", 5)])
-def test_decode_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, backend, requests):
-    """The CUDA-graph decode path's buffer handling (padding rows, one input buffer per size, block tables of
-    growing width), replayed eagerly on the CPU: the same outputs as the plain path, through a pool that preempts."""
+@pytest.mark.parametrize("backend,requests,max_tokens", [("torch", 16, 64), ("triton", 5, 16)])
+def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, backend, requests, max_tokens):
+    """The CUDA-graph path's buffer handling (padding rows and tokens, one input buffer per shape, block tables of
+    growing width), replayed eagerly on the CPU: the same outputs as the plain path, through a pool that preempts.
+    Decode steps and extend steps (prompts, catch-ups, both mixed with decode rows) both go through the graphs
+    (``max_tokens`` per forward: longer prompts are chunked; under the interpreter, fewer graph shapes)."""
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 30))] for _ in range(requests)]
     samplings = [random_script(rng, tokenizer) for _ in prompts]
 
     def run(graphs: bool):
-        config = EngineConfig(device="cpu", block_size=4, num_blocks=40, max_num_seqs=6, attention_backend=backend)
+        config = EngineConfig(device="cpu", block_size=4, num_blocks=40, max_num_seqs=6, attention_backend=backend,
+                              max_num_batched_tokens=max_tokens)
         engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
         replays = []
         if graphs:
             for runner in (engine.slm, engine.llm):
-                runner.graphs = DecodeGraphs(runner, capture=False)
+                runner.graphs = StepGraphs(runner, capture=False)
                 replays.append(record_calls(runner.graphs, "run"))
-        return [comparable(o) for o in engine.generate(prompts, samplings)], [len(calls) for calls in replays]
+        return [comparable(o) for o in engine.generate(prompts, samplings)], replays
 
     plain, _ = run(graphs=False)
     replayed, replays = run(graphs=True)
     assert replayed == plain
-    assert min(replays) >= 2 and max(replays) >= 10  # both models decoded through the graph buffers
+    shapes = [[call[0] for call in calls] for calls in replays]
+    assert all(sum(s.decode for s in model) >= 2 for model in shapes)  # both models decoded through the graphs
+    assert all(sum(not s.decode for s in model) >= 1 for model in shapes)  # and caught up / prefilled
+    assert any(not s.decode and s.batch > 1 for model in shapes for s in model)  # a mixed or batched extend

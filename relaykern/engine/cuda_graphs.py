@@ -1,14 +1,24 @@
-"""CUDA graphs for decode steps (one new token per row), captured at start-up for batch sizes 1, 2, 4, 8, 16, 32,
-… up to ``max_num_seqs``. At small batch a decode step is launch-bound: one replay replaces hundreds of launches.
-A graph holds the whole step from its inputs to the logits (injection, KV slots and sequence lengths, the model,
-the LM head), so the host's work per step is two copies (the rows' tokens and positions; their block tables) and
-the replay; the sampler then runs on the graph's logits.
+"""CUDA graphs of whole forward steps, captured at start-up (on GPU only; the CPU path runs eagerly).
 
-A batch of B rows replays the smallest captured size S >= B. Rows B..S are padding, marked by position -1: they
-store no K/V (slot -1) and attend to nothing (sequence length 0). Each size has its own input buffers, so a replay
-never sees rows left by another size. The block-table buffer is as wide as the longest sequence the model accepts
-(the decode kernel's split count, chosen from that width, is fixed per graph); entries past a row's own blocks may
-be stale but are never read, since a row reads only the blocks its sequence length covers.
+A small step is launch-bound: one replay replaces hundreds of launches. Two families are captured:
+
+- **decode**: B rows of one token each, for B = 1, 2, 4, ..., ``max_num_seqs`` (the decode attention kernel);
+- **extend**: up to B rows of any lengths, T tokens in all, for T = 16 ... 256 and B = 1, 2, 4, ... 64 (the
+  extend attention kernel, its tile sized for T): the relay's catch-ups (the LLM reading a short SLM run, the SLM
+  reading the LLM's N tokens), alone or packed beside decode rows, and short prompts.
+
+A graph holds the whole step from its inputs to the logits (injection, KV slots and sequence lengths, the model,
+the LM head), so the host's work per step is two copies (one packed int64 vector: token ids, row bounds, row start
+positions, the real token count; the block tables) and the replay; the sampler then runs on the graph's logits.
+
+A step replays the smallest captured shape that holds it; the rest is padding. Padding rows have start -1: they
+attend to nothing (sequence length 0). Padding tokens (the token count is a device scalar) store no K/V (slot -1).
+In a decode shape each padding row owns one padding token; in an extend shape the rows between the real ones and
+the last own none, and the last row (always padding: an extend shape has one row more than the batch it serves)
+owns every padding token. Each shape has its own buffers, so a replay never sees rows left by another shape. The
+block-table buffer is as wide as the longest sequence the model accepts (the attention kernels' split count,
+chosen from that width, is fixed per graph); entries past a row's own blocks may be stale but are never read,
+since a row reads only the blocks its sequence length covers.
 
 ``capture=False`` "replays" by running the same step eagerly on the same buffers: CPU tests check the buffer
 handling with it, where CUDA graphs do not exist.
@@ -16,6 +26,7 @@ handling with it, where CUDA graphs do not exist.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,75 +38,126 @@ if TYPE_CHECKING:
     from relaykern.engine.runner import ModelRunner
 
 PADDING = -1
-"""The position of a padding row."""
+"""The start position of a padding row."""
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+EXTEND_TOKENS = (16, 32, 64, 128, 256)
+MAX_EXTEND_BATCH = 64
+"""Extend graphs serve small batches, where a mixed step is launch-bound; larger mixed steps run eagerly (each
+graph's logits buffer costs rows x vocab x 4 bytes)."""
 
 
-class DecodeGraphs:
+@dataclass(frozen=True)
+class GraphShape:
+    rows: int
+    """Row slots (the batch served, plus one padding row for an extend shape)."""
+    tokens: int
+    decode: bool
+
+    @property
+    def batch(self) -> int:
+        """The most real rows it serves."""
+        return self.rows if self.decode else self.rows - 1
+
+
+def capture_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[GraphShape]:
+    """Every shape to capture, largest first (the smaller ones then reuse its memory pool)."""
+    decode_sizes = _batch_sizes(max_num_seqs)
+    extend_sizes = _batch_sizes(min(max_num_seqs, MAX_EXTEND_BATCH))
+    shapes = [GraphShape(size, size, True) for size in decode_sizes]
+    shapes += [GraphShape(batch + 1, tokens, False) for tokens in EXTEND_TOKENS if tokens <= max_num_batched_tokens
+               for batch in extend_sizes if batch <= tokens]
+    return sorted(shapes, key=lambda s: (s.tokens, s.rows), reverse=True)
+
+
+def _batch_sizes(largest: int) -> list[int]:
+    sizes = [size for size in BATCH_SIZES if size <= largest]
+    return sizes if sizes[-1] == largest else sizes + [largest]
+
+
+class StepGraphs:
     def __init__(self, runner: "ModelRunner", capture: bool = True) -> None:
         self.model = runner.model
         self.block_size = runner.block_size
         self.backend = runner.backend
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
-        max_bs = runner.config.max_num_seqs
-        self.sizes = [bs for bs in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if bs <= max_bs]
-        if self.sizes[-1] < max_bs:
-            self.sizes.append(max_bs)
+        config = runner.config
+        self.shapes = capture_shapes(config.max_num_seqs, config.max_num_batched_tokens)
         device = runner.device
-        self.cu_rows = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)  # one row per token
-        self.inputs: dict[int, torch.Tensor] = {}  # size -> int64 [2, size]: token ids, positions
-        self.tables: dict[int, torch.Tensor] = {}  # size -> int32 [size, max_blocks_per_seq]
-        self.logits: dict[int, torch.Tensor] = {}  # size -> fp32 [size, vocab], written by each replay
+        self.token_index = torch.arange(max(s.tokens for s in self.shapes), device=device)
+        self.inputs: dict[GraphShape, torch.Tensor] = {}  # int64: ids [tokens], cu [rows + 1], start [rows], total
+        self.tables: dict[GraphShape, torch.Tensor] = {}  # int32 [rows, max_blocks_per_seq]
+        self.logits: dict[GraphShape, torch.Tensor] = {}  # fp32 [rows, vocab], written by each replay
         self.replays = {}
         pool = None
-        for size in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory pool
-            self.inputs[size] = torch.tensor([[0] * size, [PADDING] * size], dtype=torch.int64, device=device)
-            self.tables[size] = torch.zeros(size, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
-            self.logits[size] = self._step(size)  # warm-up: compiles and autotunes outside the capture
+        for shape in self.shapes:
+            self.inputs[shape] = torch.tensor(self._pack(shape, [], []), dtype=torch.int64, device=device)
+            self.tables[shape] = torch.zeros(shape.rows, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+            self.logits[shape] = self._step(shape)  # warm-up: compiles and autotunes outside the capture
             if capture:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    self.logits[size] = self._step(size)
+                    self.logits[shape] = self._step(shape)
                 pool = graph.pool()
-                self.replays[size] = graph.replay
+                self.replays[shape] = graph.replay
             else:
-                self.replays[size] = functools.partial(self._eager_replay, size)
+                self.replays[shape] = functools.partial(self._eager_replay, shape)
         if capture:
             torch.cuda.synchronize(device)
 
-    def _step(self, size: int) -> torch.Tensor:
-        """The captured work: the size's input buffers → its logits."""
-        token_ids, positions = self.inputs[size]
-        real = positions != PADDING
-        start = positions.clamp(min=0).to(torch.int32)
-        injected = self.inject(token_ids, self.cu_rows[:size + 1], start, self.tables[size], self.block_size)
+    @staticmethod
+    def _pack(shape: GraphShape, tokens: list[list[int]], starts: list[int]) -> list[int]:
+        """The host side of a shape's input buffer for real rows ``tokens`` starting at ``starts``."""
+        batch, total = len(tokens), sum(len(t) for t in tokens)
+        cu = [0]
+        for row in tokens:
+            cu.append(cu[-1] + len(row))
+        if shape.decode:
+            cu += list(range(total + 1, shape.rows + 1))
+        else:
+            cu += [total] * (shape.rows - 1 - batch) + [shape.tokens]
+        ids = [t for row in tokens for t in row]
+        return ids + [0] * (shape.tokens - total) + cu + starts + [PADDING] * (shape.rows - batch) + [total]
+
+    def _step(self, shape: GraphShape) -> torch.Tensor:
+        """The captured work: the shape's input buffers → its logits."""
+        buffer, rows, tokens = self.inputs[shape], shape.rows, shape.tokens
+        cu = buffer[tokens:tokens + rows + 1].to(torch.int32)
+        start = buffer[tokens + rows + 1:tokens + 2 * rows + 1]
+        real_tokens = self.token_index[:tokens] < buffer[-1]
+        start_pos = start.clamp(min=0).to(torch.int32)
+        injected = self.inject(buffer[:tokens], cu, start_pos, self.tables[shape], self.block_size)
         ctx = AttentionContext(
-            slot_mapping=torch.where(real, injected.slot_mapping, -1),
-            block_tables=self.tables[size],
-            seq_lens=torch.where(real, start + 1, 0).to(torch.int32),
-            cu_seqlens_q=self.cu_rows[:size + 1],
-            max_q_len=1,
+            slot_mapping=torch.where(real_tokens, injected.slot_mapping, -1),
+            block_tables=self.tables[shape],
+            seq_lens=torch.where(start != PADDING, start_pos + (cu[1:] - cu[:-1]), 0).to(torch.int32),
+            cu_seqlens_q=cu,
+            max_q_len=1 if shape.decode else tokens,
             backend=self.backend,
         )
-        return self.model.compute_logits(self.model(injected.input_ids, injected.positions, ctx))
+        hidden = self.model(injected.input_ids, injected.positions, ctx)
+        if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)
+            hidden = hidden[(cu[1:] - 1).long()]
+        return self.model.compute_logits(hidden)
 
-    def _eager_replay(self, size: int) -> None:
-        self.logits[size].copy_(self._step(size))
+    def _eager_replay(self, shape: GraphShape) -> None:
+        self.logits[shape].copy_(self._step(shape))
 
-    def fits(self, batch_size: int) -> bool:
-        return batch_size <= self.sizes[-1]
+    def shape_for(self, lengths: list[int]) -> GraphShape | None:
+        """The smallest captured shape holding rows of these token counts; None if none does."""
+        decode = all(n == 1 for n in lengths)
+        total = sum(lengths)
+        fitting = [s for s in self.shapes if s.decode == decode and s.batch >= len(lengths) and s.tokens >= total]
+        return min(fitting, key=lambda s: (s.tokens, s.rows), default=None)
 
-    def run(self, token_ids: list[int], positions: list[int], block_tables: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of B decode rows: each row's new token, its position, its block table (host int32
-        [B, width], width <= max_blocks_per_seq). The result is a view of the graph's buffer, valid until the
-        next replay of that size."""
-        bs = len(token_ids)
-        size = next(s for s in self.sizes if s >= bs)
-        pad = size - bs
-        host = torch.tensor([token_ids + [0] * pad, positions + [PADDING] * pad], dtype=torch.int64,
-                            pin_memory=self.pin)
-        self.inputs[size].copy_(host, non_blocking=True)
+    def run(self, shape: GraphShape, tokens: list[list[int]], starts: list[int], block_tables: torch.Tensor
+            ) -> torch.Tensor:
+        """Logits [B, vocab] of B rows (each: its new tokens, the position of the first, its block table: host int32
+        [B, width], width <= max_blocks_per_seq), from the last token of each row. The result is a view of the
+        graph's buffer, valid until the next replay of that shape."""
+        host = torch.tensor(self._pack(shape, tokens, starts), dtype=torch.int64, pin_memory=self.pin)
+        self.inputs[shape].copy_(host, non_blocking=True)
         tables = block_tables.pin_memory() if self.pin else block_tables
-        self.tables[size][:bs, :tables.shape[1]].copy_(tables, non_blocking=True)
-        self.replays[size]()
-        return self.logits[size][:bs]
+        self.tables[shape][:len(tokens), :tables.shape[1]].copy_(tables, non_blocking=True)
+        self.replays[shape]()
+        return self.logits[shape][:len(tokens)]

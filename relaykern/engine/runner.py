@@ -16,7 +16,7 @@ import torch
 
 from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
-from relaykern.engine.cuda_graphs import DecodeGraphs
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
@@ -78,12 +78,14 @@ class ModelRunner:
         # step at once (they share no memory).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
-        # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here.
+        # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here. The eager
+        # variants first, while no graph would take the warm-up's forwards.
         triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
+        self.graphs: StepGraphs | None = None
         with self.scope():
-            self.graphs = DecodeGraphs(self) if triton_on_gpu and config.cuda_graphs else None
             if triton_on_gpu:
                 self._compile_forward_variants()
+                self.graphs = StepGraphs(self) if config.cuda_graphs else None
         self._wait_for_default_stream()
 
     def _compile_forward_variants(self) -> None:
@@ -151,10 +153,11 @@ class ModelRunner:
         return result
 
     def _execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.graphs is not None and all(len(row.tokens) == 1 for row in rows) and self.graphs.fits(len(rows)):
+        shape = self.graphs.shape_for([len(row.tokens) for row in rows]) if self.graphs is not None else None
+        if shape is not None:
             tables = self.blocks.block_tables([row.seq_id for row in rows],
-                                              max(self.blocks_needed(row.start + 1) for row in rows))
-            logits = self.graphs.run([row.tokens[0] for row in rows], [row.start for row in rows], tables)
+                                              max(self.blocks_needed(row.start + len(row.tokens)) for row in rows))
+            logits = self.graphs.run(shape, [row.tokens for row in rows], [row.start for row in rows], tables)
         else:
             ctx, input_ids, positions = self._prepare(rows)
             hidden = self.model(input_ids, positions, ctx)
@@ -193,9 +196,15 @@ class ModelRunner:
 
     @staticmethod
     def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """A processor that hands back the row it was given costs no device copy (most steps of a scripted one)."""
         for i, row in enumerate(rows):
-            for processor in row.sampling.logits_processors if row.samples else ():
-                logits[i] = processor(list(row.history), logits[i])
+            if not row.samples or not row.sampling.logits_processors:
+                continue
+            given = current = logits[i]
+            for processor in row.sampling.logits_processors:
+                current = processor(list(row.history), current)
+            if current is not given:
+                logits[i] = current
         return logits
 
     def _sampling_batch(self, rows: list[Row]) -> SamplingBatch | None:

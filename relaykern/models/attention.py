@@ -1,4 +1,4 @@
-"""Paged attention glue: one step's metadata, and the layer that writes K/V into the pool and attends over it."""
+"""Paged attention glue: one step's metadata, and the layer that attends over the pool."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +36,8 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Stores this step's K/V in the layer's slice of the pool, then attends from q over the whole cache.
+    """Attends from q over the layer's slice of the pool, which holds this step's K/V already (the model's
+    ``qk_norm_rope_store`` wrote them).
 
     ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), bound by the runner
     through the model's ``bind_kv_cache``; the layer owns no memory of its own.
@@ -46,12 +47,19 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
-        self.kv_cache: torch.Tensor | None = None
+        self._kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` → ``[T, Hq, D]``."""
-        if self.kv_cache is None:
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        if self._kv_cache is None:
             raise ValueError("Attention has no KV cache: call model.bind_kv_cache(pool) before forward")
-        ctx.ops.store_kv(k, v, self.kv_cache, ctx.slot_mapping)
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, cache: torch.Tensor) -> None:
+        self._kv_cache = cache
+
+    def forward(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """q ``[T, Hq, D]`` → ``[T, Hq, D]``."""
         return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len,
                                  self.scale)

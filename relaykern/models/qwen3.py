@@ -38,8 +38,9 @@ class Qwen3Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-        q, k = ctx.ops.qk_norm_rope(q, k, positions, rope.cos_sin_cache, *norms)
-        o = self.attn(q, k, v, ctx)
+        q = ctx.ops.qk_norm_rope_store(q, k, v, positions, rope.cos_sin_cache, self.attn.kv_cache, ctx.slot_mapping,
+                                       *norms)
+        o = self.attn(q, ctx)
         return self.o_proj(o.flatten(1))
 
 
