@@ -54,6 +54,9 @@ class Preset:
     the LLM running whenever it has work and once batching calls (the two ``llm_batch_*`` knobs of RelayConfig)."""
     llm_batch_wait_steps: int
     llm_batch_min_rows: int
+    llm_prefetch_tokens: int
+    """RelayConfig.llm_prefetch_tokens of the extra runs that let the LLM read prompts ahead (the 1 % workload and
+    the baseline workload again; 0: no such runs)."""
     alone_tokens: int
     """Tokens of the one-request SLM decode compared with HF ``generate`` (the issue's 21.5 ms/token at bs1)."""
     repeats: int
@@ -77,7 +80,8 @@ TINY = Preset(
     name="tiny", device="cpu", dtype="float32", decode_batch_sizes=(1, 4, 16), decode_context=64,
     prefill_length=512, catchup_lengths=(16, 64, 256), catchup_context=256, call_lengths=(1, 10), relay_batch=16,
     prompt_length=32, long_prompt_length=256, max_tokens=200, call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05,
-    reference_requests=2, staggered=True, llm_batch_wait_steps=8, llm_batch_min_rows=4, alone_tokens=64,
+    reference_requests=2, staggered=True, llm_batch_wait_steps=8, llm_batch_min_rows=4, llm_prefetch_tokens=64,
+    alone_tokens=64,
     repeats=5, throughput_repeats=3, copy_mib=256, num_blocks=2048, cpu_threads=1,
 )
 TINY_QUICK = dataclasses.replace(
@@ -91,7 +95,7 @@ GPU = Preset(
     prefill_length=4096, catchup_lengths=(16, 64, 256, 512, 1024, 2048), catchup_context=2048,
     call_lengths=(1, 10, 100), relay_batch=64, prompt_length=128, long_prompt_length=1536, max_tokens=512,
     call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05, reference_requests=1, staggered=True,
-    llm_batch_wait_steps=16, llm_batch_min_rows=8, alone_tokens=128, repeats=5, throughput_repeats=1,
+    llm_batch_wait_steps=16, llm_batch_min_rows=8, llm_prefetch_tokens=1024, alone_tokens=128, repeats=5, throughput_repeats=1,
     copy_mib=2048, kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
 )
 GPU_QUICK = dataclasses.replace(

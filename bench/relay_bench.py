@@ -15,11 +15,13 @@ against the ideal token-weighted mix of the two models' decode speeds at the sam
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from relaykern.config import RelayConfig
 from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
@@ -63,6 +65,27 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
         "slm_catchup": [{"n": n, "ms": ms} for n, ms in slm_catchup.items()],
         "relays": relays,
     }
+
+
+RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens")
+"""The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
+
+
+def prefetching(relay: RelayConfig, preset) -> RelayConfig:
+    """``relay`` with the LLM reading prompts ahead, as the preset's prefetch runs do."""
+    return dataclasses.replace(relay, llm_prefetch_tokens=preset.llm_prefetch_tokens)
+
+
+@contextlib.contextmanager
+def using_relay(engine: RelayEngine, relay: RelayConfig | None) -> Iterator[dict]:
+    """Runs the block with ``engine.relay = relay`` (None: the engine's own), restored after; yields the knobs to
+    record beside the figures (none for the engine's own)."""
+    kept = engine.relay
+    engine.relay = relay or kept
+    try:
+        yield {} if relay is None else {knob: getattr(relay, knob) for knob in RELAY_KNOBS}
+    finally:
+        engine.relay = kept
 
 
 def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
@@ -117,27 +140,23 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     slm_only = median_run(engine, workloads(0.0), "slm-only", preset.throughput_repeats)
     slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
     runs = []
+    eager = engine.relay
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
+    if preset.llm_prefetch_tokens:
+        named.append(("prefetching, aligned 1.0%", 0.01, False, prefetching(eager, preset)))
     if preset.staggered:
-        batched = dataclasses.replace(engine.relay, llm_batch_wait_steps=preset.llm_batch_wait_steps,
+        batched = dataclasses.replace(eager, llm_batch_wait_steps=preset.llm_batch_wait_steps,
                                       llm_batch_min_rows=preset.llm_batch_min_rows)
         named += [("staggered 1.0%", 0.01, True, None), ("staggered 1.0% batched", 0.01, True, batched)]
-    eager = engine.relay
     for name, ratio, staggered, relay in named:
-        engine.relay = relay or eager
-        try:
-            figures = median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats)
-        finally:
-            engine.relay = eager
+        with using_relay(engine, relay) as knobs:
+            figures = dict(median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats), **knobs)
         figures["ideal_tokens_per_s"] = ideal_tokens_per_s(figures["ratio"], slm_decode, llm_decode)
         figures["of_ideal"] = figures["tokens_per_s"] / figures["ideal_tokens_per_s"]
         figures["of_slm_only"] = figures["tokens_per_s"] / slm_only["tokens_per_s"]
         catchup_s = figures["llm_prefill_tokens"] / llm_prefill_tokens_per_s
         ideal_s = figures["tokens"] / figures["ideal_tokens_per_s"] + catchup_s
         figures["of_ideal_with_catchup"] = ideal_s / figures["seconds"]
-        if relay is not None:
-            figures["llm_batch_wait_steps"] = relay.llm_batch_wait_steps
-            figures["llm_batch_min_rows"] = relay.llm_batch_min_rows
         runs.append(figures)
     return {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
             "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}

@@ -120,7 +120,8 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     from relaykern.bench.baselines import hf_baselines, official_style, release_memory
     from relaykern.bench.kernel_profile import decode_kernel_times
     from relaykern.bench.model_bench import engine_decode_alone, measure_model
-    from relaykern.bench.relay_bench import measure_latency, measure_throughput, run_workload
+    from relaykern.bench.relay_bench import (measure_latency, measure_throughput, prefetching, run_workload,
+                                             using_relay)
     from relaykern.bench.workloads import preset_workload
 
     device = torch.device(preset.device)
@@ -168,6 +169,14 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
                               "max_tokens": long_workload.max_tokens, "target_ratio": long_workload.target_ratio}}
     report["baselines"] = baselines
     ours = report.section("baseline_ours", lambda: run_workload(engine, long_workload), store=False)
+    if preset.llm_prefetch_tokens:  # same shape, other prompts (the first run's are in both prefix caches)
+        prefetch_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context, prefetching",
+                                            preset.baseline_ratio, long_prompts=True)
+        with using_relay(engine, prefetching(engine.relay, preset)) as knobs:
+            prefetched = report.section("baseline_ours_prefetching",
+                                        lambda: run_workload(engine, prefetch_workload)[0], store=False)
+        if prefetched is not None:
+            baselines["ours_prefetching"] = dict(prefetched, **knobs)
     del engine  # one system in memory at a time
     release_memory()
     if ours is None:

@@ -57,6 +57,12 @@ class RelayConfig:
         or for its next token) may wait up to ``llm_batch_wait_steps`` engine steps; the LLM runs as soon as one
         has waited that long, ``llm_batch_min_rows`` are waiting, or the SLM has nothing to do. 0 (default): the
         LLM runs every step it has work, the lowest latency.
+    llm_prefetch_tokens: while the LLM has no call to serve, it reads the prompts of running requests ahead of
+        their first call, up to this many tokens per forward, so that a call's catch-up covers only the SLM's text.
+        Its forwards run beside the SLM's on the LLM's own stream and the host never waits for them; they take only
+        free LLM KV blocks, and a pool under pressure takes them back first. They cost LLM compute and KV for
+        requests that never call. 0 (default): the LLM reads a prompt at the request's first call, as the
+        official code does. Outputs do not depend on it.
     """
 
     max_calls: int = 5
@@ -64,6 +70,7 @@ class RelayConfig:
     after_max_calls: Literal["continue", "finish"] = "continue"
     llm_batch_wait_steps: int = 0
     llm_batch_min_rows: int = 16
+    llm_prefetch_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_calls < 0:
@@ -72,6 +79,8 @@ class RelayConfig:
             raise ValueError(f"RelayConfig.max_call_tokens must be >= 1, got {self.max_call_tokens}")
         if self.llm_batch_wait_steps < 0:
             raise ValueError(f"RelayConfig.llm_batch_wait_steps must be >= 0, got {self.llm_batch_wait_steps}")
+        if self.llm_prefetch_tokens < 0:
+            raise ValueError(f"RelayConfig.llm_prefetch_tokens must be >= 0 (0 = off), got {self.llm_prefetch_tokens}")
         if self.llm_batch_min_rows < 1:
             raise ValueError(f"RelayConfig.llm_batch_min_rows must be >= 1, got {self.llm_batch_min_rows}")
         if self.after_max_calls not in ("continue", "finish"):

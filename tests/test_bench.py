@@ -53,7 +53,13 @@ def test_workloads_did_the_scripted_work(bench_run):
     _, report, _, _ = bench_run
     preset, throughput = report["preset"], report["relay_throughput"]
     batch, max_tokens = preset["relay_batch"], preset["max_tokens"]
-    assert len(throughput["runs"]) == len(preset["call_ratios"])
+    assert preset["llm_prefetch_tokens"] > 0 and not preset["staggered"]
+    assert [run["name"] for run in throughput["runs"]] == [f"aligned {r:.1%}" for r in preset["call_ratios"]] + [
+        "prefetching, aligned 1.0%"]
+    lazy, prefetching = throughput["runs"][1], throughput["runs"][-1]
+    assert prefetching["llm_prefetch_tokens"] == preset["llm_prefetch_tokens"]
+    # The LLM reads the same tokens, most of each prompt ahead of the call instead of at it.
+    assert (prefetching["calls"], prefetching["llm_prefill_tokens"]) == (lazy["calls"], lazy["llm_prefill_tokens"])
     for run in throughput["runs"] + [throughput["slm_only"]]:
         assert run["tokens"] == batch * max_tokens and run["finish_reasons"] == {"length": batch}
         assert run["ratio"] == pytest.approx(run["target_ratio"])
@@ -61,16 +67,17 @@ def test_workloads_did_the_scripted_work(bench_run):
     for run in throughput["runs"]:  # catch-up work can only add to the ideal time
         assert run["of_ideal_with_catchup"] >= run["of_ideal"] > 0
     base = report["baselines"]
-    assert base["ours"]["tokens"] == base["official_style"]["tokens"] == base["hf_generate_slm_only"]["tokens"]
+    assert base["ours"]["tokens"] == base["ours_prefetching"]["tokens"] == base["official_style"]["tokens"] == \
+        base["hf_generate_slm_only"]["tokens"]
     # Same relay, but the official-style mode re-reads the LLM's context on every call.
     assert base["official_style"]["llm_prefill_tokens"] >= base["ours"]["llm_prefill_tokens"]
     reference = base["reference_relay"]
     assert reference["identical_to_ours"] == reference["requests"] == preset["reference_requests"]
-    assert set(base["speedups"]) == {"vs_official_style", "vs_reference_relay", "slm_only_vs_hf_generate",
-                                     "alone_vs_hf_generate"}
+    assert set(base["speedups"]) == {"vs_official_style", "prefetching_vs_official_style", "vs_reference_relay",
+                                     "slm_only_vs_hf_generate", "alone_vs_hf_generate"}
     assert report["slm_alone"]["tokens"] == base["hf_generate_alone"]["tokens"] == preset["alone_tokens"]
     goals = report["goals"]
-    assert len(goals) == 7 and all(isinstance(g["met"], bool) for g in goals)
+    assert len(goals) == 9 and all(isinstance(g["met"], bool) for g in goals)
 
 
 def test_the_table_is_printed(bench_run):

@@ -31,10 +31,12 @@ def test_cuda_graph_decode_equals_transformers(slm_dir):
         assert out.token_ids == ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3)],
-                         ids=["eager", "batched_calls"])
+@pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3),
+                                   RelayConfig(llm_prefetch_tokens=3)],
+                         ids=["eager", "batched_calls", "prefetch"])
 def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
-    """Both models on their own streams, CUDA graphs, pinned readbacks: the reference relay's tokens."""
+    """Both models on their own streams, CUDA graphs (decode and ragged), pinned readbacks, LLM forwards that read
+    prompts ahead with nothing waiting for them: the reference relay's tokens."""
     engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=gpu_config(), llm_config=gpu_config())
     prompts = [text_tokens(tokenizer, f"Question {i}") for i in range(4)]
     samplings = [SamplingParams(temperature=0, max_tokens=32, logits_processors=[force_tokens(

@@ -57,8 +57,9 @@ def run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts, samplin
 
 
 @pytest.mark.parametrize("relay", [RelayConfig(max_call_tokens=6), RelayConfig(max_calls=1),
-                                   RelayConfig(max_calls=1, after_max_calls="finish")],
-                         ids=["capped", "max_calls_continue", "max_calls_finish"])
+                                   RelayConfig(max_calls=1, after_max_calls="finish"),
+                                   RelayConfig(llm_prefetch_tokens=7)],
+                         ids=["capped", "max_calls_continue", "max_calls_finish", "prefetch"])
 def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
     cases = scenarios(tokenizer)
     prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(len(cases))]
@@ -66,7 +67,8 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
                                     list(cases.values()), relay)
     for name, a, b in zip(cases, ours, theirs):
         assert comparable(a) == comparable(b), name
-        assert a.stats.llm_prefill_tokens <= b.stats.llm_prefill_tokens, name  # catch-up, not re-prefill
+        if not relay.llm_prefetch_tokens:  # (prefetching, the LLM also reads prompts of requests that never call)
+            assert a.stats.llm_prefill_tokens <= b.stats.llm_prefill_tokens, name  # catch-up, not re-prefill
     by_name = dict(zip(cases, ours))
     assert by_name["malformed"].finish_reason == "malformed_call"
     assert by_name["n_zero"].stats.calls == 0
@@ -135,10 +137,12 @@ def fresh_prefill_kv(path, tokens: list[int]) -> torch.Tensor:
     return gather_kv(runner, 0, len(tokens))
 
 
-@pytest.mark.parametrize("budget", [8192, 3], ids=["whole_rows", "chunks_of_3"])
-def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer, budget):
+@pytest.mark.parametrize("budget,prefetch", [(8192, 0), (3, 0), (8192, 2)],
+                         ids=["whole_rows", "chunks_of_3", "prefetch_2"])
+def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokenizer, budget, prefetch):
     config = EngineConfig(device="cpu", max_num_batched_tokens=budget)
-    engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+    engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(llm_prefetch_tokens=prefetch), slm_config=config,
+                         llm_config=config)
     script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)}
     seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=22))
     checked_llm = checked_slm_after_call = 0
@@ -176,14 +180,41 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
         return RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=config, llm_config=config)
 
     expected = [comparable(o) for o in engine(4096).generate(prompts, samplings)]
-    # Tight pools, with the LLM running whenever it has work and with calls held back to share its forwards.
-    for relay in (None, RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6)):
+    # Tight pools, with the LLM running whenever it has work, with calls held back to share its forwards, and
+    # with the LLM reading prompts ahead (taking free blocks, given back under pressure).
+    relays = (None, RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6), RelayConfig(llm_prefetch_tokens=9))
+    for relay in relays:
         tight = engine(30, relay)
         outs = tight.generate(prompts, samplings)
         assert [comparable(o) for o in outs] == expected
         assert sum(o.stats.calls for o in outs) > 100
         for runner in (tight.slm, tight.llm):
             assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+
+
+def test_llm_prefetch_reads_prompts_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
+    """RelayConfig.llm_prefetch_tokens: while the LLM serves no call it reads prompts ahead (5 tokens a forward
+    here, sampling nothing), so a late call's catch-up is only the SLM's run; the outputs are the lazy LLM's."""
+    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}? Think it through.") for i in range(3)]
+    samplings = [scripted({12: command_tokens(tokenizer, 3)}), scripted({}), scripted({4: command_tokens(tokenizer, 2)})]
+
+    def run(relay: RelayConfig):
+        engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu"),
+                             llm_config=EngineConfig(device="cpu"))
+        forwards = record_calls(engine.llm)
+        outs = engine.generate(prompts, samplings)
+        assert engine.llm.blocks.num_seqs == 0 and engine.llm.blocks.num_free_blocks == engine.llm.num_blocks
+        return outs, [rows for (rows,) in forwards]
+
+    lazy, _ = run(RelayConfig())
+    eager, forwards = run(RelayConfig(llm_prefetch_tokens=5))
+    assert [comparable(o) for o in eager] == [comparable(o) for o in lazy]
+    prefetches = [rows for rows in forwards if not any(row.samples for row in rows)]
+    assert prefetches and max(sum(len(row.tokens) for row in rows) for rows in prefetches) <= 5
+    late, never = eager[0].stats, eager[1].stats  # all but a prompt's last token read ahead
+    assert late.call_records[0].llm_catchup == lazy[0].stats.call_records[0].llm_catchup - len(prompts[0]) + 1
+    assert never.calls == 0 and never.llm_prefill_tokens == len(prompts[1]) - 1
+    assert lazy[1].stats.llm_prefill_tokens == 0
 
 
 def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, tokenizer):

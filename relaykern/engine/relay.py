@@ -15,6 +15,9 @@ Each ``step()`` launches two forwards before it waits on either:
 4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
    those tokens by id (same tokenizer: injection without re-encoding).
 
+A step in which the LLM has no call to serve may instead launch a forward reading ahead the prompts of sequences
+the SLM is serving (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
+
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
 from __future__ import annotations
@@ -77,6 +80,7 @@ class RelayEngine:
         models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
         self.scheduler = Scheduler(slm_config, models)
         self.steps = 0
+        self.prefetch_done: torch.cuda.Event | None = None
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
 
@@ -132,6 +136,8 @@ class RelayEngine:
         llm = None
         if self.llm is not None and self._llm_runs_now(slm_busy=slm is not None):
             llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
+        if self.llm is not None and llm is None and self.relay.llm_prefetch_tokens and not self.reprefill_llm:
+            self._prefetch()
         self.steps += 1
         if slm is not None:
             detected, logprobs = slm.readback.wait()
@@ -162,6 +168,23 @@ class RelayEngine:
         waiting = [s for s in self.scheduler.sequences() if s.phase is Phase.LLM]
         return bool(waiting) and (len(waiting) >= relay.llm_batch_min_rows or
                                   self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
+
+    def _prefetch(self) -> None:
+        """Launches an LLM forward over the next prompt tokens of sequences the SLM is serving; their LLM views
+        count them as cached at once (the LLM's later forwards follow on its stream). At most one is in flight, so
+        they never pile up ahead of a call's forward on that stream."""
+        if self.prefetch_done is not None and not self.prefetch_done.query():
+            return
+        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, self.relay.llm_prefetch_tokens)
+        if not rows:
+            return
+        with self.llm.scope():
+            if self._forward(self.llm, seqs, rows) is not None and self.llm.stream is not None:
+                self.prefetch_done = torch.cuda.Event()
+                self.prefetch_done.record(self.llm.stream)
+        for seq, row in zip(seqs, rows):  # the rows that ran (a failed one finished its request)
+            seq.llm.num_cached = row.start + len(row.tokens)
+            seq.stats.llm_prefill_tokens += len(row.tokens)
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""

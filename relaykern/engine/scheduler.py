@@ -5,14 +5,22 @@ token (decode) first, then the other running ones (catch-ups, prefills), oldest 
 ``max_num_seqs`` rows or ``max_num_batched_tokens`` tokens. A row feeds its view's uncached tokens; when they do
 not fit in what is left of the token budget, it feeds a chunk (chunked prefill: a long prompt or catch-up spreads
 over several steps and never stalls the decode rows), and only its last chunk samples. Blocks are taken from the
-model's C++ block manager just before the forward, for the tokens that forward computes and no more. When they run
-out, the newest running sequence that is not in this step's batch is preempted: both of its caches are freed and it
-is recomputed later from its token views (its tokens are never lost). Only sequences not yet in the batch are
-preempted, and a block is registered for prefix sharing only in the step that computes it, so no sequence ever
-shares a block whose KV is not written.
+model's C++ block manager just before the forward, for the tokens that forward computes and no more.
+
+When blocks run out, the pool makes room in two stages. First the newest running sequence that is in the other
+model's phase gives back its cache in this pool alone (a sequence the SLM is serving does not need the LLM's KV
+until its next call; both caches persist otherwise): that model recomputes its view when it next serves it. Else the
+newest running sequence in this phase that is in neither this step's batch nor the other model's forward is
+preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never
+lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
+block whose KV is not written.
+
+``schedule_prefetch`` fills the LLM's forwards while it has no call to serve with the prompts of sequences the
+SLM is serving (``RelayConfig.llm_prefetch_tokens``): free blocks only, never making room.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Callable, Iterator
 
@@ -53,25 +61,53 @@ class Scheduler:
         ``busy``: sequences in the other model's forward of this step, never preempted."""
         batch: list[Sequence] = []
         rows: list[Row] = []
-        admitted: set[int] = set()
-        keep = {s.request_id for s in busy}  # never preempted: this batch so far, and the other model's
+        in_batch: set[int] = set()
+        busy_ids = {s.request_id for s in busy}
         num_tokens = 0
         for seq in self._candidates(phase, view_of):
             view = view_of(seq)
             room = self.config.max_num_batched_tokens - num_tokens
             if len(rows) >= self.config.max_num_seqs or room <= 0:
                 break
-            if not self._reserve(seq, view, runner, keep, upto=view.num_cached + min(view.num_pending, room)):
+            protected = in_batch | {seq.request_id}
+            make_room = lambda: self._make_room(runner, view_of, phase, protected, busy_ids)  # noqa: E731
+            if not self._reserve(seq, view, runner, view.num_cached + min(view.num_pending, room), make_room):
                 break
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
             num_tokens += len(rows[-1].tokens)
-            admitted.add(seq.request_id)
-            keep.add(seq.request_id)
+            in_batch.add(seq.request_id)
+        self._start_running(in_batch)
+        return batch, rows
+
+    def schedule_prefetch(self, runner: ModelRunner, view_of: ViewOf, max_tokens: int
+                          ) -> tuple[list[Sequence], list[Row]]:
+        """Rows reading ahead into ``runner`` (the LLM) the prompts of running sequences the SLM is serving, oldest
+        first, at most ``max_tokens`` in all; they sample nothing. Free blocks only: a full pool ends the list.
+        A prompt's last token is left for the call's catch-up, whose last row must feed a token to sample from."""
+        batch: list[Sequence] = []
+        rows: list[Row] = []
+        num_tokens = 0
+        for seq in self.running:
+            view, ahead = view_of(seq), len(seq.prompt_ids) - 1
+            if seq.phase is not Phase.SLM or view is None or view.num_cached >= ahead:
+                continue
+            room = min(max_tokens, self.config.max_num_batched_tokens) - num_tokens
+            if len(rows) >= self.config.max_num_seqs or room <= 0:
+                break
+            if not self._reserve(seq, view, runner, min(ahead, view.num_cached + room), None):
+                break
+            if view.reserved == view.num_cached:  # all of it found in the prefix cache
+                continue
+            batch.append(seq)
+            rows.append(dataclasses.replace(self._row(seq, view, Phase.LLM), samples=False))
+            num_tokens += len(rows[-1].tokens)
+        return batch, rows
+
+    def _start_running(self, admitted: set[int]) -> None:
         if any(s.request_id in admitted for s in self.waiting):  # one pass, not one deque scan per sequence
             self.running += [s for s in self.waiting if s.request_id in admitted]
             self.waiting = deque(s for s in self.waiting if s.request_id not in admitted)
-        return batch, rows
 
     def _candidates(self, phase: Phase, view_of: ViewOf) -> Iterator[Sequence]:
         """The sequences in ``phase`` in scheduling order: running ones that decode, other running ones, waiting
@@ -87,9 +123,10 @@ class Scheduler:
         yield from others
         yield from waiting
 
-    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, keep: set[int], upto: int) -> bool:
+    def _reserve(self, seq: Sequence, view: ModelView, runner: ModelRunner, upto: int,
+                 make_room: Callable[[], bool] | None) -> bool:
         """Makes ``runner``'s block manager hold ``view.tokens[:upto]`` (the tokens computed by this step's forward
-        and before); preempts others if needed. False: try next step."""
+        and before), calling ``make_room`` while blocks are short (None: never). False: try next step."""
         blocks = runner.blocks
         if runner.blocks_needed(len(view.tokens)) > blocks.num_blocks:
             raise PoolTooSmall(f"request {seq.request_id} needs {runner.blocks_needed(len(view.tokens))} KV blocks "
@@ -108,12 +145,20 @@ class Scheduler:
                     return True
                 except OutOfBlocks:
                     pass
-            if not self._preempt_one(runner, exclude=keep | {seq.request_id}):
+            if make_room is None or not make_room():
                 return False
 
-    def _preempt_one(self, runner: ModelRunner, exclude: set[int]) -> bool:
+    def _make_room(self, runner: ModelRunner, view_of: ViewOf, phase: Phase, protected: set[int], busy: set[int]
+                   ) -> bool:
+        """Frees some of ``runner``'s blocks (see the module docstring); False if nothing may be freed."""
         for victim in reversed(self.running):
-            if victim.request_id not in exclude and runner.blocks.has_seq(victim.request_id):
+            if victim.phase is not phase and victim.request_id not in protected and \
+                    runner.blocks.has_seq(victim.request_id):
+                self.release_view(runner, victim, view_of(victim))
+                return True
+        for victim in reversed(self.running):
+            if victim.request_id not in protected and victim.request_id not in busy and \
+                    runner.blocks.has_seq(victim.request_id):
                 self.preempt(victim)
                 return True
         return False
