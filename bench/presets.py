@@ -95,8 +95,8 @@ GPU = Preset(
     prefill_length=4096, catchup_lengths=(16, 64, 256, 512, 1024, 2048), catchup_context=2048,
     call_lengths=(1, 10, 100), relay_batch=64, prompt_length=128, long_prompt_length=1536, max_tokens=512,
     call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05, reference_requests=1, staggered=True,
-    llm_batch_wait_steps=16, llm_batch_min_rows=8, llm_prefetch_tokens=1024, alone_tokens=128, repeats=5, throughput_repeats=1,
-    copy_mib=2048, kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
+    llm_batch_wait_steps=16, llm_batch_min_rows=8, llm_prefetch_tokens=1024, alone_tokens=128, repeats=5,
+    throughput_repeats=1, copy_mib=2048, kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
 )
 GPU_QUICK = dataclasses.replace(
     GPU, decode_batch_sizes=(1, 64), catchup_lengths=(16, 512, 2048), call_lengths=(1, 10), max_tokens=256,

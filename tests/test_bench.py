@@ -107,6 +107,8 @@ def test_preset_overrides():
                                               "kv_cache_gb=1.5,none"])
     assert (preset.decode_batch_sizes, preset.repeats, preset.staggered, preset.kv_cache_gb) == (
         (1, 16, 64), 2, True, (1.5, None))
-    for bad, message in [("device=cuda", "FIELD one of"), ("repeats=x", "not a value of repeats"), ("repeats", "expected FIELD=VALUE")]:
+    bad_overrides = [("device=cuda", "FIELD one of"), ("repeats=x", "not a value of repeats"),
+                     ("repeats", "expected FIELD=VALUE")]
+    for bad, message in bad_overrides:
         with pytest.raises(ValueError, match=message):
             get_preset("tiny", True, None, [bad])

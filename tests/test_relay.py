@@ -196,7 +196,8 @@ def test_llm_prefetch_reads_prompts_ahead_and_changes_no_output(slm_dir, llm_dir
     """RelayConfig.llm_prefetch_tokens: while the LLM serves no call it reads prompts ahead (5 tokens a forward
     here, sampling nothing), so a late call's catch-up is only the SLM's run; the outputs are the lazy LLM's."""
     prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}? Think it through.") for i in range(3)]
-    samplings = [scripted({12: command_tokens(tokenizer, 3)}), scripted({}), scripted({4: command_tokens(tokenizer, 2)})]
+    samplings = [scripted({12: command_tokens(tokenizer, 3)}), scripted({}),
+                 scripted({4: command_tokens(tokenizer, 2)})]
 
     def run(relay: RelayConfig):
         engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu"),
