@@ -4,7 +4,9 @@
 
 Figures: device-to-device copy bandwidth (the roofline), paged decode attention (bytes of K/V read per second, and
 that as a fraction of the copy bandwidth), paged extend attention against dense SDPA on the same shapes (SDPA reads
-a contiguous K/V with no block-table indirection: a yardstick, not a like-for-like), and store_kv. Each time is the
+a contiguous K/V with no block-table indirection: a yardstick, not a like-for-like), store_kv, and the batch-1
+projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the unfused norm/activation kernel + cuBLAS, and
+cuBLAS alone; weight bytes read per second as a fraction of the copy bandwidth). Each time is the
 median of triton.testing.do_bench (CUDA events, after warm-up). Prints a table and writes JSON with the device,
 versions and git commit.
 """
@@ -19,7 +21,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention.bias import causal_lower_right
 
+from relaykern.kernels.activation import silu_and_mul
 from relaykern.kernels.attention import paged_decode_attention, paged_extend_attention
+from relaykern.kernels.gemv import gemv
+from relaykern.kernels.rms_norm import rms_norm
 from relaykern.kernels.store_kv import store_kv
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -109,6 +114,38 @@ def bench_store(num_tokens: int, block_size: int, dtype: torch.dtype, rep_ms: in
     return {"name": f"store_kv T{num_tokens} block{block_size}", "ms": ms, "GB/s": moved / ms / 1e6}
 
 
+GEMV_SHAPES = [  # (model, projection, prologue, K, N)
+    ("1.7b", "qkv", "rms_norm", 2048, 4096), ("1.7b", "o", "none", 2048, 2048),
+    ("1.7b", "gate_up", "rms_norm", 2048, 12288), ("1.7b", "down", "silu_and_mul", 6144, 2048),
+    ("8b", "qkv", "rms_norm", 4096, 6144), ("8b", "o", "none", 4096, 4096),
+    ("8b", "gate_up", "rms_norm", 4096, 24576), ("8b", "down", "silu_and_mul", 12288, 4096),
+]
+
+
+def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype: torch.dtype, copy_gb_per_s: float,
+               rep_ms: int) -> dict:
+    x = torch.randn(1, 2 * k if prologue == "silu_and_mul" else k, device="cuda", dtype=dtype)
+    weight = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+    norm = dict(residual=torch.randn_like(x), norm_weight=torch.ones(k, device="cuda", dtype=dtype)) \
+        if prologue == "rms_norm" else {}
+    fused = bench_ms(lambda: gemv(x, weight, prologue=prologue, **norm), rep_ms)
+    unfused = bench_ms(lambda: gemv_reference_triton(x, weight, prologue, norm), rep_ms)
+    cublas = bench_ms(lambda: F.linear(x[:, :k], weight), rep_ms)
+    weight_gb_per_s = weight.numel() * weight.element_size() / fused / 1e6
+    return {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
+            "fraction_of_copy": weight_gb_per_s / copy_gb_per_s, "cublas_fraction_of_copy":
+            weight.numel() * weight.element_size() / cublas / 1e6 / copy_gb_per_s}
+
+
+def gemv_reference_triton(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm: dict) -> torch.Tensor:
+    """What the model runs without the fused kernel: the prologue's Triton kernel, then cuBLAS."""
+    if prologue == "rms_norm":
+        x = rms_norm(x, norm["norm_weight"], 1e-6, norm["residual"])[0]
+    elif prologue == "silu_and_mul":
+        x = silu_and_mul(x)
+    return F.linear(x, weight)
+
+
 def print_table(rows: list[dict]) -> None:
     for row in rows:
         figures = "  ".join(f"{key}={value:.4g}" for key, value in row.items() if key != "name")
@@ -130,6 +167,8 @@ def main() -> None:
         for num_tokens in (32, 2048):
             rows.append(bench_store(num_tokens, block_size, dtype, args.rep_ms))
         torch.cuda.empty_cache()
+    for shape in GEMV_SHAPES:
+        rows.append(bench_gemv(*shape, dtype, copy["GB/s"], args.rep_ms))
     print_table(rows)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "git_commit": git_commit(), "dtype": args.dtype, "heads": [NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM],

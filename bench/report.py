@@ -93,6 +93,11 @@ def format_table(report: dict) -> str:
             rows.append([role, "prefill", p["tokens"], p["ms"], "-", "-", p["tokens_per_s"]])
         lines += _rows(["model", "batch", "context", "ms", "roofline_ms", "of_roofline", "tokens/s"], rows)
         lines.append("  * the relay workload's batch and mean context: the decode speeds of the ideal mix")
+        for role, m in report["models"].items():
+            choice = m.get("batch1_projections", {})
+            if "gemv_ms" in choice:
+                lines.append(f"  {role} batch-1 projections: cuBLAS {choice['cublas_ms']:.3g} ms/step, fused GEMV "
+                             f"{choice['gemv_ms']:.3g} ms/step: {choice['chosen']} serves")
     for role, k in report.get("decode_kernels", {}).items():
         top = ", ".join(f"{x['name'][:28]} {x['ms_per_step']:.3g}" for x in k["top"][:4])
         lines.append(f"  {role} bs1 step: {k['kernels_per_step']:.0f} kernels, {k['kernel_ms_per_step']:.3g} ms of "

@@ -67,6 +67,19 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
     assert engine.generate(prompts, sampling)[0].token_ids == before
 
 
+@pytest.mark.parametrize("arch,backend", [("qwen3", "torch"), ("qwen3", "triton"), ("qwen2", "triton")])
+def test_one_row_steps_give_the_same_tokens_with_fused_gemv(checkpoints, arch, backend):
+    """Batch-1 decode steps with ``runner.gemv`` on (the projections as kernels/gemv.py, norms and SiLU folded in;
+    qwen2: with q/k/v biases) write the greedy tokens of the unfused path (the prompt's prefill is unfused in both)."""
+    def run(gemv_on: bool) -> list[int]:
+        engine = RelayEngine(checkpoints[arch], slm_config=EngineConfig(device="cpu", attention_backend=backend))
+        engine.slm.gemv = gemv_on
+        sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        return engine.generate(prompts_of([3]), sampling)[0].token_ids
+
+    assert run(True) == run(False)
+
+
 def test_logprobs_are_the_models(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompt = prompts_of([9])[0]

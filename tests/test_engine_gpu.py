@@ -5,6 +5,7 @@ import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.reference import reference_generate
 
 pytestmark = pytest.mark.gpu
@@ -17,15 +18,24 @@ def gpu_config(**kw) -> EngineConfig:
                         max_num_seqs=16, kv_cache_memory_gb=0.25, **kw)
 
 
-def test_cuda_graph_decode_equals_transformers(slm_dir):
+@pytest.mark.parametrize("gemv", [False, True], ids=["cublas", "fused_gemv"])
+def test_cuda_graph_decode_equals_transformers(slm_dir, gemv):
+    """Decode and ragged (prefill) graphs; batch-1 steps with each projection path (cuBLAS, fused GEMV), whichever
+    start-up chose."""
     engine = RelayEngine(slm_dir, slm_config=gpu_config())
-    assert engine.slm.graphs is not None
+    runner = engine.slm
+    assert runner.graphs is not None and set(runner.gemv_timing) == {"cublas_ms", "gemv_ms"}
+    if runner.gemv != gemv:
+        runner.gemv = gemv
+        with runner.scope():
+            runner.graphs = StepGraphs(runner)
     prompts = [[100 + i for i in range(n)] for n in (5, 17, 33)]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    outs += engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # batch 1
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(slm_dir, dtype=torch.float32, local_files_only=True).cuda().eval()
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts + prompts[:1], outs):
         ids = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
         assert out.token_ids == ids[0, len(prompt):].tolist()

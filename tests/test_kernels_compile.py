@@ -32,7 +32,7 @@ import torch
 import triton
 
 import relaykern.kernels
-from relaykern.kernels import activation, attention, detect, inject, rms_norm, rope, sample, store_kv
+from relaykern.kernels import activation, attention, detect, gemv, inject, rms_norm, rope, sample, store_kv
 
 TARGET = ("cuda", 90, 32)  # H100 / H200
 H100_SMS = 132  # choose_num_splits sizes the split-KV grid by the SM count
@@ -124,6 +124,20 @@ def _cases() -> list[Case]:
                               dict(dtype=dtype, heads=heads, head_dim=head_dim, with_norm=with_norm)))
         cases.append(Case(f"silu_and_mul-{_name(dtype)}-i{intermediate}", "silu_and_mul",
                           dict(dtype=dtype, intermediate=intermediate)))
+    # The batch-1 projections: every tile the GPU autotuner may pick, at Qwen3-1.7B widths (and one 8B case each);
+    # the tiny models' fp32 with the largest tile.
+    gemv_shapes = [("rms_norm", 2048, 4096, True, False), ("none", 2048, 2048, False, False),
+                   ("silu_and_mul", 6144, 2048, False, False)]
+    for (prologue, k, n, residual, bias), index in itertools.product(gemv_shapes, range(len(gemv.GPU_CONFIGS))):
+        cases.append(Case(f"gemv-bf16-{prologue}-k{k}-n{n}-tile{index}", "gemv", dict(
+            dtype=torch.bfloat16, prologue=prologue, k=k, n=n, residual=residual, bias=bias, tile=index)))
+    for prologue, k, n, residual, bias in [("rms_norm", 4096, 6144, True, True), ("silu_and_mul", 12288, 4096, False,
+                                                                                   False)]:
+        cases.append(Case(f"gemv-bf16-{prologue}-k{k}-n{n}-bias{int(bias)}", "gemv", dict(
+            dtype=torch.bfloat16, prologue=prologue, k=k, n=n, residual=residual, bias=bias, tile=-1)))
+    for prologue, k in (("rms_norm", 64), ("none", 64), ("silu_and_mul", 128)):
+        cases.append(Case(f"gemv-fp32-{prologue}-k{k}", "gemv", dict(
+            dtype=torch.float32, prologue=prologue, k=k, n=192, residual=True, bias=True, tile=-1)))
     for batch in (1, 48):
         cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
     for rows, block_size in ((1, 16), (40, 256)):
@@ -175,6 +189,19 @@ def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm) -> None:
                             torch.zeros(64, head_dim), kv_cache, torch.arange(3), *norms)
 
 
+def _launch_gemv(dtype, prologue, k, n, residual, bias, tile) -> None:
+    # The autotuner launches the kernel itself with each config's tile: here one config per case.
+    x = torch.zeros(1, 2 * k if prologue == "silu_and_mul" else k, dtype=dtype)
+    weight, out = torch.zeros(n, k, dtype=dtype), torch.zeros(1, n, dtype=dtype)
+    norm = dict(residual=torch.zeros(1, k, dtype=dtype) if residual else None, norm_weight=torch.zeros(k, dtype=dtype)
+                ) if prologue == "rms_norm" else dict(residual=None, norm_weight=None)
+    args, constexprs = gemv.launch_arguments(x, weight, torch.zeros(n, dtype=dtype) if bias else None, prologue,
+                                             eps=1e-6, out=out, residual_out=torch.zeros_like(x), **norm)
+    config = gemv.GPU_CONFIGS[tile]
+    gemv._gemv_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
+        *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def _launch_silu_and_mul(dtype, intermediate) -> None:
     activation.silu_and_mul(torch.zeros(3, 2 * intermediate, dtype=dtype))
 
@@ -203,7 +230,7 @@ def _launch_sample(rows, want_logprobs) -> None:
 
 LAUNCHERS = {"store_kv": _launch_store_kv, "attention": _launch_attention, "rms_norm": _launch_rms_norm,
              "qk_norm_rope_store": _launch_qk_norm_rope_store, "silu_and_mul": _launch_silu_and_mul,
-             "detect": _launch_detect, "inject": _launch_inject, "sample": _launch_sample}
+             "detect": _launch_detect, "inject": _launch_inject, "sample": _launch_sample, "gemv": _launch_gemv}
 
 
 def _kernel_modules() -> list:

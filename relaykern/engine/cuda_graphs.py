@@ -75,14 +75,17 @@ def _batch_sizes(largest: int) -> list[int]:
 
 
 class StepGraphs:
-    def __init__(self, runner: "ModelRunner", capture: bool = True) -> None:
+    def __init__(self, runner: "ModelRunner", capture: bool = True, shapes: list[GraphShape] | None = None) -> None:
+        """``shapes``: those to capture (default: ``capture_shapes`` of the runner's batching limits). The steps run
+        the one-row projections as ``runner.gemv`` says."""
         self.model = runner.model
         self.block_size = runner.block_size
         self.backend = runner.backend
+        self.gemv = runner.gemv
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
         config = runner.config
-        self.shapes = capture_shapes(config.max_num_seqs, config.max_num_batched_tokens)
+        self.shapes = shapes or capture_shapes(config.max_num_seqs, config.max_num_batched_tokens)
         device = runner.device
         self.token_index = torch.arange(max(s.tokens for s in self.shapes), device=device)
         self.inputs: dict[GraphShape, torch.Tensor] = {}  # int64: ids [tokens], cu [rows + 1], start [rows], total
@@ -134,11 +137,24 @@ class StepGraphs:
             cu_seqlens_q=cu,
             max_q_len=1 if shape.decode else tokens,
             backend=self.backend,
+            gemv=self.gemv,
         )
         hidden = self.model(injected.input_ids, injected.positions, ctx)
         if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)
             hidden = hidden[(cu[1:] - 1).long()]
         return self.model.compute_logits(hidden)
+
+    def replay_ms(self, shape: GraphShape, repeats: int = 20) -> float:
+        """Mean time of a replay of ``shape`` (CUDA events, after a few warm-up replays)."""
+        for _ in range(3):
+            self.replays[shape]()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            self.replays[shape]()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     def _eager_replay(self, shape: GraphShape) -> None:
         self.logits[shape].copy_(self._step(shape))

@@ -16,7 +16,7 @@ import torch
 
 from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
-from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
@@ -27,6 +27,7 @@ from relaykern.models.attention import AttentionContext
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
+BATCH1 = GraphShape(rows=1, tokens=1, decode=True)
 WARMUP_SEQ_ID = -1
 """The scratch sequence of the start-up warm-up (request ids are >= 0)."""
 
@@ -82,10 +83,15 @@ class ModelRunner:
         # variants first, while no graph would take the warm-up's forwards.
         triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
         self.graphs: StepGraphs | None = None
+        self.gemv = False
+        self.gemv_timing: dict[str, float] = {}
         with self.scope():
             if triton_on_gpu:
                 self._compile_forward_variants()
-                self.graphs = StepGraphs(self) if config.cuda_graphs else None
+                if config.cuda_graphs:
+                    self.gemv_timing = self._time_batch1_step()
+                    self.gemv = self.gemv_timing["gemv_ms"] < self.gemv_timing["cublas_ms"]
+                    self.graphs = StepGraphs(self)
         self._wait_for_default_stream()
 
     def _compile_forward_variants(self) -> None:
@@ -106,6 +112,17 @@ class ModelRunner:
                 self._execute([Row(WARMUP_SEQ_ID, [0] * q_len, 0, True, sampling, 0, 0, [], sampling.logprobs)])
             finally:
                 self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
+
+    def _time_batch1_step(self) -> dict[str, float]:
+        """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS and as the fused
+        GEMV kernels (kernels/gemv.py); the faster serves (which one wins depends on the GPU and the shapes)."""
+        timing = {}
+        for name, gemv in (("cublas_ms", False), ("gemv_ms", True)):
+            self.gemv = gemv
+            graphs = StepGraphs(self, shapes=[BATCH1])
+            timing[name] = graphs.replay_ms(BATCH1)
+        self.gemv = False
+        return timing
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Makes this model's device and stream current (Triton launches on the current device, not on its
@@ -191,6 +208,7 @@ class ModelRunner:
             cu_seqlens_q=cu_rows,
             max_q_len=max(lengths),
             backend=self.backend,
+            gemv=self.gemv,
         )
         return ctx, injected.input_ids, injected.positions
 

@@ -25,6 +25,9 @@ class AttentionContext:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     max_q_len: int
     backend: str = "triton"
+    gemv: bool = False
+    """A one-row step runs its projections as fused GEMV kernels (``ops.gemv``: the norm or activation before
+    each folded into it) instead of norm kernels and cuBLAS (``ModelRunner`` picks the faster at start-up)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

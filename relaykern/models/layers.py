@@ -7,7 +7,7 @@ init to pay for, and building under ``torch.device("meta")`` or the target devic
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +15,25 @@ from torch import nn
 
 from relaykern.models.ops import Ops
 
+if TYPE_CHECKING:
+    from relaykern.models.attention import AttentionContext
+
 
 class Linear(nn.Module):
-    """``y = x @ weight.T + bias``; weight ``[out, in]`` as in ``nn.Linear``."""
+    """``y = x @ weight.T + bias``; weight ``[out, in]`` as in ``nn.Linear``.
+
+    ``forward(x, ctx)`` with a step context: a one-row step that asks for it (``ctx.gemv``) runs ``ops.gemv``, with
+    ``prologue`` (the op that made ``x``) fused into it; ``norm_linear`` and ``silu_linear`` pass those.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: "AttentionContext | None" = None) -> torch.Tensor:
+        if ctx is not None and ctx.gemv and x.shape[0] == 1:
+            return ctx.ops.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -68,6 +77,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, ops: Ops, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, linear: Linear,
+                ctx: "AttentionContext") -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear(norm(residual + x))`` and the new residual stream ``residual + x`` (``x`` itself when ``residual``
+    is None, at the first layer): one fused GEMV kernel for a one-row step that asks for it (``ctx.gemv``)."""
+    if ctx.gemv and x.shape[0] == 1:
+        return ctx.ops.gemv(x, linear.weight, linear.bias, "rms_norm", residual, norm.weight, norm.eps)
+    normed, residual = (norm(x, ctx.ops), x) if residual is None else norm(x, ctx.ops, residual)
+    return linear(normed), residual
+
+
+def silu_linear(gate_up: torch.Tensor, linear: Linear, ctx: "AttentionContext") -> torch.Tensor:
+    """``linear(silu(gate) * up)`` of ``gate_up = [gate | up]``; one fused GEMV kernel as in ``norm_linear``."""
+    if ctx.gemv and gate_up.shape[0] == 1:
+        return ctx.ops.gemv(gate_up, linear.weight, linear.bias, "silu_and_mul")
+    return linear(ctx.ops.silu_and_mul(gate_up))
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,7 +14,8 @@ from torch import nn
 
 from relaykern.models.attention import Attention, AttentionContext
 from relaykern.models.config import ModelConfig
-from relaykern.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from relaykern.models.layers import (Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, norm_linear,
+                                     silu_linear)
 
 
 class Qwen3Attention(nn.Module):
@@ -31,9 +32,10 @@ class Qwen3Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, rope: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext
+    def forward(self, rope: RotaryEmbedding, positions: torch.Tensor, qkv: torch.Tensor, ctx: AttentionContext
                 ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """``qkv``: this layer's ``qkv_proj`` output (computed with the norm before it, see the decoder layer)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -41,17 +43,16 @@ class Qwen3Attention(nn.Module):
         q = ctx.ops.qk_norm_rope_store(q, k, v, positions, rope.cos_sin_cache, self.attn.kv_cache, ctx.slot_mapping,
                                        *norms)
         o = self.attn(q, ctx)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(o.flatten(1), ctx)
 
 
 class Qwen3MLP(nn.Module):
+    """The MLP's weights; the decoder layer computes ``down(silu(gate) * up)`` (``norm_linear``, ``silu_linear``)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -66,14 +67,12 @@ class Qwen3DecoderLayer(nn.Module):
         self, rope: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
         ctx: AttentionContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``residual`` is the stream before this layer's input norm (None at layer 0, where ``x`` is the stream)."""
-        if residual is None:
-            x, residual = self.input_layernorm(x, ctx.ops), x
-        else:
-            x, residual = self.input_layernorm(x, ctx.ops, residual)
-        x = self.self_attn(rope, positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, ctx.ops, residual)
-        return self.mlp(x, ctx), residual
+        """``residual`` is the stream before this layer's input norm (None at layer 0, where ``x`` is the stream).
+        Each norm is computed with the projection after it, so that a one-row step can fuse the two."""
+        qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj, ctx)
+        x = self.self_attn(rope, positions, qkv, ctx)
+        gate_up, residual = norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, ctx)
+        return silu_linear(gate_up, self.mlp.down_proj, ctx), residual
 
 
 class Qwen3Model(nn.Module):

@@ -1,0 +1,52 @@
+"""gemv (Triton) against gemv_reference (the unfused ops); CPU runs the interpreter. (test_engine.py checks that a
+model's one-row steps give the same tokens with the fused GEMV path as without it.)"""
+import pytest
+import torch
+
+from relaykern.kernels.gemv import gemv, gemv_reference
+
+from test_kernels_norms import BF16_TOLERANCE, DEVICE, randn
+
+
+def assert_close(actual, expected, dtype):
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_TOLERANCE * 4  # K-long sums in another order
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def inputs(prologue, k, n, dtype, with_residual, with_bias):
+    x = randn(1, 2 * k if prologue == "silu_and_mul" else k, dtype=dtype, seed=1)
+    weight = randn(n, k, dtype=dtype, seed=2) / k ** 0.5
+    kwargs = dict(bias=randn(n, dtype=dtype, seed=3) if with_bias else None, prologue=prologue)
+    if prologue == "rms_norm":
+        kwargs.update(norm_weight=randn(k, dtype=dtype, seed=4), eps=1e-6,
+                      residual=randn(1, k, dtype=dtype, seed=5) if with_residual else None)
+    return x, weight, kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prologue,with_residual,with_bias", [
+    ("none", False, False), ("none", False, True), ("rms_norm", True, False), ("rms_norm", False, True),
+    ("silu_and_mul", False, False)])
+@pytest.mark.parametrize("k,n", [(64, 40), (100, 7)])  # n not a multiple of the tile; k not of the K step
+def test_gemv(k, n, prologue, with_residual, with_bias, dtype):
+    x, weight, kwargs = inputs(prologue, k, n, dtype, with_residual, with_bias)
+    actual, expected = gemv(x, weight, **kwargs), gemv_reference(x, weight, **kwargs)
+    if prologue != "rms_norm":
+        actual, expected = (actual,), (expected,)
+    for got, want in zip(actual, expected):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert_close(got, want, dtype)  # with the rms_norm prologue, the residual stream too
+
+
+def test_gemv_bad_input():
+    x, weight = randn(1, 16), randn(8, 16)
+    with pytest.raises(ValueError, match="prologue"):
+        gemv(x, weight, prologue="gelu")
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(randn(2, 16), weight)
+    with pytest.raises(ValueError, match=r"weight must be \[N, 8\]"):
+        gemv(x, weight, prologue="silu_and_mul")
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv(x, weight, prologue="rms_norm")
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv(x, weight, residual=x)
