@@ -18,6 +18,7 @@ accumulation (and the bias added) as F.linear does; results differ from cuBLAS's
 On a GPU the tile shape is autotuned per (N, K, prologue), and the runner uses these kernels only if a batch-1
 decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at start-up).
 """
+import functools
 import os
 
 import torch
@@ -83,8 +84,10 @@ def _gemv_kernel(
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Tuned once per shape at start-up (a runner's warm-up): short timings keep the start quick (~7 configs x 5 shapes).
 _gemv = (triton.autotune([INTERPRETED_CONFIG], key=[]) if _INTERPRETED else
-         triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"]))(_gemv_kernel)
+         triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
+                         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25)))(_gemv_kernel)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: str,

@@ -57,12 +57,14 @@ class RelayConfig:
         or for its next token) may wait up to ``llm_batch_wait_steps`` engine steps; the LLM runs as soon as one
         has waited that long, ``llm_batch_min_rows`` are waiting, or the SLM has nothing to do. 0 (default): the
         LLM runs every step it has work, the lowest latency.
-    llm_prefetch_tokens: while the LLM has no call to serve, it reads the prompts of running requests ahead of
-        their first call, up to this many tokens per forward, so that a call's catch-up covers only the SLM's text.
-        Its forwards run beside the SLM's on the LLM's own stream and the host never waits for them; they take only
-        free LLM KV blocks, and a pool under pressure takes them back first. They cost LLM compute and KV for
-        requests that never call. 0 (default): the LLM reads a prompt at the request's first call, as the
-        official code does. Outputs do not depend on it.
+    llm_prefetch_tokens: while the LLM has no call to serve, it reads ahead what running requests have written
+        (prompts, then the SLM's text up to points no later command can reach back past), in forwards of exactly
+        this many tokens, launched whenever that many are waiting; a call's catch-up then covers only what came
+        after. The forwards run beside the SLM's on the LLM's own stream and the host never waits for them; they
+        take only free LLM KV blocks, and a pool under pressure takes them back first. Each reads all the LLM's
+        weights, hence full chunks only (a few hundred tokens or more amortize it); text after a request's last
+        call is read for nothing. 0 (default): the LLM reads at calls only, as the official code does. Outputs do
+        not depend on it.
     """
 
     max_calls: int = 5

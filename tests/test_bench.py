@@ -59,8 +59,8 @@ def test_workloads_did_the_scripted_work(bench_run):
         "prefetching, aligned 1.0%"]
     lazy, prefetching = throughput["runs"][1], throughput["runs"][-1]
     assert prefetching["llm_prefetch_tokens"] == preset["llm_prefetch_tokens"]
-    # The LLM reads the same tokens, most of each prompt ahead of the call instead of at it.
-    assert (prefetching["calls"], prefetching["llm_prefill_tokens"]) == (lazy["calls"], lazy["llm_prefill_tokens"])
+    # Reading ahead, the LLM reads what it reads at the calls without it, and the text after a request's last call.
+    assert prefetching["calls"] == lazy["calls"] and prefetching["llm_prefill_tokens"] > lazy["llm_prefill_tokens"]
     for run in throughput["runs"] + [throughput["slm_only"]]:
         assert run["tokens"] == batch * max_tokens and run["finish_reasons"] == {"length": batch}
         assert run["ratio"] == pytest.approx(run["target_ratio"])

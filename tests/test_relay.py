@@ -192,30 +192,37 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
             assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
 
 
-def test_llm_prefetch_reads_prompts_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
-    """RelayConfig.llm_prefetch_tokens: while the LLM serves no call it reads prompts ahead (5 tokens a forward
-    here, sampling nothing), so a late call's catch-up is only the SLM's run; the outputs are the lazy LLM's."""
+def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
+    """RelayConfig.llm_prefetch_tokens: while the LLM serves no call it reads ahead (5 tokens a forward here,
+    sampling nothing) the prompts and then the SLM's text up to each safe point, so a late call's catch-up is one
+    token (a view's last token is always left for it); the outputs are the lazy LLM's, also when the command
+    shares tokens with the text around it."""
     prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}? Think it through.") for i in range(3)]
     samplings = [scripted({12: command_tokens(tokenizer, 3)}), scripted({}),
-                 scripted({4: command_tokens(tokenizer, 2)})]
+                 scripted({4: text_tokens(tokenizer, "x.<call>2</call>,")})]
 
     def run(relay: RelayConfig):
         engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu"),
                              llm_config=EngineConfig(device="cpu"))
         forwards = record_calls(engine.llm)
-        outs = engine.generate(prompts, samplings)
+        seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
+        while not all(seq.finished for seq in seqs):
+            engine.step()
         assert engine.llm.blocks.num_seqs == 0 and engine.llm.blocks.num_free_blocks == engine.llm.num_blocks
-        return outs, [rows for (rows,) in forwards]
+        return [engine.output(seq) for seq in seqs], [seq.llm.tokens for seq in seqs], [rows for (rows,) in forwards]
 
-    lazy, _ = run(RelayConfig())
-    eager, forwards = run(RelayConfig(llm_prefetch_tokens=5))
+    lazy, lazy_views, _ = run(RelayConfig())
+    eager, eager_views, forwards = run(RelayConfig(llm_prefetch_tokens=5))
     assert [comparable(o) for o in eager] == [comparable(o) for o in lazy]
+    # What the LLM read by its last call, ahead and at the calls, is the lazy LLM's view token for token (reading
+    # ahead, it may have read more since).
+    assert all(eager_view[:len(lazy_view)] == lazy_view for eager_view, lazy_view in zip(eager_views, lazy_views))
     prefetches = [rows for rows in forwards if not any(row.samples for row in rows)]
     assert prefetches and max(sum(len(row.tokens) for row in rows) for rows in prefetches) <= 5
-    late, never = eager[0].stats, eager[1].stats  # all but a prompt's last token read ahead
-    assert late.call_records[0].llm_catchup == lazy[0].stats.call_records[0].llm_catchup - len(prompts[0]) + 1
-    assert never.calls == 0 and never.llm_prefill_tokens == len(prompts[1]) - 1
-    assert lazy[1].stats.llm_prefill_tokens == 0
+    late, never, straddling = (o.stats for o in eager)
+    assert late.call_records[0].llm_catchup == 1 < lazy[0].stats.call_records[0].llm_catchup
+    assert never.calls == 0 and never.llm_prefill_tokens >= len(prompts[1]) - 1
+    assert lazy[1].stats.llm_prefill_tokens == 0 and straddling.calls == 1
 
 
 def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, tokenizer):

@@ -15,8 +15,8 @@ Each ``step()`` launches two forwards before it waits on either:
 4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
    those tokens by id (same tokenizer: injection without re-encoding).
 
-A step in which the LLM has no call to serve may instead launch a forward reading ahead the prompts of sequences
-the SLM is serving (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
+A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
+is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
@@ -33,12 +33,13 @@ from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.admission import new_sequence
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
+from relaykern.engine.llm_view import feed_llm_view, note_safe_point
 from relaykern.engine.readback import Readback
 from relaykern.engine.runner import ModelRunner, Row, host_to_device
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
-from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length, strip_commands
+from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length
 from relaykern.tokenizer import encode_bytes, token_bytes
 
 
@@ -170,12 +171,22 @@ class RelayEngine:
                                   self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
 
     def _prefetch(self) -> None:
-        """Launches an LLM forward over the next prompt tokens of sequences the SLM is serving; their LLM views
-        count them as cached at once (the LLM's later forwards follow on its stream). At most one is in flight, so
-        they never pile up ahead of a call's forward on that stream."""
+        """Launches an LLM forward reading ahead what sequences the SLM is serving have written so far (their
+        prompts, then their runs up to a safe point: engine/llm_view.py); their LLM views count it as cached at once
+        (the LLM's later forwards follow on its stream). At most one is in flight, so they never pile up ahead of a
+        call's forward on that stream."""
         if self.prefetch_done is not None and not self.prefetch_done.query():
             return
-        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, self.relay.llm_prefetch_tokens)
+        if any(s.phase is Phase.LLM for s in self.scheduler.sequences()):
+            return  # a call waits (held back, or short of blocks): its forward comes first, and may need them
+        may_call = [s for s in self.scheduler.running if s.phase is Phase.SLM and s.stats.calls < self.relay.max_calls]
+        for seq in may_call:
+            if seq.run_safe > seq.run_fed:
+                self._feed_llm_view(seq, seq.run_safe)
+        if sum(max(0, s.llm.num_pending - 1) for s in may_call) < self.relay.llm_prefetch_tokens:
+            return  # a forward reads all the LLM's weights: only ever for a full chunk
+        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, may_call,
+                                                      self.relay.llm_prefetch_tokens)
         if not rows:
             return
         with self.llm.scope():
@@ -247,6 +258,7 @@ class RelayEngine:
             seq.run_commands.append((seq.pending_command_start, token_start + event_end))
         if start_offset >= 0:
             seq.pending_command_start = token_start + start_offset
+        note_safe_point(seq, event)
         if event == EVENT_CALL and n > 0:
             self._serve(seq, n)
         if not seq.finished and seq.phase is Phase.SLM and seq.tokens_left <= 0:
@@ -277,13 +289,14 @@ class RelayEngine:
             return
         if self.reprefill_llm:
             self.scheduler.release_view(self.llm, seq, seq.llm)
-        run = seq.response[seq.run_start:]
-        seq.llm.tokens += strip_commands(run, [self.token_bytes[t] for t in run], seq.run_commands,
-                                         lambda data: encode_bytes(self.tokenizer, data))
+        self._feed_llm_view(seq, len(seq.response) - seq.run_start)
         seq.stats.calls += 1
         seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served, waiting_since=self.steps)
         seq.stats.call_records.append(seq.call.record)
         seq.phase = Phase.LLM
+
+    def _feed_llm_view(self, seq: Sequence, upto: int) -> None:
+        feed_llm_view(seq, upto, self.token_bytes, lambda data: encode_bytes(self.tokenizer, data))
 
     def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         call = seq.call

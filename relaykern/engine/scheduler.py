@@ -15,8 +15,8 @@ preempted: both of its caches are freed and it is recomputed later from its toke
 lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
-``schedule_prefetch`` fills the LLM's forwards while it has no call to serve with the prompts of sequences the
-SLM is serving (``RelayConfig.llm_prefetch_tokens``): free blocks only, never making room.
+``schedule_prefetch`` fills the LLM's forwards while it has no call to serve with what sequences the SLM is serving
+have written (``RelayConfig.llm_prefetch_tokens``): free blocks only, never making room.
 """
 from __future__ import annotations
 
@@ -80,17 +80,18 @@ class Scheduler:
         self._start_running(in_batch)
         return batch, rows
 
-    def schedule_prefetch(self, runner: ModelRunner, view_of: ViewOf, max_tokens: int
+    def schedule_prefetch(self, runner: ModelRunner, view_of: ViewOf, seqs: list[Sequence], max_tokens: int
                           ) -> tuple[list[Sequence], list[Row]]:
-        """Rows reading ahead into ``runner`` (the LLM) the prompts of running sequences the SLM is serving, oldest
+        """Rows reading ahead into ``runner`` (the LLM) the views of ``seqs`` (running, in the SLM's phase), oldest
         first, at most ``max_tokens`` in all; they sample nothing. Free blocks only: a full pool ends the list.
-        A prompt's last token is left for the call's catch-up, whose last row must feed a token to sample from."""
+        A view's last token is left for the call's catch-up, whose last row must feed a token to sample from."""
         batch: list[Sequence] = []
         rows: list[Row] = []
         num_tokens = 0
-        for seq in self.running:
-            view, ahead = view_of(seq), len(seq.prompt_ids) - 1
-            if seq.phase is not Phase.SLM or view is None or view.num_cached >= ahead:
+        for seq in seqs:
+            view = view_of(seq)
+            ahead = len(view.tokens) - 1
+            if view.num_cached >= ahead:
                 continue
             room = min(max_tokens, self.config.max_num_batched_tokens) - num_tokens
             if len(rows) >= self.config.max_num_seqs or room <= 0:

@@ -71,13 +71,15 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         # Command detection: automaton state and N mirrored from the device, and the SLM run since the LLM's last
-        # turn (its first response index, byte length, and the byte ranges of the commands it contains).
+        # turn (its first response index, byte length, and the byte ranges of the commands it contains); how much of
+        # the run the LLM's view holds (tokens, bytes) and up to where it could (engine/llm_view.py).
         self.scan_state = TEXT
         self.scan_n = 0
         self.run_start = 0
         self.run_bytes = 0
         self.pending_command_start = 0
         self.run_commands: list[tuple[int, int]] = []
+        self.run_fed = self.run_fed_bytes = self.run_safe = 0
         self.call: PendingCall | None = None
         self.streamed = 0
 
@@ -113,3 +115,4 @@ class Sequence:
         self.scan_state, self.scan_n = TEXT, 0
         self.run_start, self.run_bytes = len(self.response), 0
         self.run_commands = []
+        self.run_fed = self.run_fed_bytes = self.run_safe = 0
