@@ -190,10 +190,12 @@ class RelayEngine:
         if not rows:
             return
         with self.llm.scope():
-            if self._forward(self.llm, seqs, rows) is not None and self.llm.stream is not None:
+            if self._forward(self.llm, seqs, rows) is None:
+                return  # (each row that failed finished its request)
+            if self.llm.stream is not None:
                 self.prefetch_done = torch.cuda.Event()
                 self.prefetch_done.record(self.llm.stream)
-        for seq, row in zip(seqs, rows):  # the rows that ran (a failed one finished its request)
+        for seq, row in zip(seqs, rows):  # the rows that ran
             seq.llm.num_cached = row.start + len(row.tokens)
             seq.stats.llm_prefill_tokens += len(row.tokens)
 
