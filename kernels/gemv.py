@@ -28,6 +28,7 @@ import triton.language as tl
 
 from relaykern.kernels.activation import silu_and_mul_reference
 from relaykern.kernels.rms_norm import rms_norm_reference
+from relaykern.kernels.rope import round_to
 
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_and_mul": 2}
 INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32})
@@ -36,11 +37,6 @@ GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_
                                    (32, 256, 8))]
 """The tiles the autotuner tries on a GPU: 2-4K weights in flight per program step, 32 fp32 accumulators and 32
 weights per thread (tests/test_kernels_compile.py compiles each for sm_90 and checks that none spills)."""
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -55,7 +51,7 @@ def _gemv_kernel(
         offs = tl.arange(0, BLOCK_ROW)
         row = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            row = _round(row + tl.load(residual_ptr + offs, mask=offs < K, other=0.0).to(tl.float32), dtype)
+            row = round_to(row + tl.load(residual_ptr + offs, mask=offs < K, other=0.0).to(tl.float32), dtype)
             if pid == 0:
                 tl.store(residual_out_ptr + offs, row.to(dtype), mask=offs < K)
         inv_rms = tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)
@@ -68,12 +64,12 @@ def _gemv_kernel(
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if PROLOGUE == 1:
             if HAS_RESIDUAL:
-                x = _round(x + tl.load(residual_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), dtype)
+                x = round_to(x + tl.load(residual_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), dtype)
             norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = _round(norm_weight * _round(x * inv_rms, dtype), dtype)
+            x = round_to(norm_weight * round_to(x * inv_rms, dtype), dtype)
         elif PROLOGUE == 2:
             up = tl.load(x_ptr + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = _round(_round(x / (1.0 + tl.exp(-x)), dtype) * up, dtype)
+            x = round_to(round_to(x / (1.0 + tl.exp(-x)), dtype) * up, dtype)
         w = tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]

@@ -19,7 +19,7 @@ from relaykern.kernels.store_kv import check_store_inputs, store_kv_reference
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
+def round_to(x, dtype: tl.constexpr):
     """x (fp32) rounded to dtype, back in fp32: one elementwise op of torch in that dtype."""
     return x.to(dtype).to(tl.float32)
 
@@ -63,13 +63,13 @@ def _qk_norm_rope_store_kernel(
         inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
         w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w2 = tl.load(weight_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
-        x1 = _round(w1 * _round(x1 * inv_rms, dtype), dtype)
-        x2 = _round(w2 * _round(x2 * inv_rms, dtype), dtype)
+        x1 = round_to(w1 * round_to(x1 * inv_rms, dtype), dtype)
+        x2 = round_to(w2 * round_to(x2 * inv_rms, dtype), dtype)
     position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = _round(tl.load(cos_sin_ptr + position * stride_cos_sin + offs, mask=mask, other=0.0), dtype)
-    sin = _round(tl.load(cos_sin_ptr + position * stride_cos_sin + half + offs, mask=mask, other=0.0), dtype)
-    out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
-    out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
+    cos = round_to(tl.load(cos_sin_ptr + position * stride_cos_sin + offs, mask=mask, other=0.0), dtype)
+    sin = round_to(tl.load(cos_sin_ptr + position * stride_cos_sin + half + offs, mask=mask, other=0.0), dtype)
+    out1 = round_to(x1 * cos, dtype) - round_to(x2 * sin, dtype)
+    out2 = round_to(x2 * cos, dtype) + round_to(x1 * sin, dtype)
     tl.store(dst + offs, out1.to(dtype), mask=mask)
     tl.store(dst + half + offs, out2.to(dtype), mask=mask)
 

@@ -69,14 +69,14 @@ class Scheduler:
             room = self.config.max_num_batched_tokens - num_tokens
             if len(rows) >= self.config.max_num_seqs or room <= 0:
                 break
-            protected = in_batch | {seq.request_id}
-            make_room = lambda: self._make_room(runner, view_of, phase, protected, busy_ids)  # noqa: E731
+            in_batch.add(seq.request_id)  # (making room for it never takes its own blocks)
+            make_room = lambda: self._make_room(runner, view_of, phase, in_batch, busy_ids)  # noqa: E731
             if not self._reserve(seq, view, runner, view.num_cached + min(view.num_pending, room), make_room):
+                in_batch.discard(seq.request_id)
                 break
             batch.append(seq)
             rows.append(self._row(seq, view, phase))
             num_tokens += len(rows[-1].tokens)
-            in_batch.add(seq.request_id)
         self._start_running(in_batch)
         return batch, rows
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 class Linear(nn.Module):
     """``y = x @ weight.T + bias``; weight ``[out, in]`` as in ``nn.Linear``.
 
-    ``forward(x, ctx)`` with a step context: a one-row step that asks for it (``ctx.gemv``) runs ``ops.gemv``, with
-    ``prologue`` (the op that made ``x``) fused into it; ``norm_linear`` and ``silu_linear`` pass those.
+    ``forward(x, ctx)`` with a step context: a one-row step that asks for it (``ctx.gemv``) runs ``ops.gemv``;
+    ``norm_linear`` and ``silu_linear`` also fold the op before the projection into that kernel.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -32,7 +32,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, ctx: "AttentionContext | None" = None) -> torch.Tensor:
-        if ctx is not None and ctx.gemv and x.shape[0] == 1:
+        if ctx is not None and one_row_gemv(ctx, x):
             return ctx.ops.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -79,11 +79,16 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
+def one_row_gemv(ctx: "AttentionContext", x: torch.Tensor) -> bool:
+    """Whether this projection runs as ``ops.gemv``: the step asks for it and feeds one row."""
+    return ctx.gemv and x.shape[0] == 1
+
+
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, linear: Linear,
                 ctx: "AttentionContext") -> tuple[torch.Tensor, torch.Tensor]:
     """``linear(norm(residual + x))`` and the new residual stream ``residual + x`` (``x`` itself when ``residual``
     is None, at the first layer): one fused GEMV kernel for a one-row step that asks for it (``ctx.gemv``)."""
-    if ctx.gemv and x.shape[0] == 1:
+    if one_row_gemv(ctx, x):
         return ctx.ops.gemv(x, linear.weight, linear.bias, "rms_norm", residual, norm.weight, norm.eps)
     normed, residual = (norm(x, ctx.ops), x) if residual is None else norm(x, ctx.ops, residual)
     return linear(normed), residual
@@ -91,7 +96,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, l
 
 def silu_linear(gate_up: torch.Tensor, linear: Linear, ctx: "AttentionContext") -> torch.Tensor:
     """``linear(silu(gate) * up)`` of ``gate_up = [gate | up]``; one fused GEMV kernel as in ``norm_linear``."""
-    if ctx.gemv and gate_up.shape[0] == 1:
+    if one_row_gemv(ctx, gate_up):
         return ctx.ops.gemv(gate_up, linear.weight, linear.bias, "silu_and_mul")
     return linear(ctx.ops.silu_and_mul(gate_up))
 
