@@ -72,7 +72,7 @@ RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_token
 
 
 def prefetching(relay: RelayConfig, preset) -> RelayConfig:
-    """``relay`` with the LLM reading prompts ahead, as the preset's prefetch runs do."""
+    """``relay`` with the LLM reading ahead, as the preset's prefetch runs do."""
     return dataclasses.replace(relay, llm_prefetch_tokens=preset.llm_prefetch_tokens)
 
 
