@@ -225,6 +225,30 @@ def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokeni
     assert lazy[1].stats.llm_prefill_tokens == 0 and straddling.calls == 1
 
 
+def test_read_ahead_gives_its_blocks_back_to_calls(slm_dir, llm_dir, tokenizer):
+    """An LLM pool of 16 blocks of 4 tokens, filled by reading ahead: a call short of blocks takes back the views
+    read ahead for sequences the SLM is serving (never preempting them). Outputs equal the lazy LLM's with ample
+    pools; nothing leaks."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(14, 20))] for _ in range(8)]
+    samplings = [scripted({rng.randint(6, 14): command_tokens(tokenizer, 3)} if i % 4 else {}, max_tokens=24)
+                 for i in range(8)]
+
+    def run(relay: RelayConfig, llm_blocks: int):
+        engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu", block_size=4),
+                             llm_config=EngineConfig(device="cpu", block_size=4, num_blocks=llm_blocks))
+        forwards, room_made = record_calls(engine.llm), record_calls(engine.scheduler, "_make_room")
+        outs = [comparable(o) for o in engine.generate(prompts, samplings)]
+        for runner in (engine.slm, engine.llm):
+            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+        read_ahead = sum(not any(row.samples for row in rows) for (rows,) in forwards)
+        return outs, read_ahead, [args[0] is engine.llm for args in room_made]
+
+    expected, _, _ = run(RelayConfig(), 400)
+    outs, read_ahead, room_made = run(RelayConfig(llm_prefetch_tokens=8), 16)
+    assert outs == expected and read_ahead > 0 and any(room_made)
+
+
 def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, tokenizer):
     """A budget of 8 tokens per forward splits prompts and catch-ups into chunks, only the last of which samples
     (and a tight pool preempts between chunks): the same outputs as one row per view, no forward over budget."""
