@@ -12,7 +12,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from relaykern.engine.runner import ModelRunner
-from relaykern.bench.model_bench import Probe
+from relaykern.bench.model_bench import Probe, eager
 
 PROFILED_STEPS = 10
 TOP_KERNELS = 15
@@ -22,15 +22,11 @@ def decode_kernel_times(runner: ModelRunner, batch: int, context: int, graph_ste
     """Kernel times of one decode step of ``batch`` rows over ``context`` cached tokens (mean of PROFILED_STEPS);
     ``graph_step_ms``: the step's measured time as the engine runs it."""
     cuda = runner.device.type == "cuda"
-    graphs, runner.graphs = runner.graphs, None
-    try:
-        with Probe(runner, repeats=1).decode_step(batch, context) as step:
-            step()  # compiles whatever the eager path needs that the graphs did not
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                for _ in range(PROFILED_STEPS):
-                    step()
-    finally:
-        runner.graphs = graphs
+    with eager(runner), Probe(runner, repeats=1).decode_step(batch, context) as step:
+        step()  # compiles whatever the eager path needs that the graphs did not
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(PROFILED_STEPS):
+                step()
     kernels = []
     for event in prof.key_averages():
         on_device = event.device_type == DeviceType.CUDA

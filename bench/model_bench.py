@@ -28,6 +28,16 @@ PROBE_MARKER = 0
 PROBE_SEED = 0xB0BE
 
 
+@contextmanager
+def eager(runner: ModelRunner) -> Iterator[None]:
+    """The runner's forwards without its CUDA graphs inside the block (each kernel launched by the host)."""
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        yield
+    finally:
+        runner.graphs = graphs
+
+
 class Probe:
     def __init__(self, runner: ModelRunner, repeats: int) -> None:
         self.runner = runner

@@ -22,10 +22,11 @@ from typing import Callable, Iterator
 import torch
 
 from relaykern.config import RelayConfig
+from relaykern.engine.cuda_graphs import EXTEND_TOKENS
 from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
-from relaykern.bench.model_bench import GREEDY, Probe
+from relaykern.bench.model_bench import GREEDY, Probe, eager
 from relaykern.bench.timing import median_ms, timed
 from relaykern.bench.workloads import Workload, preset_workload
 
@@ -49,6 +50,11 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
     llm_catchup = {k: llm.forward_ms(k, context) for k in preset.catchup_lengths}
     llm_decode = {n: llm.decode_chain_ms(n, context) for n in preset.call_lengths}
     slm_catchup = {n: slm.forward_ms(n, context) for n in preset.call_lengths}
+    # The catch-ups that CUDA graphs replay (the small ones), launched kernel by kernel: what the graphs save.
+    with eager(engine.llm):
+        llm_eager = {k: llm.forward_ms(k, context) for k in preset.catchup_lengths if k <= EXTEND_TOKENS[-1]}
+    with eager(engine.slm):
+        slm_eager = {n: slm.forward_ms(n, context) for n in preset.call_lengths if n <= EXTEND_TOKENS[-1]}
     relays = []
     for k, catchup_ms in llm_catchup.items():
         for n, decode_ms in llm_decode.items():
@@ -60,9 +66,9 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
         "context": context,
         "batch_for_detection": preset.relay_batch,
         "detection_ms": detection,
-        "llm_catchup": [{"k": k, "ms": ms} for k, ms in llm_catchup.items()],
+        "llm_catchup": [{"k": k, "ms": ms, "eager_ms": llm_eager.get(k)} for k, ms in llm_catchup.items()],
         "llm_decode": [{"n": n, "ms": ms, "ms_per_step": ms / n} for n, ms in llm_decode.items()],
-        "slm_catchup": [{"n": n, "ms": ms} for n, ms in slm_catchup.items()],
+        "slm_catchup": [{"n": n, "ms": ms, "eager_ms": slm_eager.get(n)} for n, ms in slm_catchup.items()],
         "relays": relays,
     }
 

@@ -112,6 +112,9 @@ def format_table(report: dict) -> str:
         lines += _rows(["k", "N", "llm_catchup_ms", "slm_catchup_ms", "latency_ms", "overhead_ms", "overhead_steps"],
                        [[x["k"], x["n"], catchup[x["k"]], slm[x["n"]], x["latency_ms"], x["overhead_ms"],
                          x["overhead_llm_steps"]] for x in lat["relays"]])
+        eager = [f"LLM k={d['k']} {d['eager_ms']:.3g}" for d in lat["llm_catchup"] if d["eager_ms"] is not None]
+        eager += [f"SLM N={d['n']} {d['eager_ms']:.3g}" for d in lat["slm_catchup"] if d["eager_ms"] is not None]
+        lines.append("  the same catch-ups without CUDA graphs (ms): " + ", ".join(eager))
     if "relay_throughput" in report:
         thr = report["relay_throughput"]
         s = thr["slm_only"]

@@ -48,6 +48,7 @@ def test_every_section_is_measured_and_well_formed(bench_run):
     assert {(x["k"], x["n"]) for x in latency["relays"]} == {
         (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
     assert all(x["latency_ms"] > x["overhead_ms"] for x in latency["relays"])
+    assert all(d["eager_ms"] > 0 for d in latency["llm_catchup"] + latency["slm_catchup"])  # all <= 256 tokens
 
 
 def test_workloads_did_the_scripted_work(bench_run):
