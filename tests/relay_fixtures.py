@@ -24,7 +24,7 @@ from relaykern.tokenizer import load_qwen3_tokenizer
 
 __all__ = [
     "tokenizer", "slm_dir", "llm_dir", "slm_model", "llm_model",
-    "force_tokens", "text_tokens", "command_tokens", "greedy_tokens",
+    "force_tokens", "text_tokens", "command_tokens", "greedy_tokens", "assert_no_blocks_held",
 ]
 
 # The two models share the vocabulary and differ in width and depth, so a mix-up shows in their tokens.
@@ -67,6 +67,13 @@ def slm_model(slm_dir):
 @pytest.fixture(scope="session")
 def llm_model(llm_dir):
     return _load(llm_dir)
+
+
+def assert_no_blocks_held(engine) -> None:
+    """Every KV block of the engine's models is free again and no sequence is left in a block manager."""
+    for runner in (engine.slm, engine.llm):
+        if runner is not None:
+            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
 
 
 def text_tokens(tokenizer, text: str) -> list[int]:

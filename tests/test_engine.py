@@ -116,7 +116,7 @@ def test_preemption_keeps_every_request_correct_and_leaks_nothing(checkpoints):
     assert preemptions > 0
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "length" for o in outs)
-    assert tight.slm.blocks.num_seqs == 0 and tight.slm.blocks.num_free_blocks == tight.slm.num_blocks
+    assert_no_blocks_held(tight)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):

@@ -77,8 +77,7 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
     if relay.max_calls == 5:
         assert by_name["two_calls"].stats.calls == 2
         assert by_name["huge_n"].stats.call_records[0].n_served == 6
-    for runner in (engine.slm, engine.llm):
-        assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+    assert_no_blocks_held(engine)
 
 
 def record_calls(obj, method: str = "execute") -> list[tuple]:
@@ -188,8 +187,7 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
         outs = tight.generate(prompts, samplings)
         assert [comparable(o) for o in outs] == expected
         assert sum(o.stats.calls for o in outs) > 100
-        for runner in (tight.slm, tight.llm):
-            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+        assert_no_blocks_held(tight)
 
 
 def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
@@ -208,7 +206,7 @@ def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokeni
         seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
         while not all(seq.finished for seq in seqs):
             engine.step()
-        assert engine.llm.blocks.num_seqs == 0 and engine.llm.blocks.num_free_blocks == engine.llm.num_blocks
+        assert_no_blocks_held(engine)
         return [engine.output(seq) for seq in seqs], [seq.llm.tokens for seq in seqs], [rows for (rows,) in forwards]
 
     lazy, lazy_views, _ = run(RelayConfig())
@@ -239,8 +237,7 @@ def test_read_ahead_gives_its_blocks_back_to_calls(slm_dir, llm_dir, tokenizer):
                              llm_config=EngineConfig(device="cpu", block_size=4, num_blocks=llm_blocks))
         forwards, room_made = record_calls(engine.llm), record_calls(engine.scheduler, "_make_room")
         outs = [comparable(o) for o in engine.generate(prompts, samplings)]
-        for runner in (engine.slm, engine.llm):
-            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+        assert_no_blocks_held(engine)
         read_ahead = sum(not any(row.samples for row in rows) for (rows,) in forwards)
         return outs, read_ahead, [args[0] is engine.llm for args in room_made]
 
@@ -262,8 +259,7 @@ def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, 
         engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
         forwards = [record_calls(engine.slm), record_calls(engine.llm)]
         outs = engine.generate(prompts, samplings)
-        for runner in (engine.slm, engine.llm):
-            assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+        assert_no_blocks_held(engine)
         largest = max(sum(len(row.tokens) for row in rows) for calls in forwards for (rows,) in calls)
         return [comparable(o) for o in outs], [o.stats.llm_prefill_tokens for o in outs], largest
 
