@@ -63,6 +63,9 @@ class Preset:
     throughput_repeats: int
     """Runs of each throughput workload; the one of median time is reported."""
     copy_mib: int
+    hf_baselines: bool = True
+    """Run the HF ``generate`` baselines (about 70 s on an H100); ``--set hf_baselines=false`` leaves them out of a
+    short device run."""
     kv_cache_gb: tuple[float | None, float | None] = (None, None)
     """(SLM, LLM) KV pool sizes on the GPU, so that both pools and the decode sweep fit next to both models."""
     num_blocks: int | None = None

@@ -185,9 +185,10 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     official = report.section("official_style", lambda: official_style(build_engine, long_workload), store=False)
     if official is not None:
         baselines["official_style"] = official
-    hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
-                                                            slm_only_workload, alone_prompt), store=False)
-    baselines.update(hf or {})
+    if preset.hf_baselines:
+        hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
+                                                                slm_only_workload, alone_prompt), store=False)
+        baselines.update(hf or {})
     slm_only = report.get("relay_throughput", {}).get("slm_only")
     baselines["speedups"] = speedups(baselines, slm_only, report.get("slm_alone"))
 

@@ -106,9 +106,9 @@ def test_preset_overrides():
     from relaykern.bench.presets import get_preset
 
     preset = get_preset("tiny", True, None, ["decode_batch_sizes=1,16,64", "repeats=2", "staggered=true",
-                                              "kv_cache_gb=1.5,none"])
-    assert (preset.decode_batch_sizes, preset.repeats, preset.staggered, preset.kv_cache_gb) == (
-        (1, 16, 64), 2, True, (1.5, None))
+                                              "kv_cache_gb=1.5,none", "hf_baselines=false"])
+    assert (preset.decode_batch_sizes, preset.repeats, preset.staggered, preset.kv_cache_gb, preset.hf_baselines) == (
+        (1, 16, 64), 2, True, (1.5, None), False)
     bad_overrides = [("device=cuda", "FIELD one of"), ("repeats=x", "not a value of repeats"),
                      ("repeats", "expected FIELD=VALUE")]
     for bad, message in bad_overrides:
