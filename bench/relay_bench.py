@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import faulthandler
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -94,9 +96,19 @@ def using_relay(engine: RelayEngine, relay: RelayConfig | None) -> Iterator[dict
         engine.relay = kept
 
 
+STALL_DUMP_S = 120
+"""A workload running longer than this dumps every thread's stack to stderr (again each period), so that a run cut
+off by a timeout still shows where it was."""
+
+
 def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
-    outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
+    faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)
+    try:
+        outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    print(f"bench: workload {workload.name!r} (batch {workload.batch}): {seconds:.2f} s", file=sys.stderr, flush=True)
     tokens = sum(len(o.token_ids) for o in outputs)
     llm_tokens = sum(o.stats.llm_tokens for o in outputs)
     figures = {
@@ -131,8 +143,9 @@ def ideal_tokens_per_s(ratio: float, slm_decode: dict, llm_decode: dict) -> floa
 
 
 def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict,
-                       llm_prefill_tokens_per_s: float) -> dict:
+                       llm_prefill_tokens_per_s: float, on_run: Callable[[dict], None] = lambda partial: None) -> dict:
     """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context.
+    ``on_run`` gets the figures so far after each run (the report saves them: a run cut off keeps the others).
 
     The ideal mix counts decode only, yet on every call the LLM must first read the SLM's text since its last turn
     (its catch-up prefill). ``of_ideal_with_catchup`` adds that work to the ideal, timed at the LLM's measured
@@ -146,6 +159,8 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     slm_only = median_run(engine, workloads(0.0), "slm-only", preset.throughput_repeats)
     slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
     runs = []
+    result = {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
+              "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}
     eager = engine.relay
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.llm_prefetch_tokens:
@@ -164,5 +179,5 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
         ideal_s = figures["tokens"] / figures["ideal_tokens_per_s"] + catchup_s
         figures["of_ideal_with_catchup"] = ideal_s / figures["seconds"]
         runs.append(figures)
-    return {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
-            "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}
+        on_run(result)
+    return result

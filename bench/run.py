@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -74,6 +76,11 @@ class Report(dict):
             self["section_seconds"][name] = time.perf_counter() - started
             self.save()
 
+    def save_partial(self, name: str, value) -> None:
+        """Files what a section has measured so far (it is replaced by the section's result when it ends)."""
+        self[name] = value
+        self.save()
+
     def save(self) -> None:
         self["goals"] = evaluate_goals(self)
         self["meta"]["wall_seconds"] = time.perf_counter() - self.started
@@ -93,6 +100,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # a timeout shows where the run was
     preset = get_preset(args.preset, args.quick, args.pair, args.set)
     device = torch.device(preset.device)
     _quiet_transformers()
@@ -157,7 +165,7 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     if models is not None:
         report.section("relay_throughput", lambda: measure_throughput(
             engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"],
-            models["llm"]["prefill"]["tokens_per_s"]))
+            models["llm"]["prefill"]["tokens_per_s"], lambda partial: report.save_partial("relay_throughput", partial)))
 
     vocab_size = engine.slm.model_config.vocab_size
     alone_prompt = preset_workload(engine.tokenizer, preset, vocab_size, "alone", 0.0).prompts[0]
