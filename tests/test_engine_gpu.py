@@ -56,3 +56,41 @@ def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, t
     assert [(o.token_ids, o.spans, o.finish_reason) for o in ours] == \
         [(o.token_ids, o.spans, o.finish_reason) for o in theirs]
     assert all(o.stats.calls == 2 for o in ours)
+
+
+def test_two_models_replay_their_graphs_at_once(tmp_path):
+    """Each model's graphs are captured on its own stream. Captured on torch's one default capture stream, both
+    models' cuBLAS calls kept one workspace; replayed at once on their two streams they raced on it (an H200 run hung
+    in a split-K GEMM and the relay's tokens went wrong). Wide enough bf16 layers for cuBLAS to split K; each replay
+    at once must give the logits the model gives alone."""
+    from relaykern.engine.cuda_graphs import GraphShape
+    from relaykern.engine.runner import ModelRunner
+    from relaykern.tiny import save_tiny_checkpoint
+
+    shape = GraphShape(rows=64, tokens=64, decode=True)
+    config = EngineConfig(device="cuda", dtype=torch.bfloat16, attention_backend="triton", cuda_graphs=False,
+                          max_num_seqs=64, num_blocks=128, max_model_len=256)
+    replays, logits_alone = [], []
+    for seed, width in ((0, 1024), (1, 2048)):
+        path = save_tiny_checkpoint(tmp_path / f"m{seed}", hidden_size=width, num_layers=2, num_heads=16,
+                                    num_kv_heads=8, head_dim=128, intermediate_size=4 * width, vocab_size=8192,
+                                    seed=seed, dtype=torch.bfloat16)
+        runner = ModelRunner(path, config)
+        for seq_id in range(shape.rows):
+            runner.blocks.allocate(seq_id, [100 + seq_id])
+        tables = runner.blocks.block_tables(list(range(shape.rows)), 1)
+        with runner.scope():
+            runner.graphs = StepGraphs(runner, shapes=[shape])
+            logits = runner.graphs.run(shape, [[100 + i] for i in range(shape.rows)], [0] * shape.rows, tables)
+            logits_alone.append(logits.clone())
+        replays.append((runner, runner.graphs.replays[shape], runner.graphs.logits[shape]))
+    torch.cuda.synchronize()
+    outputs = [[], []]
+    for _ in range(50):  # (a replay rewrites the same K/V slots with the same values)
+        for (runner, replay, logits), out in zip(replays, outputs):
+            with runner.scope():
+                replay()
+                out.append(logits.clone())
+    torch.cuda.synchronize()
+    for alone, out in zip(logits_alone, outputs):
+        assert all(torch.equal(alone, logits) for logits in out)

@@ -99,7 +99,10 @@ class StepGraphs:
             self.logits[shape] = self._step(shape)  # warm-up: compiles and autotunes outside the capture
             if capture:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
+                # Captured on the runner's own stream, not torch's one default capture stream: a captured cuBLAS
+                # call keeps the workspace of its capture stream, so two models captured on one stream would share
+                # a workspace while their graphs replay at once on their two streams.
+                with torch.cuda.graph(graph, pool, stream=runner.stream):
                     self.logits[shape] = self._step(shape)
                 pool = graph.pool()
                 self.replays[shape] = graph.replay
