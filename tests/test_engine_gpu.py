@@ -60,9 +60,9 @@ def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, t
 
 def test_two_models_replay_their_graphs_at_once(tmp_path):
     """Each model's graphs are captured on its own stream. Captured on torch's one default capture stream, both
-    models' cuBLAS calls kept one workspace; replayed at once on their two streams they raced on it (an H200 run hung
-    in a split-K GEMM and the relay's tokens went wrong). Wide enough bf16 layers for cuBLAS to split K; each replay
-    at once must give the logits the model gives alone."""
+    models' cuBLAS calls kept one workspace; replayed at once on their two streams they raced on it (on an H200 the
+    relay's tokens went wrong, and a relay run hung on the GPU). Wide enough bf16 layers for cuBLAS to split K; each
+    replay at once must give the logits the model gives alone."""
     from relaykern.engine.cuda_graphs import GraphShape
     from relaykern.engine.runner import ModelRunner
     from relaykern.tiny import save_tiny_checkpoint
@@ -80,10 +80,10 @@ def test_two_models_replay_their_graphs_at_once(tmp_path):
             runner.blocks.allocate(seq_id, [100 + seq_id])
         tables = runner.blocks.block_tables(list(range(shape.rows)), 1)
         with runner.scope():
-            runner.graphs = StepGraphs(runner, shapes=[shape])
-            logits = runner.graphs.run(shape, [[100 + i] for i in range(shape.rows)], [0] * shape.rows, tables)
+            graphs = StepGraphs(runner, shapes=[shape])
+            logits = graphs.run(shape, [[100 + i] for i in range(shape.rows)], [0] * shape.rows, tables)
             logits_alone.append(logits.clone())
-        replays.append((runner, runner.graphs.replays[shape], runner.graphs.logits[shape]))
+        replays.append((runner, graphs.replays[shape], graphs.logits[shape]))
     torch.cuda.synchronize()
     outputs = [[], []]
     for _ in range(50):  # (a replay rewrites the same K/V slots with the same values)
