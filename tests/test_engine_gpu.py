@@ -5,8 +5,10 @@ import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
-from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
+from relaykern.engine.runner import ModelRunner
 from relaykern.reference import reference_generate
+from relaykern.tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -63,10 +65,6 @@ def test_two_models_replay_their_graphs_at_once(tmp_path):
     models' cuBLAS calls kept one workspace; replayed at once on their two streams they raced on it (on an H200 the
     relay's tokens went wrong, and a relay run hung on the GPU). Wide enough bf16 layers for cuBLAS to split K; each
     replay at once must give the logits the model gives alone."""
-    from relaykern.engine.cuda_graphs import GraphShape
-    from relaykern.engine.runner import ModelRunner
-    from relaykern.tiny import save_tiny_checkpoint
-
     shape = GraphShape(rows=64, tokens=64, decode=True)
     config = EngineConfig(device="cuda", dtype=torch.bfloat16, attention_backend="triton", cuda_graphs=False,
                           max_num_seqs=64, num_blocks=128, max_model_len=256)
