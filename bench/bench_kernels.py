@@ -26,6 +26,7 @@ from torch.nn.attention.bias import causal_lower_right
 from relaykern.kernels.activation import silu_and_mul
 from relaykern.kernels.attention import paged_decode_attention, paged_extend_attention
 from relaykern.kernels.gemv import gemv
+from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.rms_norm import rms_norm
 from relaykern.kernels.store_kv import store_kv
 
@@ -151,9 +152,13 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
     fused = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, **norm), len(weights), rep_ms)
     unfused = graph_ms(lambda i: gemv_reference_triton(x, weights[i], prologue, norm), len(weights), rep_ms)
     cublas = graph_ms(lambda i: F.linear(x[:, :k], weights[i]), len(weights), rep_ms)
-    return {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
-            "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
-            "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
+    row = {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
+           "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
+           "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
+    if pdl_supported(x.device):  # each launch may start while the one before drains (kernels/pdl.py)
+        pdl = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, pdl=True, **norm), len(weights), rep_ms)
+        row.update(pdl_ms=pdl, pdl_fraction_of_copy=weight_bytes / pdl / 1e6 / copy_gb_per_s)
+    return row
 
 
 def gemv_reference_triton(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm: dict) -> torch.Tensor:

@@ -166,8 +166,10 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "decode_at_relay_shape": at_relay_shape,
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
-        # The runner's start-up choice for batch-1 steps: cuBLAS or the fused GEMV kernels (empty on a CPU).
-        "batch1_projections": dict(runner.gemv_timing, chosen="gemv" if runner.gemv else "cublas"),
+        # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
+        # (empty on a CPU).
+        "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv
+                                   else "cublas"),
     }
 
 

@@ -96,8 +96,9 @@ def format_table(report: dict) -> str:
         for role, m in report["models"].items():
             choice = m.get("batch1_projections", {})
             if "gemv_ms" in choice:
+                with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""
                 lines.append(f"  {role} batch-1 projections: cuBLAS {choice['cublas_ms']:.3g} ms/step, fused GEMV "
-                             f"{choice['gemv_ms']:.3g} ms/step: {choice['chosen']} serves")
+                             f"{choice['gemv_ms']:.3g}{with_pdl} ms/step: {choice['chosen']} serves")
     for role, k in report.get("decode_kernels", {}).items():
         top = ", ".join(f"{x['name'][:28]} {x['ms_per_step']:.3g}" for x in k["top"][:4])
         lines.append(f"  {role} bs1 step: {k['kernels_per_step']:.0f} kernels, {k['kernel_ms_per_step']:.3g} ms of "

@@ -8,11 +8,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_earlier_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -28,14 +31,15 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"silu_and_mul needs x [T, 2N] with contiguous rows; got {tuple(x.shape)} {x.stride()}")
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2N] = [gate | up] → [T, N]."""
+def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """x [T, 2N] = [gate | up] → [T, N]. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
     _check_input(x)
     num_rows, n = x.shape[0], x.shape[1] // 2
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
         block = min(BLOCK, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(num_rows, triton.cdiv(n, block))](x, out, x.stride(0), N=n, BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[(num_rows, triton.cdiv(n, block))](x, out, x.stride(0), N=n, BLOCK=block, PDL=pdl,
+                                                                num_warps=4, **launch_options(pdl))
     return out
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
 from relaykern.kernels.store_kv import check_kv_cache
 
 LOG2E = 1.4426950408889634
@@ -81,11 +82,12 @@ def _decode_kernel(
     q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_kv, stride_block, stride_offset, stride_head, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
     over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
     rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps."""
+    wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,8 +122,9 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program row = (sequence, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max)."""
+    wait_for_earlier_kernels(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -160,11 +163,12 @@ def _extend_kernel(
     stride_q_tok, stride_q_head, stride_kv, stride_block, stride_offset, stride_head, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (q_tile, kv_head, split): BLOCK_Q query rows of one sequence x the GROUP query heads of kv_head.
     Tile row r is query row first_row + r // GROUP of head kv_head * GROUP + r % GROUP, so one K/V tile feeds all
     heads. The tile's keys, 0 up to the last position any of its rows sees, are split as in the decode kernel."""
+    wait_for_earlier_kernels(PDL)
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -263,12 +267,13 @@ def _partial_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, 
             torch.empty((rows, heads, num_splits), dtype=torch.float32, device=out.device))
 
 
-def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int,
+                  pdl: bool) -> None:
     if num_splits > 1:
         rows, heads, head_dim = out.shape
         _merge_splits_kernel[(rows * heads,)](
             part_out, part_lse, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(MAX_SPLITS),
-            BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
+            BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), PDL=pdl, **launch_options(pdl),
         )
 
 
@@ -278,10 +283,11 @@ def _kv_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, num_splits: int | None = None, pdl: bool = False
+                           ) -> torch.Tensor:
     """One query per sequence (q [B, Hq, D], at position seq_lens[b] - 1) -> [B, Hq, D]. num_splits None picks it
     from B x Hkv and the context bound block_tables.shape[1] * block_size. A sequence with seq_lens[b] == 0
-    (batch padding) gets zeros."""
+    (batch padding) gets zeros. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
     _check_attention_inputs(q, kv_cache, block_tables, seq_lens, None)
     num_seqs, num_q_heads, head_dim = q.shape
     if num_seqs != seq_lens.shape[0]:
@@ -300,10 +306,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
-        TILE=_key_tile(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+        TILE=_key_tile(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
-    _merge_splits(part_out, part_lse, out, num_splits)
+    _merge_splits(part_out, part_lse, out, num_splits, pdl)
     return out
 
 
@@ -318,10 +324,11 @@ def choose_extend_tile(max_q_len: int, group: int, dtype: torch.dtype = torch.bf
 
 def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int,
-                           scale: float, num_splits: int | None = None) -> torch.Tensor:
+                           scale: float, num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """Ragged prefill / prefix-cache hit / catch-up: q [T, Hq, D] packed by cu_seqlens_q -> [T, Hq, D].
     max_q_len must bound every q_len (it sizes the tile, not the grid). num_splits None splits the keys only when
-    there are too few query tiles to fill the GPU (a short catch-up over a long context at a small batch)."""
+    there are too few query tiles to fill the GPU (a short catch-up over a long context at a small batch).
+    ``pdl`` as in ``paged_decode_attention``."""
     _check_attention_inputs(q, kv_cache, block_tables, seq_lens, cu_seqlens_q)
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -340,19 +347,19 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         num_splits, q.stride(0), q.stride(1), *_kv_strides(kv_cache), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=_key_tile(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=8 if block_m >= 128 else 4,
+        DOT_PRECISION=_dot_precision(q.dtype), PDL=pdl, num_warps=8 if block_m >= 128 else 4, **launch_options(pdl),
     )
-    _merge_splits(part_out, part_lse, out, num_splits)
+    _merge_splits(part_out, part_lse, out, num_splits, pdl)
     return out
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float) -> torch.Tensor:
+                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float, pdl: bool = False) -> torch.Tensor:
     """The model's attention call: decode kernel when every sequence has one query row (max_q_len == 1, then
     T must equal B), extend kernel otherwise."""
     if max_q_len == 1:
-        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale)
-    return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale)
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, pdl=pdl)
+    return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
 
 
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

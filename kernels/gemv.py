@@ -16,7 +16,8 @@ the product, the kernel computes the input the unfused model would have handed o
 Roundings are the unfused ops': the prologue's result is rounded to the model dtype, then multiplied with fp32
 accumulation (and the bias added) as F.linear does; results differ from cuBLAS's by summation order only.
 On a GPU the tile shape is autotuned per (N, K, prologue), and the runner uses these kernels only if a batch-1
-decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at start-up).
+decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at start-up). Launched with PDL
+(kernels/pdl.py), each program loads its first weight tile before it waits for the kernel before to finish.
 """
 import functools
 import os
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from relaykern.kernels.activation import silu_and_mul_reference
+from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.rope import round_to
 
@@ -40,13 +42,44 @@ weights per thread (tests/test_kernels_compile.py compiles each for sm_90 and ch
 
 
 @triton.jit
+def _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, k_start, K: tl.constexpr, dtype: tl.constexpr,
+                PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Values k_start... of the input the unfused model would have handed the projection, in fp32."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        if HAS_RESIDUAL:
+            x = round_to(x + tl.load(residual_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), dtype)
+        norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        x = round_to(norm_weight * round_to(x * inv_rms, dtype), dtype)
+    elif PROLOGUE == 2:
+        up = tl.load(x_ptr + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        x = round_to(round_to(x / (1.0 + tl.exp(-x)), dtype) * up, dtype)
+    return x
+
+
+@triton.jit
+def _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    return tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
+                   mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_weight_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, eps, N, stride_w,
     K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if PDL:  # weights are never written by a step: the first tile is read while the kernel before finishes
+        first_weights = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, 0, K, BLOCK_K)
+    wait_for_earlier_kernels(PDL)
+    inv_rms = 0.0
     if PROLOGUE == 1:  # the row's norm (and residual sum), as kernels/rms_norm.py computes it
         offs = tl.arange(0, BLOCK_ROW)
         row = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -55,23 +88,15 @@ def _gemv_kernel(
             if pid == 0:
                 tl.store(residual_out_ptr + offs, row.to(dtype), mask=offs < K)
         inv_rms = tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        if PROLOGUE == 1:
-            if HAS_RESIDUAL:
-                x = round_to(x + tl.load(residual_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), dtype)
-            norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = round_to(norm_weight * round_to(x * inv_rms, dtype), dtype)
-        elif PROLOGUE == 2:
-            up = tl.load(x_ptr + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = round_to(round_to(x / (1.0 + tl.exp(-x)), dtype) * up, dtype)
-        w = tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    if PDL:
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, 0, K, dtype, PROLOGUE, HAS_RESIDUAL,
+                        BLOCK_K)
+        acc += first_weights.to(tl.float32) * x[None, :]
+    for k_start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, k_start, K, dtype, PROLOGUE,
+                        HAS_RESIDUAL, BLOCK_K)
+        w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K, BLOCK_K)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -110,26 +135,27 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def launch_arguments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: str,
                      residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
-                     out: torch.Tensor, residual_out: torch.Tensor) -> tuple[tuple, dict]:
-    """The kernel's positional arguments and constexprs (all but the tile) for ``gemv``'s inputs and outputs."""
+                     out: torch.Tensor, residual_out: torch.Tensor, pdl: bool = False) -> tuple[tuple, dict]:
+    """The kernel's positional arguments, constexprs (all but the tile) and launch options for ``gemv``'s inputs and
+    outputs."""
     k = _check_inputs(x, weight, bias, prologue, residual, norm_weight)
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
             bias if bias is not None else weight, out, residual_out, eps, weight.shape[0], weight.stride(0))
     constexprs = dict(K=k, PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=residual is not None,
-                      HAS_BIAS=bias is not None, BLOCK_ROW=triton.next_power_of_2(k))
+                      HAS_BIAS=bias is not None, BLOCK_ROW=triton.next_power_of_2(k), PDL=pdl, **launch_options(pdl))
     return args, constexprs
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         pdl: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``prologue(x) @ weight.T + bias`` for one row ``x`` [1, K] ([1, 2K] for silu_and_mul) → [1, N]; with the
     rms_norm prologue, (that, the residual stream: ``residual + x``, or ``x`` itself without ``residual``), as
-    ``RMSNorm.forward`` returns them."""
+    ``RMSNorm.forward`` returns them. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
     n = weight.shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else x
-    args, constexprs = launch_arguments(x, weight, bias, prologue, residual, norm_weight, eps, out, residual_out)
+    args, constexprs = launch_arguments(x, weight, bias, prologue, residual, norm_weight, eps, out, residual_out, pdl)
     _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constexprs)
     return (out, residual_out) if prologue == "rms_norm" else out
 

@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_residual, eps,
-                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    wait_for_earlier_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -38,9 +41,10 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [T, N] → normed [T, N]; with ``residual`` [T, N] → (normed(residual + x), residual + x)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             pdl: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] → normed [T, N]; with ``residual`` [T, N] → (normed(residual + x), residual + x). ``pdl``: launched
+    with programmatic dependent launch (kernels/pdl.py)."""
     _check_inputs(x, weight, residual)
     num_rows, n = x.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
@@ -50,7 +54,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(num_rows,)](
             x, residual if residual is not None else x, weight, out, residual_out, x.stride(0),
             residual.stride(0) if residual is not None else 0, eps,
-            N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)),
+            N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl, num_warps=min(16, max(1, block // 256)),
+            **launch_options(pdl),
         )
     return out if residual is None else (out, residual_out)
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.store_kv import check_store_inputs, store_kv_reference
 
@@ -30,10 +31,11 @@ def _qk_norm_rope_store_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
     stride_cache_kv, stride_cache_slot, stride_cache_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (token, head): heads 0..Hq-1 are q's (rotated into q_out), the next Hkv k's (rotated into the cache),
     # the last Hkv v's (copied into the cache).
+    wait_for_earlier_kernels(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
@@ -93,9 +95,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                       ) -> torch.Tensor:
+                       pdl: bool = False) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] at ``positions`` [T]: returns q rotated (normed first, if weights are
-    given); k, rotated likewise, and v go to ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at ``slot_mapping``."""
+    given); k, rotated likewise, and v go to ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at ``slot_mapping``.
+    ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
     _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
     check_store_inputs(k, v, kv_cache, slot_mapping)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -108,7 +111,8 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
             k_weight if has_norm else k, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, num_warps=1,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, PDL=pdl, num_warps=1,
+            **launch_options(pdl),
         )
     return q_out
 

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayEngine, SamplingParams
+from relaykern.engine import runner as runner_module
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.tiny import save_tiny_checkpoint
 
 PROMPT_LENGTHS = (5, 17, 33)  # none a multiple of the block size
@@ -64,6 +66,36 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     assert runner.blocks.can_allocate([0] * 64) and runner.blocks.allocate(0, [0] * 64) == 0  # no prefix hit
     runner.blocks.free(0, keep_cached=False)
+    assert engine.generate(prompts, sampling)[0].token_ids == before
+
+
+def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
+    """The GPU start-up times a batch-1 step per projection path and serves the fastest; a PDL variant that cannot
+    be captured is skipped with a warning. Run here by hand with eager "replays" and made-up timings."""
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=64,
+                                                                       attention_backend="triton"))
+    prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    before = engine.generate(prompts, sampling)[0].token_ids
+    replay_ms = {(False, False): 2.0, (True, False): 1.0}
+
+    class EagerGraphs(StepGraphs):
+        def __init__(self, runner, shapes):
+            if runner.pdl:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            super().__init__(runner, capture=False, shapes=shapes)
+
+        def replay_ms(self, shape):
+            return replay_ms[(self.gemv, self.pdl)]
+
+    monkeypatch.setattr(runner_module, "StepGraphs", EagerGraphs)
+    monkeypatch.setattr(runner_module, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(runner_module, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
+    runner = engine.slm
+    with pytest.warns(UserWarning, match="not captured"):
+        assert runner._choose_batch1_step() == {"cublas_ms": 2.0, "gemv_ms": 1.0}
+    assert (runner.gemv, runner.pdl) == (True, False)
+    assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+    runner.gemv = False
     assert engine.generate(prompts, sampling)[0].token_ids == before
 
 

@@ -7,6 +7,7 @@ from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.runner import ModelRunner
+from relaykern.kernels.pdl import pdl_supported
 from relaykern.reference import reference_generate
 from relaykern.tiny import save_tiny_checkpoint
 
@@ -20,15 +21,18 @@ def gpu_config(**kw) -> EngineConfig:
                         max_num_seqs=16, kv_cache_memory_gb=0.25, **kw)
 
 
-@pytest.mark.parametrize("gemv", [False, True], ids=["cublas", "fused_gemv"])
-def test_cuda_graph_decode_equals_transformers(slm_dir, gemv):
-    """Decode and ragged (prefill) graphs; batch-1 steps with each projection path (cuBLAS, fused GEMV), whichever
-    start-up chose."""
+@pytest.mark.parametrize("gemv,pdl", [(False, False), (True, False), (True, True)],
+                         ids=["cublas", "fused_gemv", "fused_gemv_pdl"])
+def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl):
+    """Decode and ragged (prefill) graphs; batch-1 steps with each projection path (cuBLAS, fused GEMV, that with
+    every Triton kernel launched with PDL), whichever start-up chose."""
+    if pdl and not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU and a Triton that has it")
     engine = RelayEngine(slm_dir, slm_config=gpu_config())
     runner = engine.slm
-    assert runner.graphs is not None and set(runner.gemv_timing) == {"cublas_ms", "gemv_ms"}
-    if runner.gemv != gemv:
-        runner.gemv = gemv
+    assert runner.graphs is not None and {"cublas_ms", "gemv_ms"} <= set(runner.gemv_timing)
+    if (runner.gemv, runner.pdl) != (gemv, pdl):
+        runner.gemv, runner.pdl = gemv, pdl
         with runner.scope():
             runner.graphs = StepGraphs(runner)
     prompts = [[100 + i for i in range(n)] for n in (5, 17, 33)]

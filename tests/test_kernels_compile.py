@@ -138,6 +138,17 @@ def _cases() -> list[Case]:
     for prologue, k in (("rms_norm", 64), ("none", 64), ("silu_and_mul", 128)):
         cases.append(Case(f"gemv-fp32-{prologue}-k{k}", "gemv", dict(
             dtype=torch.float32, prologue=prologue, k=k, n=192, residual=True, bias=True, tile=-1)))
+    # Each kernel that takes PDL, launched with it (kernels/pdl.py), at Qwen3-1.7B widths in bf16.
+    bf16_1p7b = dict(dtype=torch.bfloat16, head_dim=128, block_size=16, group=2)
+    cases += [Case("pdl-decode-split", "attention", dict(bf16_1p7b, q_lens=(1,), context=LONG_CONTEXT, pdl=True)),
+              Case("pdl-extend", "attention", dict(bf16_1p7b, q_lens=(16, 1), context=SHORT_CONTEXT, pdl=True)),
+              Case("pdl-rms_norm", "rms_norm", dict(dtype=torch.bfloat16, hidden=2048, residual=True, pdl=True)),
+              Case("pdl-qk_norm_rope_store", "qk_norm_rope_store", dict(dtype=torch.bfloat16, heads=(16, 8),
+                                                                        head_dim=128, with_norm=True, pdl=True)),
+              Case("pdl-silu_and_mul", "silu_and_mul", dict(dtype=torch.bfloat16, intermediate=6144, pdl=True))]
+    for prologue, k, n, residual, bias in gemv_shapes:
+        cases.append(Case(f"pdl-gemv-{prologue}", "gemv", dict(dtype=torch.bfloat16, prologue=prologue, k=k, n=n,
+                                                               residual=residual, bias=bias, tile=0, pdl=True)))
     for batch in (1, 48):
         cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
     for rows, block_size in ((1, 16), (40, 256)):
@@ -161,7 +172,8 @@ def _launch_store_kv(dtype, head_dim, num_kv_heads, num_q_heads, slot_dtype) -> 
     store_kv.store_kv(key, value, kv_cache, torch.arange(tokens, dtype=slot_dtype))
 
 
-def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_kv_heads=NUM_KV_HEADS) -> None:
+def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_kv_heads=NUM_KV_HEADS,
+                      pdl=False) -> None:
     # num_splits is left to choose_num_splits (with an H100's SM count); max_q_len picks decode or extend.
     max_blocks = math.ceil(context / block_size)
     q = torch.zeros(sum(q_lens), num_kv_heads * group, head_dim, dtype=dtype)
@@ -169,15 +181,16 @@ def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_k
     block_tables = torch.zeros(len(q_lens), max_blocks, dtype=torch.int32)
     seq_lens = torch.full((len(q_lens),), context, dtype=torch.int32)
     cu_seqlens_q = torch.tensor((0, *itertools.accumulate(q_lens)), dtype=torch.int32)
-    attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5)
+    attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5,
+                              pdl=pdl)
 
 
-def _launch_rms_norm(dtype, hidden, residual) -> None:
+def _launch_rms_norm(dtype, hidden, residual, pdl=False) -> None:
     x = torch.zeros(3, hidden, dtype=dtype)
-    rms_norm.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.zeros_like(x) if residual else None)
+    rms_norm.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.zeros_like(x) if residual else None, pdl=pdl)
 
 
-def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm) -> None:
+def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm, pdl=False) -> None:
     # As the model passes them: q, k and v views of the fused qkv projection, int64 slots.
     num_q_heads, num_kv_heads = heads
     qkv = torch.zeros(3, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
@@ -186,24 +199,24 @@ def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm) -> None:
     kv_cache = torch.zeros(2, 2, 16, num_kv_heads, head_dim, dtype=dtype)
     norms = (torch.ones(head_dim, dtype=dtype), torch.ones(head_dim, dtype=dtype), 1e-6) if with_norm else ()
     rope.qk_norm_rope_store(q.view(3, num_q_heads, head_dim), k, v, torch.zeros(3, dtype=torch.int64),
-                            torch.zeros(64, head_dim), kv_cache, torch.arange(3), *norms)
+                            torch.zeros(64, head_dim), kv_cache, torch.arange(3), *norms, pdl=pdl)
 
 
-def _launch_gemv(dtype, prologue, k, n, residual, bias, tile) -> None:
+def _launch_gemv(dtype, prologue, k, n, residual, bias, tile, pdl=False) -> None:
     # The autotuner launches the kernel itself with each config's tile: here one config per case.
     x = torch.zeros(1, 2 * k if prologue == "silu_and_mul" else k, dtype=dtype)
     weight, out = torch.zeros(n, k, dtype=dtype), torch.zeros(1, n, dtype=dtype)
     norm = dict(residual=torch.zeros(1, k, dtype=dtype) if residual else None, norm_weight=torch.zeros(k, dtype=dtype)
                 ) if prologue == "rms_norm" else dict(residual=None, norm_weight=None)
     args, constexprs = gemv.launch_arguments(x, weight, torch.zeros(n, dtype=dtype) if bias else None, prologue,
-                                             eps=1e-6, out=out, residual_out=torch.zeros_like(x), **norm)
+                                             eps=1e-6, out=out, residual_out=torch.zeros_like(x), pdl=pdl, **norm)
     config = gemv.GPU_CONFIGS[tile]
     gemv._gemv_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _launch_silu_and_mul(dtype, intermediate) -> None:
-    activation.silu_and_mul(torch.zeros(3, 2 * intermediate, dtype=dtype))
+def _launch_silu_and_mul(dtype, intermediate, pdl=False) -> None:
+    activation.silu_and_mul(torch.zeros(3, 2 * intermediate, dtype=dtype), pdl=pdl)
 
 
 def _launch_detect(batch) -> None:
@@ -289,6 +302,7 @@ class _CompileOnLaunch:
                 kernel=self.name, seconds=round(time.perf_counter() - start, 2), shared=compiled.metadata.shared,
                 constexprs={k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")},
                 num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                grid_dependency_wait="griddepcontrol.wait" in compiled.asm["ptx"],
                 **_resources(compiled.asm["cubin"])))
         return launch
 
@@ -366,6 +380,10 @@ def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
     launches = [launch for result in compiled.values() for launch in result["launches"]]
     kernels = {name for module in _kernel_modules() for name in _kernels(module)}
     assert kernels == {launch["kernel"] for launch in launches}
+    takes_pdl = {name for module in _kernel_modules() for name, kernel in _kernels(module).items()
+                 if "PDL" in kernel.arg_names}
+    assert takes_pdl == {launch["kernel"] for launch in launches if launch["constexprs"].get("PDL")}
+    assert all(launch["grid_dependency_wait"] == bool(launch["constexprs"].get("PDL")) for launch in launches)
     tiles = {(launch["constexprs"]["GROUP"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_Q"])
              for launch in launches if launch["kernel"] == "_extend_kernel"}
     wanted = {(group, *attention.choose_extend_tile(q_len, group, dtype))

@@ -77,11 +77,12 @@ def _batch_sizes(largest: int) -> list[int]:
 class StepGraphs:
     def __init__(self, runner: "ModelRunner", capture: bool = True, shapes: list[GraphShape] | None = None) -> None:
         """``shapes``: those to capture (default: ``capture_shapes`` of the runner's batching limits). The steps run
-        the one-row projections as ``runner.gemv`` says."""
+        the one-row projections as ``runner.gemv`` says, and launch their Triton kernels with PDL if ``runner.pdl``."""
         self.model = runner.model
         self.block_size = runner.block_size
         self.backend = runner.backend
         self.gemv = runner.gemv
+        self.pdl = runner.pdl
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
         config = runner.config
@@ -141,6 +142,7 @@ class StepGraphs:
             max_q_len=1 if shape.decode else tokens,
             backend=self.backend,
             gemv=self.gemv,
+            pdl=self.pdl,
         )
         hidden = self.model(injected.input_ids, injected.positions, ctx)
         if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)

@@ -8,6 +8,7 @@ the injection kernel from the block tables, which the C++ block manager exports 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +21,7 @@ from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
+from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.sample import row_keys
 from relaykern.loader import load_model, load_state_dict_into
 from relaykern.models.attention import AttentionContext
@@ -30,6 +32,8 @@ GPU_MEMORY_FRACTION = 0.85
 BATCH1 = GraphShape(rows=1, tokens=1, decode=True)
 WARMUP_SEQ_ID = -1
 """The scratch sequence of the start-up warm-up (request ids are >= 0)."""
+BATCH1_CONTEXT = 256
+"""Tokens of context behind the batch-1 step timed at start-up (its attention reads them)."""
 
 
 def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -84,13 +88,13 @@ class ModelRunner:
         triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
         self.graphs: StepGraphs | None = None
         self.gemv = False
+        self.pdl = False
         self.gemv_timing: dict[str, float] = {}
         with self.scope():
             if triton_on_gpu:
                 self._compile_forward_variants()
                 if config.cuda_graphs:
-                    self.gemv_timing = self._time_batch1_step()
-                    self.gemv = self.gemv_timing["gemv_ms"] < self.gemv_timing["cublas_ms"]
+                    self.gemv_timing = self._choose_batch1_step()
                     self.graphs = StepGraphs(self)
         self._wait_for_default_stream()
 
@@ -113,15 +117,40 @@ class ModelRunner:
             finally:
                 self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
 
-    def _time_batch1_step(self) -> dict[str, float]:
-        """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS and as the fused
-        GEMV kernels (kernels/gemv.py); the faster serves (which one wins depends on the GPU and the shapes)."""
-        timing = {}
-        for name, gemv in (("cublas_ms", False), ("gemv_ms", True)):
-            self.gemv = gemv
-            graphs = StepGraphs(self, shapes=[BATCH1])
-            timing[name] = graphs.replay_ms(BATCH1)
-        self.gemv = False
+    def _choose_batch1_step(self) -> dict[str, float]:
+        """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
+        kernels (kernels/gemv.py), and (on Hopper and later) as those with every Triton kernel launched with PDL
+        (kernels/pdl.py). The fastest serves: sets ``gemv`` and ``pdl``. Which wins depends on the GPU and the
+        shapes. PDL must give exactly the plain GEMV step's logits (the same kernels in the same order), or it is
+        dropped with a warning."""
+        variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
+        if pdl_supported(self.device):
+            variants["gemv_pdl_ms"] = (True, True)
+        context = min(BATCH1_CONTEXT, self.max_model_len - 1)
+        timing, logits = {}, {}
+        self.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
+        try:  # K/V for the timed step to attend to, then the step at the position after them
+            greedy = SamplingParams(temperature=0)
+            self._execute([Row(WARMUP_SEQ_ID, [0] * context, 0, True, greedy, 0, 0, [], False)])
+            self.blocks.append(WARMUP_SEQ_ID, [0])
+            tables = self.blocks.block_tables([WARMUP_SEQ_ID], self.blocks_needed(context + 1))
+            for name, (gemv, pdl) in variants.items():
+                self.gemv, self.pdl = gemv, pdl
+                try:
+                    graphs = StepGraphs(self, shapes=[BATCH1])
+                except Exception as err:  # noqa: BLE001 - a driver that cannot capture PDL launches: serve without
+                    if not pdl:
+                        raise
+                    warnings.warn(f"batch-1 step with PDL launches not captured, served without: {err}")
+                    continue
+                logits[name] = graphs.run(BATCH1, [[0]], [context], tables).clone()
+                timing[name] = graphs.replay_ms(BATCH1)
+        finally:
+            self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
+        if "gemv_pdl_ms" in timing and not torch.equal(logits["gemv_pdl_ms"], logits["gemv_ms"]):
+            warnings.warn("the batch-1 step with PDL launches gave other logits than without: served without")
+            del timing["gemv_pdl_ms"]
+        self.gemv, self.pdl = variants[min(timing, key=timing.get)]
         return timing
 
     def scope(self) -> contextlib.AbstractContextManager:

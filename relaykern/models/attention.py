@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relaykern.models.ops import BACKENDS, Ops
+from relaykern.models.ops import BACKENDS, PDL_OPS, Ops
 
 
 @dataclass
@@ -28,14 +28,19 @@ class AttentionContext:
     gemv: bool = False
     """A one-row step runs its projections as fused GEMV kernels (``ops.gemv``: the norm or activation before
     each folded into it) instead of norm kernels and cuBLAS (``ModelRunner`` picks the faster at start-up)."""
+    pdl: bool = False
+    """The Triton kernels are launched with programmatic dependent launch (kernels/pdl.py; CUDA graphs of a runner
+    that found it faster)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"AttentionContext.backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
+        if self.pdl and self.backend != "triton":
+            raise ValueError(f"programmatic dependent launch needs the triton backend, not {self.backend!r}")
 
     @property
     def ops(self) -> Ops:
-        return BACKENDS[self.backend]
+        return PDL_OPS if self.pdl else BACKENDS[self.backend]
 
 
 class Attention(nn.Module):

@@ -1,8 +1,11 @@
 """The kernels a forward runs, by backend: the Triton kernels, or their plain-torch references (the CPU path and the
 specification). The model's layers hold weights; which code computes with them is chosen per step, by
-``AttentionContext.backend``."""
+``AttentionContext.backend`` (and ``AttentionContext.pdl``: the Triton kernels launched with programmatic dependent
+launch, kernels/pdl.py)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,3 +30,5 @@ BACKENDS = {
     "torch": Ops(rms_norm_reference, qk_norm_rope_store_reference, silu_and_mul_reference, paged_attention_reference,
                  gemv_reference),
 }
+PDL_OPS = Ops(*(functools.partial(kernel, pdl=True) for kernel in dataclasses.astuple(BACKENDS["triton"])))
+"""The Triton kernels, each launched with programmatic dependent launch."""
