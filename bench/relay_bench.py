@@ -75,7 +75,7 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
     }
 
 
-RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens")
+RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "overlap_steps")
 """The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
 
 
@@ -104,6 +104,7 @@ off by a timeout still shows where it was."""
 def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
     faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)
+    steps, overlapped = engine.steps, engine.overlapped_steps
     try:
         outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
     finally:
@@ -125,6 +126,8 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "finish_reasons": dict(collections.Counter(o.finish_reason for o in outputs)),
+        "steps": engine.steps - steps,
+        "overlapped_steps": engine.overlapped_steps - overlapped,
     }
     return figures, outputs
 
@@ -158,9 +161,14 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     run_workload(engine, warmup.head(min(4, warmup.batch)))  # compiles, allocator growth
     slm_only = median_run(engine, workloads(0.0), "slm-only", preset.throughput_repeats)
     slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
+    with using_relay(engine, dataclasses.replace(engine.relay, overlap_steps=False)) as knobs:
+        in_turn = dict(median_run(engine, workloads(0.0), "slm-only, steps in turn", preset.throughput_repeats),
+                       **knobs)
+    slm_only["overlap_speedup"] = slm_only["tokens_per_s"] / in_turn["tokens_per_s"]
     runs = []
     result = {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
-              "decode_context": slm_decode["context"], "slm_only": slm_only, "runs": runs}
+              "decode_context": slm_decode["context"], "slm_only": slm_only, "slm_only_in_turn": in_turn,
+              "runs": runs}
     eager = engine.relay
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.llm_prefetch_tokens:

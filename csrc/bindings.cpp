@@ -73,6 +73,10 @@ forward.)doc")
       .def("can_append", &BlockManager::can_append, py::arg("seq_id"), py::arg("num_new_tokens"))
       .def("append", &BlockManager::append, py::arg("seq_id"), py::arg("token_ids"),
            "Extend seq_id, taking blocks as needed and registering each block that becomes full.")
+      .def("reserve_positions", &BlockManager::reserve_positions, py::arg("seq_id"), py::arg("num_positions"),
+           R"doc(
+Make seq_id's block table cover its first num_positions positions, taking free blocks, registering nothing (KV
+written before the host knows those tokens); append fills them later. False, taking nothing, if blocks are short.)doc")
       .def("free", &BlockManager::free, py::arg("seq_id"), py::arg("keep_cached") = true,
            "Drop seq_id and release its blocks; keep_cached=False also forgets their prefix hashes (KV never "
            "computed).")

@@ -115,13 +115,21 @@ void BlockManager::append(int64_t seq_id, const std::vector<int64_t>& token_ids)
   push_tokens(seq(seq_id), token_ids.data(), k);
 }
 
+bool BlockManager::reserve_positions(int64_t seq_id, int64_t num_positions) {
+  Seq& s = seq(seq_id);
+  const int64_t missing = ceil_div(num_positions, block_size_) - static_cast<int64_t>(s.table.size());
+  if (missing > num_free_) return false;
+  for (int64_t i = 0; i < missing; ++i) s.table.push_back(take_free_block());
+  return true;
+}
+
 void BlockManager::push_tokens(Seq& s, const int64_t* tokens, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    if (s.len % block_size_ == 0) s.table.push_back(take_free_block());
+    if (s.len == static_cast<int64_t>(s.table.size()) * block_size_) s.table.push_back(take_free_block());
     s.tail.push_back(tokens[i]);
     ++s.len;
     if (s.len % block_size_ == 0) {
-      register_full_block(s, s.table.back(), s.tail.data());
+      register_full_block(s, s.table[s.len / block_size_ - 1], s.tail.data());
       s.tail.clear();
     }
   }
@@ -149,6 +157,7 @@ std::optional<std::pair<int32_t, int32_t>> BlockManager::fork(int64_t src_seq_id
   const bool partial = src.len % block_size_ != 0;
   if (partial && num_free_ == 0) throw OutOfBlocks("fork: no free block for the copy of the partial last block");
   Seq dst = src;
+  dst.table.resize(ceil_div(src.len, block_size_));
   dst.num_cached_tokens = src.len;
   std::optional<std::pair<int32_t, int32_t>> copy;
   if (partial) dst.table.pop_back();

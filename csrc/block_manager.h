@@ -39,6 +39,11 @@ class BlockManager {
   bool can_append(int64_t seq_id, int64_t num_new_tokens) const;
   // Extends seq_id, taking blocks as needed and registering the hash of each block that becomes full.
   void append(int64_t seq_id, const std::vector<int64_t>& token_ids);
+  // Makes seq_id's block table cover its first num_positions token positions, taking free blocks but registering
+  // nothing: a forward may then write KV at positions whose token ids the host learns only afterwards (the relay's
+  // overlapped steps), and append fills those blocks later without taking new ones. Returns false, taking nothing,
+  // when the free blocks do not suffice.
+  bool reserve_positions(int64_t seq_id, int64_t num_positions);
   // Drops seq_id; blocks whose ref count reaches 0 go back to the free list (last block first, so a prompt's
   // earlier blocks, the likelier to be shared, stay cached longest).
   // keep_cached=false forgets the hashes of the blocks this frees: for a sequence whose KV was never computed
@@ -46,6 +51,7 @@ class BlockManager {
   void free(int64_t seq_id, bool keep_cached = true);
   // dst shares src's full blocks and gets a fresh block for src's partial last block; returns (src_block,
   // dst_block) for the caller to copy on the device, or nullopt when src's length is a multiple of block_size.
+  // Blocks src reserved past its length (reserve_positions) stay src's alone.
   // dst's num_cached_tokens is src's length: fork after src's KV is written.
   std::optional<std::pair<int32_t, int32_t>> fork(int64_t src_seq_id, int64_t dst_seq_id);
 

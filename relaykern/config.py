@@ -7,7 +7,12 @@ from typing import Callable, Literal, Sequence
 import torch
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
-"""``(generated_token_ids, logits[vocab]) -> logits``: applied to the SLM's logits of one row (as in vLLM/HF)."""
+"""``(generated_token_ids, logits[vocab]) -> logits``: applied to the SLM's logits of one row (as in vLLM/HF).
+
+A processor that reads only ``len(generated_token_ids)`` (the position) may say so with an attribute
+``position_only = True`` (``relaykern.scripted.force_tokens`` does): it then runs in overlapped steps
+(``RelayConfig.overlap_steps``), called before the host knows the last token, which it sees as -1. Any other
+processor makes its request's steps wait for the host to read each token."""
 
 
 @dataclass
@@ -65,6 +70,12 @@ class RelayConfig:
         weights, hence full chunks only (a few hundred tokens or more amortize it); text after a request's last
         call is read for nothing. 0 (default): the LLM reads at calls only, as the official code does. Outputs do
         not depend on it.
+    overlap_steps: while the GPU runs an SLM decode step, the host launches the next one before it reads this one's
+        tokens back, each row fed on the device the token this step samples for it; the host's bookkeeping then
+        runs beside the GPU instead of between its steps. A row whose request stops or calls at the token it was
+        fed is dropped. Only steps of decode rows alone, with nothing else to schedule for the SLM and no logits
+        processor that needs the tokens on the host (see ``LogitsProcessor``), are overlapped; the others run in
+        turn. Outputs do not depend on it (default on).
     """
 
     max_calls: int = 5
@@ -73,6 +84,7 @@ class RelayConfig:
     llm_batch_wait_steps: int = 0
     llm_batch_min_rows: int = 16
     llm_prefetch_tokens: int = 0
+    overlap_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.max_calls < 0:

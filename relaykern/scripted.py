@@ -31,6 +31,7 @@ def force_tokens(schedule: Mapping[int, Sequence[int]]) -> LogitsProcessor:
         out[token] = 0.0
         return out
 
+    processor.position_only = True  # it reads the position alone: overlapped steps may run it (config.py)
     return processor
 
 

@@ -30,6 +30,21 @@ def test_allocate_append_across_blocks():
     assert bm.num_free_blocks == bm.num_blocks == 8 and not bm.has_seq(1)
 
 
+def test_reserved_positions_are_covered_before_their_tokens_and_filled_later():
+    """An overlapped step writes K/V at a position before the host knows its token (the relay's overlap_steps)."""
+    bm = BlockManager(4, 4)
+    bm.allocate(1, [1, 2, 3, 4])
+    assert bm.reserve_positions(1, 5) and len(bm.block_table(1)) == 2 and bm.seq_len(1) == 4
+    assert not bm.reserve_positions(1, 17) and len(bm.block_table(1)) == 2  # short of blocks: nothing taken
+    reserved = bm.block_table(1)[1]
+    bm.append(1, [5, 6, 7, 8])
+    assert bm.block_table(1) == [bm.block_table(1)[0], reserved] and bm.num_free_blocks == 2
+    assert bm.allocate(2, [1, 2, 3, 4, 5, 6, 7, 8, 9]) == 8  # the filled block was registered for sharing
+    bm.free(1)
+    bm.free(2)
+    assert bm.num_free_blocks == 4
+
+
 def test_invalid_arguments_raise_value_error():
     bm = BlockManager(4, 4)
     bm.allocate(1, [1, 2])

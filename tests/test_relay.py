@@ -18,7 +18,8 @@ MAX_TOKENS = 24
 
 
 def scripted(schedule: dict[int, list[int]], max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, logits_processors=[force_tokens(schedule)], **kw)
+    kw.setdefault("temperature", 0)
+    return SamplingParams(max_tokens=max_tokens, logits_processors=[force_tokens(schedule)], **kw)
 
 
 def scenarios(tok) -> dict[str, SamplingParams]:
@@ -350,3 +351,28 @@ def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, ba
     assert all(sum(s.decode for s in model) >= 2 for model in shapes)  # both models decoded through the graphs
     assert all(sum(not s.decode for s in model) >= 1 for model in shapes)  # and caught up / prefilled
     assert any(not s.decode and s.batch > 1 for model in shapes for s in model)  # a mixed or batched extend
+
+
+def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):
+    """SLM steps launched before the step before is read back (fed on the device; ``RelayConfig.overlap_steps``)
+    write what steps in turn write, greedy and sampled, including rows dropped because their request stopped or
+    called at the token they were fed; every block comes back."""
+    cases = scenarios(tokenizer)
+    cases["sampled"] = scripted({4: command_tokens(tokenizer, 2)}, temperature=1.0, seed=7)
+    cases["sampled_logprobs"] = scripted({}, temperature=0.8, top_p=0.9, seed=3, logprobs=True)
+    prompts = [text_tokens(tokenizer, f"Q{i}: {i} * {i + 2} = ?") for i in range(len(cases))]
+    outputs, engines = {}, {}
+    for overlap in (False, True):
+        engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(overlap_steps=overlap),
+                             slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=64),
+                             llm_config=EngineConfig(device="cpu", block_size=4))
+        outputs[overlap] = engine.generate(prompts, list(cases.values()))
+        engines[overlap] = engine
+        assert_no_blocks_held(engine)
+    for name, a, b in zip(cases, outputs[False], outputs[True]):
+        assert comparable(a) == comparable(b), name
+        if a.logprobs is not None:  # (rows batched otherwise: products summed in another order)
+            torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+    assert engines[False].overlapped_steps == 0
+    overlapped = engines[True]  # (here every call and every return to the SLM makes a step in turn)
+    assert overlapped.overlapped_steps >= overlapped.steps // 4 and overlapped.dropped_rows > 0

@@ -177,6 +177,45 @@ void test_random_ops() {
   REQUIRE_EQ(bm.num_free_blocks(), 24);
 }
 
+// Reserved positions: covered by the table before their tokens are known; append fills them without new blocks,
+// can_append counts them, free returns them, and a fork does not share them.
+void test_reserve_positions() {
+  BlockManager bm(4, 4);
+  bm.allocate(1, iota(4));
+  REQUIRE(bm.reserve_positions(1, 6));
+  REQUIRE_EQ(bm.block_table(1).size(), 2u);
+  REQUIRE_EQ(bm.seq_len(1), 4);
+  REQUIRE_EQ(bm.num_free_blocks(), 2);
+  REQUIRE(bm.reserve_positions(1, 8));  // already covered
+  REQUIRE_EQ(bm.num_free_blocks(), 2);
+  REQUIRE(!bm.reserve_positions(1, 20));
+  REQUIRE_EQ(bm.block_table(1).size(), 2u);
+  bm.fork(1, 2);
+  REQUIRE_EQ(bm.block_table(2).size(), 1u);
+  REQUIRE(bm.can_append(1, 4));
+  const int32_t reserved = bm.block_table(1)[1];
+  bm.append(1, iota(4, 4));
+  REQUIRE_EQ(bm.block_table(1).size(), 2u);
+  REQUIRE_EQ(bm.block_table(1)[1], reserved);
+  REQUIRE_EQ(bm.num_free_blocks(), 2);
+  bm.allocate(3, iota(8));  // a prefix hit on the first block (never on the last)
+  REQUIRE_EQ(bm.num_cached_tokens(3), 4);
+  check_invariants(bm, {1, 2, 3});
+  for (int64_t id : {1, 2, 3}) bm.free(id);
+  REQUIRE_EQ(bm.num_free_blocks(), 4);
+  // A block filled while a later one is reserved is the one registered: a prompt of both blocks hits it.
+  bm.allocate(4, iota(2));
+  REQUIRE(bm.reserve_positions(4, 12));
+  bm.append(4, iota(6, 2));
+  REQUIRE_EQ(bm.block_table(4).size(), 3u);
+  bm.allocate(5, iota(9));
+  REQUIRE_EQ(bm.num_cached_tokens(5), 8);
+  REQUIRE_EQ(bm.block_table(5)[1], bm.block_table(4)[1]);
+  bm.free(4);
+  bm.free(5);
+  REQUIRE_EQ(bm.num_free_blocks(), 4);
+}
+
 }  // namespace
 
 int main() {
@@ -184,6 +223,7 @@ int main() {
   test_prefix_sharing();
   test_no_prefix_caching();
   test_fork();
+  test_reserve_positions();
   test_out_of_blocks_leaves_state();
   test_block_tables();
   test_random_ops();

@@ -2,7 +2,8 @@
 
 The table (kernels/detect.py) lifts relaykern/protocol.py's byte automaton to tokens. The host keeps each
 sequence's automaton state between steps (it changes only here), sends the batch's states with the step, and reads
-back sampled ids, events and new states in a single transfer.
+back sampled ids, events and new states in a single transfer. An overlapped step (``RelayConfig.overlap_steps``),
+launched before the host has read the step before, takes the states that step left on the device instead.
 """
 from __future__ import annotations
 
@@ -22,19 +23,24 @@ class Detector:
         self.device = device
         self.kernel = detect_commands if backend == "triton" else detect_commands_reference
 
-    def launch(self, tokens: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Runs detection on the sampled ``tokens`` (no host sync); returns the [7, rows] tensor to read back."""
-        packed_in = host_to_device(self.device, [[s.scan_state for s in seqs], [s.scan_n for s in seqs]], torch.int64)
-        state, n = packed_in[0].to(torch.int32), packed_in[1].clone()
+    def launch(self, tokens: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Runs detection on the sampled ``tokens`` (no host sync); returns the [7, rows] tensor to read back.
+        ``previous``: that tensor of the step before, on the same rows, whose states are not on the host yet."""
+        states = previous[5:] if previous is not None else \
+            host_to_device(self.device, [[s.scan_state for s in seqs], [s.scan_n for s in seqs]], torch.int64)
+        state, n = states[0].to(torch.int32), states[1].clone()
         result = self.kernel(tokens, state, n, self.table)
         return torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),
                             result.event_end.long(), state.long(), n])
 
     @staticmethod
-    def unpack(packed: list[list[int]], seqs: list[Sequence]) -> list[DetectedRow]:
-        """The read-back ``launch`` tensor, per row; stores each sequence's new automaton state."""
+    def unpack(packed: list[list[int]], seqs: list[Sequence | None]) -> list[DetectedRow]:
+        """The read-back ``launch`` tensor, per row; stores each sequence's new automaton state (None: a row whose
+        results are dropped)."""
         rows = []
         for i, seq in enumerate(seqs):
-            seq.scan_state, seq.scan_n = packed[5][i], packed[6][i]
+            if seq is not None:
+                seq.scan_state, seq.scan_n = packed[5][i], packed[6][i]
             rows.append((packed[0][i], packed[1][i], packed[2][i], packed[3][i], packed[4][i]))
         return rows

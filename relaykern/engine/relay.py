@@ -18,6 +18,10 @@ Each ``step()`` launches two forwards before it waits on either:
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
 is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
+While the SLM only decodes, its next forward is launched before step 3 (``RelayConfig.overlap_steps``), fed on the
+device with the tokens this one samples: the host's bookkeeping then overlaps the GPU's next step. A row whose
+request stopped or called at the token it was fed is dropped when read.
+
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
 from __future__ import annotations
@@ -33,6 +37,8 @@ from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.admission import new_sequence
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
+from relaykern.engine.forward import Launched, run_forward
+from relaykern.engine.llm_turns import ReadAhead, llm_runs_now
 from relaykern.engine.llm_view import feed_llm_view, note_safe_point
 from relaykern.engine.readback import Readback
 from relaykern.engine.runner import ModelRunner, Row, host_to_device
@@ -41,15 +47,6 @@ from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
 from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length
 from relaykern.tokenizer import encode_bytes, token_bytes
-
-
-@dataclasses.dataclass
-class Launched:
-    """One model's forward of this step, launched; its results arrive through ``readback``."""
-
-    seqs: list[Sequence]
-    rows: list[Row]
-    readback: Readback
 
 
 class RelayEngine:
@@ -81,7 +78,11 @@ class RelayEngine:
         models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
         self.scheduler = Scheduler(slm_config, models)
         self.steps = 0
-        self.prefetch_done: torch.cuda.Event | None = None
+        self.next_slm: Launched | None = None
+        self.overlapped_steps = 0
+        self.dropped_rows = 0
+        """Counters: SLM forwards launched overlapped, and their rows dropped (the request stopped or called)."""
+        self.read_ahead = ReadAhead(self.scheduler, self.llm, self._feed_llm_view) if self.llm else None
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
 
@@ -132,22 +133,20 @@ class RelayEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
-        """One SLM forward and one LLM forward, both launched before the host waits on either."""
-        slm = self._launch(self.slm, Phase.SLM, busy=[])
+        """One SLM forward and one LLM forward, both launched before the host waits on either (the SLM's may have
+        been launched by the step before)."""
+        slm, self.next_slm = self.next_slm, None
+        slm = slm or self._launch(self.slm, Phase.SLM, busy=[])
         llm = None
-        if self.llm is not None and self._llm_runs_now(slm_busy=slm is not None):
+        if self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, slm_busy=slm is not None):
             llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
         if self.llm is not None and llm is None and self.relay.llm_prefetch_tokens and not self.reprefill_llm:
-            self._prefetch()
+            self.read_ahead.launch(self.relay)
+        if slm is not None and self.relay.overlap_steps:
+            self.next_slm = self._launch_overlapped(slm)
         self.steps += 1
         if slm is not None:
-            detected, logprobs = slm.readback.wait()
-            logprobs = logprobs or [None] * len(slm.seqs)
-            for seq, row, found, logprob in zip(slm.seqs, slm.rows, self.detector.unpack(detected, slm.seqs),
-                                                logprobs):
-                seq.slm.num_cached = row.start + len(row.tokens)
-                if row.samples:
-                    self._on_slm_token(seq, *found, logprob)
+            self._read_slm(slm)
         self._reap()
         if llm is not None:
             tokens, logprobs = llm.readback.wait()
@@ -160,44 +159,42 @@ class RelayEngine:
                     self._on_llm_token(seq, token, logprob)
         self._reap()
 
-    def _llm_runs_now(self, slm_busy: bool) -> bool:
-        """Whether this step runs the LLM (see ``RelayConfig.llm_batch_wait_steps``); without a wait it always does
-        (its scheduling finds the sequences, if any)."""
-        relay = self.relay
-        if relay.llm_batch_wait_steps == 0 or not slm_busy:
-            return True
-        waiting = [s for s in self.scheduler.sequences() if s.phase is Phase.LLM]
-        return bool(waiting) and (len(waiting) >= relay.llm_batch_min_rows or
-                                  self.steps - min(s.call.waiting_since for s in waiting) >= relay.llm_batch_wait_steps)
+    def _read_slm(self, slm: Launched) -> None:
+        detected, logprobs = slm.readback.wait()
+        live = [seq if not slm.overlapped or self._decoding(seq, row) else None for seq, row in zip(slm.seqs, slm.rows)]
+        for seq, row, found, logprob in zip(live, slm.rows, self.detector.unpack(detected, live),
+                                            logprobs or [None] * len(live)):
+            if seq is None:  # it stopped or called at the token this row was fed: what the row sampled is dropped
+                self.dropped_rows += 1
+                continue
+            if slm.overlapped:
+                self.scheduler.take_fed_tokens(seq, self.slm, seq.slm, row.start + 1)
+            seq.slm.num_cached = row.start + len(row.tokens)
+            if row.samples:
+                self._on_slm_token(seq, *found, logprob)
+        if self.next_slm is not None and not any(map(self._decoding, self.next_slm.seqs, self.next_slm.rows)):
+            self.dropped_rows += len(self.next_slm.rows)
+            self.next_slm = None  # every request in it stopped or called: nothing in it to read
 
-    def _prefetch(self) -> None:
-        """Launches an LLM forward reading ahead what sequences the SLM is serving have written so far (their
-        prompts, then their runs up to a safe point: engine/llm_view.py); their LLM views count it as cached at once
-        (the LLM's later forwards follow on its stream). At most one is in flight, so they never pile up ahead of a
-        call's forward on that stream."""
-        if self.prefetch_done is not None and not self.prefetch_done.query():
-            return
-        if any(s.phase is Phase.LLM for s in self.scheduler.sequences()):
-            return  # a call waits (held back, or short of blocks): its forward comes first, and may need them
-        may_call = [s for s in self.scheduler.running if s.phase is Phase.SLM and s.stats.calls < self.relay.max_calls]
-        for seq in may_call:
-            if seq.run_safe > seq.run_fed:
-                self._feed_llm_view(seq, seq.run_safe)
-        if sum(max(0, s.llm.num_pending - 1) for s in may_call) < self.relay.llm_prefetch_tokens:
-            return  # a forward reads all the LLM's weights: only ever for a full chunk
-        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, may_call,
-                                                      self.relay.llm_prefetch_tokens)
-        if not rows:
-            return
-        with self.llm.scope():
-            if self._forward(self.llm, seqs, rows) is None:
-                return  # (each row that failed finished its request)
-            if self.llm.stream is not None:
-                self.prefetch_done = torch.cuda.Event()
-                self.prefetch_done.record(self.llm.stream)
-        for seq, row in zip(seqs, rows):  # the rows that ran
-            seq.llm.num_cached = row.start + len(row.tokens)
-            seq.stats.llm_prefill_tokens += len(row.tokens)
+    @staticmethod
+    def _decoding(seq: Sequence, row: Row) -> bool:
+        """Whether ``seq`` still decodes from the token an overlapped ``row`` was fed (the last one it wrote)."""
+        return seq.phase is Phase.SLM and len(seq.slm.tokens) == row.start + 1
+
+    def _launch_overlapped(self, slm: Launched) -> Launched | None:
+        """Launches the SLM's next step before ``slm`` is read back, its rows fed on the device with the tokens
+        ``slm`` samples; None when the next step must be scheduled as usual (``Scheduler.schedule_overlapped``)."""
+        rows = self.scheduler.schedule_overlapped(self.slm, slm.seqs, slm.rows)
+        if rows is None:
+            return None
+        with self.slm.scope():
+            try:
+                tokens, logprobs = self.slm.execute(rows, fed_tokens=slm.detected[0])
+            except Exception:  # noqa: BLE001 - scheduled as usual at the next step, where a failing row fails alone
+                return None
+            detected = self.detector.launch(tokens, slm.seqs, previous=slm.detected)
+            self.overlapped_steps += 1
+            return Launched(slm.seqs, rows, Readback(detected, logprobs), detected, overlapped=True)
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
@@ -210,7 +207,7 @@ class RelayEngine:
         view_of = (lambda s: s.slm) if runner is self.slm else (lambda s: s.llm)
         seqs, rows = self.scheduler.schedule(phase, runner, view_of, busy)
         with runner.scope():  # detection and the readback go on the model's stream, after its forward
-            result = self._forward(runner, seqs, rows) if rows else None
+            result = run_forward(runner, self.scheduler, seqs, rows) if rows else None
             if result is None:
                 return None
             tokens, logprobs = result
@@ -219,32 +216,8 @@ class RelayEngine:
                     samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
                     tokens = torch.where(samples, tokens, -1)
                 tokens = self.detector.launch(tokens, seqs)
+                return Launched(seqs, rows, Readback(tokens, logprobs), detected=tokens)
             return Launched(seqs, rows, Readback(tokens, logprobs))
-
-    def _forward(self, runner: ModelRunner, seqs: list[Sequence], rows: list) -> tuple | None:
-        """Runs a forward: (sampled ids, log-probs) on the device. If it fails (a broken logits processor, say),
-        each row is retried alone so that only the requests that fail are finished with ``finish_reason="error"``;
-        rewriting a row's KV is idempotent. Log-probs: ``None`` if no row asked for them."""
-        try:
-            tokens, logprobs = runner.execute(rows)
-        except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
-            if len(rows) == 1:
-                self.scheduler.release(seqs[0], keep_cached=False)
-                seqs[0].finish("error", f"{type(err).__name__}: {err}")
-                return None
-            results = [self._forward(runner, [seq], [row]) for seq, row in zip(seqs, rows)]
-            kept = [i for i, r in enumerate(results) if r is not None]
-            seqs[:] = [seqs[i] for i in kept]
-            rows[:] = [rows[i] for i in kept]
-            if not kept:
-                return None
-            tokens = torch.cat([results[i][0] for i in kept])
-            logprobs = [results[i][1] for i in kept]
-            if all(lp is None for lp in logprobs):
-                return tokens, None
-            return tokens, torch.cat([torch.zeros_like(tokens[:1], dtype=torch.float32) if lp is None else lp
-                                      for lp in logprobs])
-        return tokens, logprobs
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:

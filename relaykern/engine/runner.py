@@ -32,6 +32,8 @@ GPU_MEMORY_FRACTION = 0.85
 BATCH1 = GraphShape(rows=1, tokens=1, decode=True)
 WARMUP_SEQ_ID = -1
 """The scratch sequence of the start-up warm-up (request ids are >= 0)."""
+FED_ON_DEVICE = -1
+"""The token of a decode row whose input the forward takes from a device tensor (``execute``'s ``fed_tokens``)."""
 BATCH1_CONTEXT = 256
 """Tokens of context behind the batch-1 step timed at start-up (its attention reads them)."""
 
@@ -188,31 +190,36 @@ class ModelRunner:
         return -(-num_tokens // self.block_size)
 
     @torch.inference_mode()
-    def execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs one forward over ``rows`` on this model's stream; returns the sampled token (and log-prob) of each
-        row, on the device, ready for use on the caller's stream."""
+        row, on the device, ready for use on the caller's stream. ``fed_tokens``: for decode rows only, each row's
+        input token as a device tensor (written on this model's stream), in place of ``row.tokens``."""
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         with self.scope():
-            result = self._execute(rows)
+            result = self._execute(rows, fed_tokens)
         if caller is not None and caller != self.stream:
             caller.wait_stream(self.stream)
         return result
 
-    def _execute(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = self.graphs.shape_for([len(row.tokens) for row in rows]) if self.graphs is not None else None
         if shape is not None:
             tables = self.blocks.block_tables([row.seq_id for row in rows],
                                               max(self.blocks_needed(row.start + len(row.tokens)) for row in rows))
-            logits = self.graphs.run(shape, [row.tokens for row in rows], [row.start for row in rows], tables)
+            logits = self.graphs.run(shape, [row.tokens for row in rows], [row.start for row in rows], tables,
+                                     fed_tokens)
         else:
-            ctx, input_ids, positions = self._prepare(rows)
+            ctx, input_ids, positions = self._prepare(rows, fed_tokens)
             hidden = self.model(input_ids, positions, ctx)
             logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
         logits = self._apply_logits_processors(logits, rows)
         want_logprobs = any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
-    def _prepare(self, rows: list[Row]) -> tuple[AttentionContext, torch.Tensor, torch.Tensor]:
+    def _prepare(self, rows: list[Row], fed_tokens: torch.Tensor | None
+                 ) -> tuple[AttentionContext, torch.Tensor, torch.Tensor]:
         lengths = [len(row.tokens) for row in rows]
         cu = [0]
         for n in lengths:
@@ -221,7 +228,7 @@ class ModelRunner:
         packed = host_to_device(self.device, [t for row in rows for t in row.tokens] + cu + [row.start for row in rows],
                                  torch.int64)
         total, batch = cu[-1], len(rows)
-        flat = packed[:total]
+        flat = packed[:total] if fed_tokens is None else fed_tokens
         cu_rows = packed[total:total + batch + 1].to(torch.int32)
         start = packed[total + batch + 1:].to(torch.int32)
         width = max(self.blocks_needed(row.start + n) for row, n in zip(rows, lengths))
@@ -243,13 +250,16 @@ class ModelRunner:
 
     @staticmethod
     def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """A processor that hands back the row it was given costs no device copy (most steps of a scripted one)."""
+        """A processor that hands back the row it was given costs no device copy (most steps of a scripted one).
+        Tokens of the history the host does not know yet (an overlapped row's last one) are ``FED_ON_DEVICE``."""
         for i, row in enumerate(rows):
             if not row.samples or not row.sampling.logits_processors:
                 continue
+            generated = list(row.history)
+            generated += [FED_ON_DEVICE] * (row.step - len(generated))
             given = current = logits[i]
             for processor in row.sampling.logits_processors:
-                current = processor(list(row.history), current)
+                current = processor(generated, current)
             if current is not given:
                 logits[i] = current
         return logits

@@ -15,6 +15,10 @@ preempted: both of its caches are freed and it is recomputed later from its toke
 lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
+``schedule_overlapped`` repeats the SLM's decode step, before its tokens are known on the host, for the next step
+(``RelayConfig.overlap_steps``): positions whose tokens come later are covered with ``reserve_positions`` and given
+to the block manager once known (``take_fed_tokens``).
+
 ``schedule_prefetch`` fills the LLM's forwards while it has no call to serve with what sequences the SLM is serving
 have written (``RelayConfig.llm_prefetch_tokens``): free blocks only, never making room.
 """
@@ -26,7 +30,7 @@ from typing import Callable, Iterator
 
 from relaykern.config import EngineConfig
 from relaykern._C import OutOfBlocks
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.runner import FED_ON_DEVICE, ModelRunner, Row
 from relaykern.engine.sequence import ModelView, Phase, Sequence
 
 
@@ -104,6 +108,32 @@ class Scheduler:
             rows.append(dataclasses.replace(self._row(seq, view, Phase.LLM), samples=False))
             num_tokens += len(rows[-1].tokens)
         return batch, rows
+
+    def schedule_overlapped(self, runner: ModelRunner, seqs: list[Sequence], rows: list[Row]) -> list[Row] | None:
+        """The rows of ``runner``'s (the SLM's) next step, for the same ``seqs``, scheduled before the host knows
+        what this step (``rows``) samples: each row feeds the token sampled on its row of this step
+        (``FED_ON_DEVICE`` until then) at the next position. None if the next step must be scheduled as usual:
+        a request is waiting, a sequence in the SLM's phase is not in this step, a row is not a decode row, has a
+        logits processor that needs the tokens on the host (``LogitsProcessor``) or is known to have stopped or
+        called, this step's token reaches max_tokens, or free blocks are short (never making room)."""
+        slm_phase = sum(1 for s in self.running if s.phase is Phase.SLM)
+        if self.waiting or slm_phase != len(seqs):
+            return None
+        for seq, row in zip(seqs, rows):
+            decoding = seq.phase is Phase.SLM and len(row.tokens) == 1 and len(seq.slm.tokens) == row.start + 1
+            position_only = all(getattr(p, "position_only", False) for p in seq.sampling.logits_processors)
+            if not (decoding and row.samples and position_only and seq.tokens_left > 1 and
+                    runner.blocks.reserve_positions(seq.request_id, row.start + 2)):
+                return None
+        return [dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=row.start + 1, step=row.step + 1)
+                for row in rows]
+
+    @staticmethod
+    def take_fed_tokens(seq: Sequence, runner: ModelRunner, view: ModelView, upto: int) -> None:
+        """``runner``'s block manager takes ``view.tokens[:upto]``, some of them written to the cache by an
+        overlapped step before the host knew them (their positions reserved by ``schedule_overlapped``)."""
+        runner.blocks.append(seq.request_id, view.tokens[view.reserved:upto])
+        view.reserved = upto
 
     def _start_running(self, admitted: set[int]) -> None:
         if any(s.request_id in admitted for s in self.waiting):  # one pass, not one deque scan per sequence
