@@ -8,7 +8,9 @@ Index math shared by every function here:
   ``context_len_b + i`` with ``context_len_b = seq_lens[b] - q_len_b`` and sees keys at positions <= that
   (bottom-right causal). Query head h reads kv head ``h // (Hq // Hkv)`` (GQA).
 Both kernels split the keys of a program over a third grid axis when the grid would not fill the GPU
-(flash-decoding); a second kernel merges the splits by their log-sum-exps.
+(flash-decoding); a second kernel merges the splits by their log-sum-exps. Decode splits as finely as one key tile
+(a batch-1 step at a long context is otherwise a chain of dependent tile loads): its splits past a sequence's
+length return at once and the merge reads only the splits that hold keys.
 Kernels keep softmax statistics and accumulators in fp32 (base-2 exponent); tl.dot takes the cache dtype with fp32
 accumulation (probabilities are rounded to that dtype for P @ V, as flash-attention does); output is q's dtype.
 """
@@ -26,8 +28,9 @@ from relaykern.kernels.store_kv import check_kv_cache
 LOG2E = 1.4426950408889634
 TILE_N = 64  # keys per inner-loop step; a tile may span several cache blocks (each key looks its block up)
 FP32_TILE_N, FP32_MAX_EXTEND_ROWS = 16, 16  # exact fp32 dots hold their operands in registers: smaller tiles
-MIN_SPLIT_KEYS = 256  # split-KV: fewer keys per split than this costs more in the merge than it gains
+MIN_SPLIT_KEYS = 256  # extend split-KV: fewer keys per split than this costs more in the merge than it gains
 MAX_SPLITS = 16
+MAX_DECODE_SPLITS = 64
 PROGRAMS_PER_SM = 4  # decode is memory bound: several resident programs per SM hide load latency
 PER_STEP_ARGS = ["num_seqs", "num_splits", "stride_table"]
 """Integers that change from step to step (batch, split count, block-table width): Triton would otherwise compile a
@@ -86,7 +89,8 @@ def _decode_kernel(
 ):
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
     over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
-    rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps."""
+    rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps, except
+    splits that start past seq_len (the merge skips them)."""
     wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -95,6 +99,8 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if num_splits > 1 and start >= seq_len:
+        return
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,14 +127,21 @@ def _decode_kernel(
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Program row = (sequence, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max)."""
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, rows_per_seq,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                         DECODE: tl.constexpr, PDL: tl.constexpr):
+    """Program row = (token, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max). DECODE:
+    over the splits that hold keys of the row's sequence (as _decode_kernel splits seq_len), else over all."""
     wait_for_earlier_kernels(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
+    if DECODE:
+        seq_len = tl.load(seq_lens_ptr + row // rows_per_seq)
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE, 1)
+        s_mask = offs_s < tl.cdiv(seq_len, split_len)
+    else:
+        s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
@@ -248,18 +261,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def choose_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
+def choose_num_splits(num_programs: int, max_context: int, device: torch.device, min_split_keys: int = MIN_SPLIT_KEYS,
+                      max_splits: int = MAX_SPLITS) -> int:
     """Split the keys only when the grid without splits (num_programs) cannot fill the GPU (PROGRAMS_PER_SM per
-    SM), keeping >= MIN_SPLIT_KEYS keys per split and at most MAX_SPLITS splits. Uses host shapes only (no sync)."""
+    SM), keeping >= min_split_keys keys per split and at most max_splits splits. Uses host shapes only (no sync)."""
     wanted = math.ceil(PROGRAMS_PER_SM * _num_sms(device) / max(1, num_programs))
-    return max(1, min(wanted, max_context // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return max(1, min(wanted, max_context // min_split_keys, max_splits))
 
 
-def _partial_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _partial_buffers(out: torch.Tensor, num_splits: int, max_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (part_out [rows, Hq, splits, D], part_lse [rows, Hq, splits]); with one split the kernel writes out
     directly and the buffers are unused."""
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not 1 <= num_splits <= max_splits:
+        raise ValueError(f"num_splits must be in [1, {max_splits}], got {num_splits}")
     if num_splits == 1:
         return out, out
     rows, heads, head_dim = out.shape
@@ -268,12 +282,16 @@ def _partial_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, 
 
 
 def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int,
-                  pdl: bool) -> None:
+                  seq_lens: torch.Tensor | None, pdl: bool) -> None:
+    """``seq_lens``: decode's (one row per sequence), whose splits past a sequence's length wrote nothing."""
     if num_splits > 1:
         rows, heads, head_dim = out.shape
+        decode = seq_lens is not None
         _merge_splits_kernel[(rows * heads,)](
-            part_out, part_lse, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(MAX_SPLITS),
-            BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), PDL=pdl, **launch_options(pdl),
+            part_out, part_lse, out, seq_lens if decode else part_lse, num_splits, heads, HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(MAX_DECODE_SPLITS if decode else MAX_SPLITS),
+            BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=_key_tile(out.dtype), DECODE=decode, PDL=pdl,
+            **launch_options(pdl),
         )
 
 
@@ -295,9 +313,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                          f"{seq_lens.shape[0]}; use paged_extend_attention for other layouts")
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs * num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        num_splits = choose_num_splits(num_seqs * num_kv_heads, block_tables.shape[1] * block_size, q.device,
+                                       min_split_keys=_key_tile(q.dtype), max_splits=MAX_DECODE_SPLITS)
     out = torch.empty((num_seqs, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    part_out, part_lse = _partial_buffers(out, num_splits)
+    part_out, part_lse = _partial_buffers(out, num_splits, MAX_DECODE_SPLITS)
     if num_seqs == 0:
         return out
     group = num_q_heads // num_kv_heads
@@ -309,7 +328,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         TILE=_key_tile(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
-    _merge_splits(part_out, part_lse, out, num_splits, pdl)
+    _merge_splits(part_out, part_lse, out, num_splits, seq_lens, pdl)
     return out
 
 
@@ -339,7 +358,7 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if num_splits is None:
         num_splits = choose_num_splits(num_q_tiles * num_kv_heads, block_tables.shape[1] * block_size, q.device)
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    part_out, part_lse = _partial_buffers(out, num_splits)
+    part_out, part_lse = _partial_buffers(out, num_splits, MAX_SPLITS)
     if num_tokens == 0 or num_seqs == 0:
         return out
     _extend_kernel[(num_q_tiles, num_kv_heads, num_splits)](
@@ -349,7 +368,7 @@ def paged_extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)), TILE=_key_tile(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype), PDL=pdl, num_warps=8 if block_m >= 128 else 4, **launch_options(pdl),
     )
-    _merge_splits(part_out, part_lse, out, num_splits, pdl)
+    _merge_splits(part_out, part_lse, out, num_splits, None, pdl)
     return out
 
 

@@ -133,7 +133,7 @@ def test_extend_max_q_len_is_only_a_bound():
     assert_close(paged_extend_attention(*args), paged_attention_reference(*case.args()))
 
 
-@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8, 40])
 @pytest.mark.parametrize("seed", range(6))
 def test_decode_matches_reference_random(seed, num_splits):
     case = random_case(100 + seed, decode=True)
@@ -145,7 +145,7 @@ def test_decode_matches_reference_random(seed, num_splits):
 def test_decode_zero_length_padding_row_gives_zeros():
     case = make_case([1, 1], [70, 0], 4, 2, 16, 16)
     case.seq_lens[1] = 0
-    for num_splits in (1, 4):
+    for num_splits in (1, 4, attention.MAX_DECODE_SPLITS):  # most of 64 splits hold no key: they write nothing
         out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, num_splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert_close(out[:1], paged_attention_reference(*case.args())[:1])
@@ -174,6 +174,17 @@ def test_num_splits_heuristic(monkeypatch):
     assert attention.choose_num_splits(1 * 8, 4096, cpu) == 16  # bs 1: split as far as MIN_SPLIT_KEYS allows
     assert attention.choose_num_splits(1 * 8, 300, cpu) == 1  # short context: not worth a merge
     assert attention.choose_num_splits(256 * 8, 4096, cpu) == 1
+    decode = dict(min_split_keys=attention.TILE_N, max_splits=attention.MAX_DECODE_SPLITS)
+    assert attention.choose_num_splits(1 * 8, 4096, cpu, **decode) == 64  # decode bs 1: a key tile per split
+    assert attention.choose_num_splits(1 * 8, 300, cpu, **decode) == 4
+
+
+def test_split_counts_out_of_range_are_errors():
+    case = make_case([1], [40], 4, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"num_splits must be in \[1, 64\]"):
+        paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 65)
+    with pytest.raises(ValueError, match=r"num_splits must be in \[1, 16\]"):
+        paged_extend_attention(*case.args(), 17)
 
 
 def test_rejects_bad_inputs():
