@@ -104,7 +104,7 @@ off by a timeout still shows where it was."""
 def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
     faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)
-    steps, overlapped = engine.steps, engine.overlapped_steps
+    steps, overlapped = engine.steps, dict(engine.overlapped_steps)
     try:
         outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
     finally:
@@ -127,7 +127,8 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
         "tokens_per_s": tokens / seconds,
         "finish_reasons": dict(collections.Counter(o.finish_reason for o in outputs)),
         "steps": engine.steps - steps,
-        "overlapped_steps": engine.overlapped_steps - overlapped,
+        "overlapped_slm_steps": engine.overlapped_steps["slm"] - overlapped["slm"],
+        "overlapped_llm_steps": engine.overlapped_steps["llm"] - overlapped["llm"],
     }
     return figures, outputs
 

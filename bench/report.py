@@ -121,7 +121,7 @@ def format_table(report: dict) -> str:
         s = thr["slm_only"]
         lines.append(f"relay throughput, batch {thr['batch']}: SLM-only {s['tokens_per_s']:.4g} tokens/s "
                      f"({s['of_ideal']:.3g} of its decode speed; {s['overlap_speedup']:.3g}x steps in turn, "
-                     f"{s['overlapped_steps']} of {s['steps']} steps overlapped)")
+                     f"{s['overlapped_slm_steps']} of {s['steps']} steps overlapped)")
         lines += _rows(["workload", "ratio", "calls", "tokens/s", "ideal tokens/s", "of_ideal", "+catch-up",
                         "of_slm_only"],
                        [[x["name"], f"{x['ratio']:.2%}", x["calls"], x["tokens_per_s"], x["ideal_tokens_per_s"],

@@ -70,12 +70,14 @@ class RelayConfig:
         weights, hence full chunks only (a few hundred tokens or more amortize it); text after a request's last
         call is read for nothing. 0 (default): the LLM reads at calls only, as the official code does. Outputs do
         not depend on it.
-    overlap_steps: while the GPU runs an SLM decode step, the host launches the next one before it reads this one's
-        tokens back, each row fed on the device the token this step samples for it; the host's bookkeeping then
-        runs beside the GPU instead of between its steps. A row whose request stops or calls at the token it was
-        fed is dropped. Only steps of decode rows alone, with nothing else to schedule for the SLM and no logits
-        processor that needs the tokens on the host (see ``LogitsProcessor``), are overlapped; the others run in
-        turn. Outputs do not depend on it (default on).
+    overlap_steps: while the GPU runs a model's decode step, the host launches that model's next one before it
+        reads this one's tokens back, each row fed on the device the token this step samples for it; the host's
+        bookkeeping then runs beside the GPU instead of between its steps. A row whose request stops, calls or ends
+        its call at the token it was fed is dropped. Only steps of decode rows alone, with nothing else for that
+        model to schedule and no logits processor that needs the tokens on the host (see ``LogitsProcessor``), are
+        overlapped; the LLM's only while the SLM has nothing to run (a call may start at any SLM step, and the
+        LLM's next forward must be free to take it); the others run in turn. Outputs do not depend on it (default
+        on).
     """
 
     max_calls: int = 5

@@ -63,8 +63,8 @@ def test_workloads_did_the_scripted_work(bench_run):
     # Reading ahead, the LLM reads what it reads at the calls without it, and the text after a request's last call.
     assert prefetching["calls"] == lazy["calls"] and prefetching["llm_prefill_tokens"] > lazy["llm_prefill_tokens"]
     in_turn = throughput["slm_only_in_turn"]
-    assert not in_turn["overlap_steps"] and in_turn["overlapped_steps"] == 0
-    assert throughput["slm_only"]["overlapped_steps"] > throughput["slm_only"]["steps"] // 2
+    assert not in_turn["overlap_steps"] and in_turn["overlapped_slm_steps"] == 0
+    assert throughput["slm_only"]["overlapped_slm_steps"] > throughput["slm_only"]["steps"] // 2
     for run in throughput["runs"] + [throughput["slm_only"], in_turn]:
         assert run["tokens"] == batch * max_tokens and run["finish_reasons"] == {"length": batch}
         assert run["ratio"] == pytest.approx(run["target_ratio"])

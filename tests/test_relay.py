@@ -360,19 +360,29 @@ def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):
     cases = scenarios(tokenizer)
     cases["sampled"] = scripted({4: command_tokens(tokenizer, 2)}, temperature=1.0, seed=7)
     cases["sampled_logprobs"] = scripted({}, temperature=0.8, top_p=0.9, seed=3, logprobs=True)
-    prompts = [text_tokens(tokenizer, f"Q{i}: {i} * {i + 2} = ?") for i in range(len(cases))]
-    outputs, engines = {}, {}
-    for overlap in (False, True):
-        engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(overlap_steps=overlap),
-                             slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=64),
-                             llm_config=EngineConfig(device="cpu", block_size=4))
-        outputs[overlap] = engine.generate(prompts, list(cases.values()))
-        engines[overlap] = engine
-        assert_no_blocks_held(engine)
-    for name, a, b in zip(cases, outputs[False], outputs[True]):
-        assert comparable(a) == comparable(b), name
-        if a.logprobs is not None:  # (rows batched otherwise: products summed in another order)
-            torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
-    assert engines[False].overlapped_steps == 0
-    overlapped = engines[True]  # (here every call and every return to the SLM makes a step in turn)
-    assert overlapped.overlapped_steps >= overlapped.steps // 4 and overlapped.dropped_rows > 0
+    # All calling at once (the SLM idle), one of them stopped by the LLM's EOS in the middle of its call.
+    aligned = [scripted({2: command_tokens(tokenizer, n)}, max_tokens) for n, max_tokens in ((9, 24), (6, 24), (9, 14))]
+    llm_eos = [SamplingParams(temperature=0, logits_processors=[force_tokens({12: [EOS]})]), None, None]
+    for samplings, llm_samplings in ((list(cases.values()), [None] * len(cases)), (aligned, llm_eos)):
+        prompts = [text_tokens(tokenizer, f"Q{i}: {i} * {i + 2} = ?") for i in range(len(samplings))]
+        outputs, engines = {}, {}
+        for overlap in (False, True):
+            engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(overlap_steps=overlap),
+                                 slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=64),
+                                 llm_config=EngineConfig(device="cpu", block_size=4))
+            seqs = [engine.add_request(*request) for request in zip(prompts, samplings, llm_samplings)]
+            while not all(seq.finished for seq in seqs):
+                engine.step()
+            outputs[overlap] = [engine.output(seq) for seq in seqs]
+            engines[overlap] = engine
+            assert_no_blocks_held(engine)
+        for a, b in zip(outputs[False], outputs[True]):
+            assert comparable(a) == comparable(b)
+            if a.logprobs is not None:  # (rows batched otherwise: products summed in another order)
+                torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+        assert engines[False].overlapped_steps == {"slm": 0, "llm": 0} and engines[True].steps == engines[False].steps
+        overlapped = engines[True].overlapped_steps
+        if samplings is aligned:  # the LLM's decode steps while the SLM, every request calling, waits
+            assert overlapped["llm"] >= 3 and outputs[True][0].finish_reason == "stop"
+        else:  # (here every call and every return to the SLM makes a step in turn)
+            assert overlapped["slm"] >= engines[True].steps // 4 and engines[True].dropped_rows > 0

@@ -19,6 +19,8 @@ class Launched:
     seqs: list[Sequence]
     rows: list[Row]
     readback: Readback
+    sampled: torch.Tensor
+    """The sampled ids on the device: what an overlapped next forward feeds its rows."""
     detected: torch.Tensor | None = None
     """The SLM's: sampled ids, detection events and automaton states on the device (what ``readback`` copies)."""
     overlapped: bool = False

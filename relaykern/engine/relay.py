@@ -18,9 +18,9 @@ Each ``step()`` launches two forwards before it waits on either:
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
 is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
-While the SLM only decodes, its next forward is launched before step 3 (``RelayConfig.overlap_steps``), fed on the
+While a model only decodes, its next forward is launched before step 3 (``RelayConfig.overlap_steps``), fed on the
 device with the tokens this one samples: the host's bookkeeping then overlaps the GPU's next step. A row whose
-request stopped or called at the token it was fed is dropped when read.
+request stopped, called or ended its call at the token it was fed is dropped when read.
 
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
@@ -79,9 +79,11 @@ class RelayEngine:
         self.scheduler = Scheduler(slm_config, models)
         self.steps = 0
         self.next_slm: Launched | None = None
-        self.overlapped_steps = 0
+        self.next_llm: Launched | None = None
+        self.overlapped_steps = {"slm": 0, "llm": 0}
         self.dropped_rows = 0
-        """Counters: SLM forwards launched overlapped, and their rows dropped (the request stopped or called)."""
+        """Counters: forwards launched overlapped, per model, and their rows dropped (the request left the model's
+        phase)."""
         self.read_ahead = ReadAhead(self.scheduler, self.llm, self._feed_llm_view) if self.llm else None
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
@@ -135,66 +137,82 @@ class RelayEngine:
     def step(self) -> None:
         """One SLM forward and one LLM forward, both launched before the host waits on either (the SLM's may have
         been launched by the step before)."""
-        slm, self.next_slm = self.next_slm, None
-        slm = slm or self._launch(self.slm, Phase.SLM, busy=[])
-        llm = None
-        if self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, slm_busy=slm is not None):
+        slm, llm, self.next_slm, self.next_llm = self.next_slm, self.next_llm, None, None
+        slm = slm or self._launch(self.slm, Phase.SLM, busy=llm.seqs if llm else [])
+        if llm is None and self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, bool(slm)):
             llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
         if self.llm is not None and llm is None and self.relay.llm_prefetch_tokens and not self.reprefill_llm:
             self.read_ahead.launch(self.relay)
-        if slm is not None and self.relay.overlap_steps:
-            self.next_slm = self._launch_overlapped(slm)
+        if self.relay.overlap_steps:
+            # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it; and
+            # while the SLM writes, a new call may come at any step: the LLM's next forward must be free to take it.
+            returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
+                                                seq.call.produced + 1 >= seq.call.n_served
+                                                for seq, row in zip(llm.seqs, llm.rows))
+            self.next_slm = slm and not returning and self._launch_overlapped(self.slm, slm) or None
+            self.next_llm = llm and slm is None and self._launch_overlapped(self.llm, llm) or None
         self.steps += 1
         if slm is not None:
-            self._read_slm(slm)
+            self._read(self.slm, slm)
         self._reap()
         if llm is not None:
-            tokens, logprobs = llm.readback.wait()
-            for seq, row, token, logprob in zip(llm.seqs, llm.rows, tokens, logprobs or [None] * len(tokens)):
-                seq.llm.num_cached = row.start + len(row.tokens)
-                if seq.call.produced == 0:  # the call's catch-up, in one row or several chunks
-                    seq.call.record.llm_catchup += len(row.tokens)
-                    seq.stats.llm_prefill_tokens += len(row.tokens)
-                if row.samples:
-                    self._on_llm_token(seq, token, logprob)
+            self._read(self.llm, llm)
         self._reap()
+        for name, phase in (("next_slm", Phase.SLM), ("next_llm", Phase.LLM)):
+            launched = getattr(self, name)
+            if launched is not None and not any(self._decoding(s, r, phase) for s, r in zip(launched.seqs,
+                                                                                            launched.rows)):
+                self.dropped_rows += len(launched.rows)
+                setattr(self, name, None)  # every request in it left that model's phase: nothing in it to read
 
-    def _read_slm(self, slm: Launched) -> None:
-        detected, logprobs = slm.readback.wait()
-        live = [seq if not slm.overlapped or self._decoding(seq, row) else None for seq, row in zip(slm.seqs, slm.rows)]
-        for seq, row, found, logprob in zip(live, slm.rows, self.detector.unpack(detected, live),
-                                            logprobs or [None] * len(live)):
-            if seq is None:  # it stopped or called at the token this row was fed: what the row sampled is dropped
+    def _read(self, runner: ModelRunner, launched: Launched) -> None:
+        """Applies a forward's results: the sampled tokens (with the SLM's detection events) and cached lengths."""
+        tokens, logprobs = launched.readback.wait()
+        is_slm = runner is self.slm
+        phase = Phase.SLM if is_slm else Phase.LLM
+        live = [s if not launched.overlapped or self._decoding(s, r, phase) else None
+                for s, r in zip(launched.seqs, launched.rows)]
+        found = self.detector.unpack(tokens, live) if is_slm else tokens
+        for seq, row, token, logprob in zip(live, launched.rows, found, logprobs or [None] * len(live)):
+            if seq is None:  # it left the phase at the token this row was fed: what the row sampled is dropped
                 self.dropped_rows += 1
                 continue
-            if slm.overlapped:
-                self.scheduler.take_fed_tokens(seq, self.slm, seq.slm, row.start + 1)
-            seq.slm.num_cached = row.start + len(row.tokens)
-            if row.samples:
-                self._on_slm_token(seq, *found, logprob)
-        if self.next_slm is not None and not any(map(self._decoding, self.next_slm.seqs, self.next_slm.rows)):
-            self.dropped_rows += len(self.next_slm.rows)
-            self.next_slm = None  # every request in it stopped or called: nothing in it to read
+            view = seq.slm if is_slm else seq.llm
+            if launched.overlapped:
+                self.scheduler.take_fed_tokens(seq, runner, view, row.start + 1)
+            view.num_cached = row.start + len(row.tokens)
+            if not is_slm and seq.call.produced == 0:  # the call's catch-up, in one row or several chunks
+                seq.call.record.llm_catchup += len(row.tokens)
+                seq.stats.llm_prefill_tokens += len(row.tokens)
+            if row.samples and is_slm:
+                self._on_slm_token(seq, *token, logprob)
+            elif row.samples:
+                self._on_llm_token(seq, token, logprob)
 
     @staticmethod
-    def _decoding(seq: Sequence, row: Row) -> bool:
-        """Whether ``seq`` still decodes from the token an overlapped ``row`` was fed (the last one it wrote)."""
-        return seq.phase is Phase.SLM and len(seq.slm.tokens) == row.start + 1
+    def _decoding(seq: Sequence, row: Row, phase: Phase) -> bool:
+        """Whether ``seq`` still decodes in ``phase``'s model from the token an overlapped ``row`` was fed."""
+        view = seq.slm if phase is Phase.SLM else seq.llm
+        return seq.phase is phase and len(view.tokens) == row.start + 1
 
-    def _launch_overlapped(self, slm: Launched) -> Launched | None:
-        """Launches the SLM's next step before ``slm`` is read back, its rows fed on the device with the tokens
-        ``slm`` samples; None when the next step must be scheduled as usual (``Scheduler.schedule_overlapped``)."""
-        rows = self.scheduler.schedule_overlapped(self.slm, slm.seqs, slm.rows)
+    def _launch_overlapped(self, runner: ModelRunner, launched: Launched) -> Launched | None:
+        """Launches ``runner``'s next step before ``launched`` is read back, its rows fed on the device with the
+        tokens ``launched`` samples; None when the next step must be scheduled as usual
+        (``Scheduler.schedule_overlapped``)."""
+        phase, view_of = (Phase.SLM, lambda s: s.slm) if runner is self.slm else (Phase.LLM, lambda s: s.llm)
+        rows = self.scheduler.schedule_overlapped(phase, runner, view_of, launched.seqs, launched.rows)
         if rows is None:
             return None
-        with self.slm.scope():
+        with runner.scope():
             try:
-                tokens, logprobs = self.slm.execute(rows, fed_tokens=slm.detected[0])
+                tokens, logprobs = runner.execute(rows, fed_tokens=launched.sampled)
             except Exception:  # noqa: BLE001 - scheduled as usual at the next step, where a failing row fails alone
                 return None
-            detected = self.detector.launch(tokens, slm.seqs, previous=slm.detected)
-            self.overlapped_steps += 1
-            return Launched(slm.seqs, rows, Readback(detected, logprobs), detected, overlapped=True)
+            self.overlapped_steps["slm" if runner is self.slm else "llm"] += 1
+            if runner is not self.slm:
+                return Launched(launched.seqs, rows, Readback(tokens, logprobs), tokens, overlapped=True)
+            detected = self.detector.launch(tokens, launched.seqs, previous=launched.detected)
+            return Launched(launched.seqs, rows, Readback(detected, logprobs), tokens, detected, overlapped=True)
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
@@ -215,16 +233,16 @@ class RelayEngine:
                 if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
                     samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
                     tokens = torch.where(samples, tokens, -1)
-                tokens = self.detector.launch(tokens, seqs)
-                return Launched(seqs, rows, Readback(tokens, logprobs), detected=tokens)
-            return Launched(seqs, rows, Readback(tokens, logprobs))
+                detected = self.detector.launch(tokens, seqs)
+                return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected)
+            return Launched(seqs, rows, Readback(tokens, logprobs), tokens)
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:
         """Order within a token (as the reference): a stop wins over a command event; the command, served or not,
         comes before the max_tokens check."""
         token_start = seq.run_bytes
-        if self._append(seq, token, "slm", logprob, self.slm_eos, seq.sampling):
+        if seq.append(token, "slm", logprob, self.token_bytes[token], self.slm_eos, seq.sampling):
             return seq.finish("stop")
         seq.run_bytes += len(self.token_bytes[token])
         if event == EVENT_MALFORMED:
@@ -238,20 +256,6 @@ class RelayEngine:
             self._serve(seq, n)
         if not seq.finished and seq.phase is Phase.SLM and seq.tokens_left <= 0:
             seq.finish("length")
-
-    def _append(self, seq: Sequence, token: int, source: Source, logprob: float | None, eos: set[int],
-                params: SamplingParams) -> bool:
-        """Adds a token to the response; True if it stops the request under the writing model's ``params``: EOS, a
-        stop id, or a stop string (matched on the response's bytes) that ends inside this token."""
-        seq.append(token, source, logprob)
-        before = len(seq.text)
-        seq.text += self.token_bytes[token]
-        if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
-            return True
-        if not params.stop:
-            return False
-        stops = (stop.encode() for stop in params.stop)
-        return any(seq.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
 
     def _serve(self, seq: Sequence, n: int) -> None:
         if seq.llm is not None and seq.stats.calls >= self.relay.max_calls and self.relay.after_max_calls == "finish":
@@ -275,7 +279,7 @@ class RelayEngine:
 
     def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         call = seq.call
-        stopped = self._append(seq, token, "llm", logprob, self.llm_eos, seq.llm_sampling)
+        stopped = seq.append(token, "llm", logprob, self.token_bytes[token], self.llm_eos, seq.llm_sampling)
         call.produced += 1
         call.waiting_since = self.steps
         done = call.produced == call.n_served

@@ -15,7 +15,7 @@ preempted: both of its caches are freed and it is recomputed later from its toke
 lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
-``schedule_overlapped`` repeats the SLM's decode step, before its tokens are known on the host, for the next step
+``schedule_overlapped`` repeats a model's decode step, before its tokens are known on the host, for the next step
 (``RelayConfig.overlap_steps``): positions whose tokens come later are covered with ``reserve_positions`` and given
 to the block manager once known (``take_fed_tokens``).
 
@@ -109,20 +109,22 @@ class Scheduler:
             num_tokens += len(rows[-1].tokens)
         return batch, rows
 
-    def schedule_overlapped(self, runner: ModelRunner, seqs: list[Sequence], rows: list[Row]) -> list[Row] | None:
-        """The rows of ``runner``'s (the SLM's) next step, for the same ``seqs``, scheduled before the host knows
+    def schedule_overlapped(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, seqs: list[Sequence],
+                            rows: list[Row]) -> list[Row] | None:
+        """The rows of ``runner``'s next step, for the same ``seqs`` (in ``phase``), scheduled before the host knows
         what this step (``rows``) samples: each row feeds the token sampled on its row of this step
         (``FED_ON_DEVICE`` until then) at the next position. None if the next step must be scheduled as usual:
-        a request is waiting, a sequence in the SLM's phase is not in this step, a row is not a decode row, has a
-        logits processor that needs the tokens on the host (``LogitsProcessor``) or is known to have stopped or
-        called, this step's token reaches max_tokens, or free blocks are short (never making room)."""
-        slm_phase = sum(1 for s in self.running if s.phase is Phase.SLM)
-        if self.waiting or slm_phase != len(seqs):
+        another sequence is in ``phase``, a row is not a decode row, has a logits processor that needs the tokens
+        on the host (``LogitsProcessor``) or is known to have left ``phase``, this step's token ends the request or
+        the LLM's call, or free blocks are short (never making room)."""
+        if sum(1 for s in self.sequences() if s.phase is phase) != len(seqs):
             return None
         for seq, row in zip(seqs, rows):
-            decoding = seq.phase is Phase.SLM and len(row.tokens) == 1 and len(seq.slm.tokens) == row.start + 1
-            position_only = all(getattr(p, "position_only", False) for p in seq.sampling.logits_processors)
-            if not (decoding and row.samples and position_only and seq.tokens_left > 1 and
+            if not (seq.phase is phase and len(row.tokens) == 1 and len(view_of(seq).tokens) == row.start + 1):
+                return None
+            position_only = all(getattr(p, "position_only", False) for p in row.sampling.logits_processors)
+            call_goes_on = phase is Phase.SLM or seq.call.produced + 2 <= seq.call.n_served
+            if not (row.samples and position_only and call_goes_on and seq.tokens_left > 1 and
                     runner.blocks.reserve_positions(seq.request_id, row.start + 2)):
                 return None
         return [dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=row.start + 1, step=row.step + 1)

@@ -91,8 +91,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.phase is Phase.FINISHED
 
-    def append(self, token: int, source: Source, logprob: float | None) -> None:
-        """Adds one generated token to the response and to the SLM's view (the SLM reads everything)."""
+    def append(self, token: int, source: Source, logprob: float | None, data: bytes, eos: set[int],
+               params: SamplingParams) -> bool:
+        """Adds one generated token (``data``: its bytes) to the response and to the SLM's view (the SLM reads
+        everything); True if it stops the request under the writing model's ``params``: EOS, a stop id, or a stop
+        string (matched on the response's bytes) that ends inside this token."""
+        before = len(self.text)
+        self.text += data
         start = len(self.response)
         self.response.append(token)
         self.slm.tokens.append(token)
@@ -104,6 +109,10 @@ class Sequence:
         else:
             self.stats.llm_tokens += 1
             self.llm.tokens.append(token)
+        if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
+            return True
+        stops = (stop.encode() for stop in params.stop or ())
+        return any(self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.phase = Phase.FINISHED
