@@ -66,6 +66,9 @@ class Preset:
     hf_baselines: bool = True
     """Run the HF ``generate`` baselines (about 70 s on an H100); ``--set hf_baselines=false`` leaves them out of a
     short device run."""
+    overlap_steps: bool = True
+    """The engine's RelayConfig.overlap_steps (the throughput section also runs SLM-only without it);
+    ``--set overlap_steps=false`` runs everything in turn."""
     kv_cache_gb: tuple[float | None, float | None] = (None, None)
     """(SLM, LLM) KV pool sizes on the GPU, so that both pools and the decode sweep fit next to both models."""
     num_blocks: int | None = None

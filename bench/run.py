@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
+    from relaykern.config import RelayConfig
     from relaykern.engine.relay import RelayEngine
     from relaykern.bench.baselines import hf_baselines, official_style, release_memory
     from relaykern.bench.kernel_profile import decode_kernel_times
@@ -145,8 +146,9 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
             return EngineConfig(device=preset.device, dtype=preset.dtype, num_blocks=preset.num_blocks,
                                 kv_cache_memory_gb=kv_gb)
 
-        return RelayEngine(slm, llm, slm_config=config(preset.kv_cache_gb[0]),
-                           llm_config=config(preset.kv_cache_gb[1]), llm_cache=llm_cache)
+        return RelayEngine(slm, llm, relay=RelayConfig(overlap_steps=preset.overlap_steps),
+                           slm_config=config(preset.kv_cache_gb[0]), llm_config=config(preset.kv_cache_gb[1]),
+                           llm_cache=llm_cache)
 
     engine = report.section("engine_start", build_engine, store=False)
     if engine is None:

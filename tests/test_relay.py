@@ -179,9 +179,9 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
         config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=64)
         return RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=config, llm_config=config)
 
-    expected = [comparable(o) for o in engine(4096).generate(prompts, samplings)]
-    # Tight pools, with the LLM running whenever it has work, with calls held back to share its forwards, and
-    # with the LLM reading ahead (taking free blocks, given back under pressure).
+    expected = [comparable(o) for o in engine(4096, RelayConfig(overlap_steps=False)).generate(prompts, samplings)]
+    # Tight pools (steps overlapped), with the LLM running whenever it has work, with calls held back to share its
+    # forwards, and with the LLM reading ahead (taking free blocks, given back under pressure).
     relays = (None, RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6), RelayConfig(llm_prefetch_tokens=9))
     for relay in relays:
         tight = engine(30, relay)
