@@ -70,14 +70,14 @@ class RelayConfig:
         weights, hence full chunks only (a few hundred tokens or more amortize it); text after a request's last
         call is read for nothing. 0 (default): the LLM reads at calls only, as the official code does. Outputs do
         not depend on it.
-    overlap_steps: while the GPU runs a model's decode step, the host launches that model's next one before it
-        reads this one's tokens back, each row fed on the device the token this step samples for it; the host's
-        bookkeeping then runs beside the GPU instead of between its steps. A row whose request stops, calls or ends
-        its call at the token it was fed is dropped. Only steps of decode rows alone, with nothing else for that
-        model to schedule and no logits processor that needs the tokens on the host (see ``LogitsProcessor``), are
-        overlapped; the LLM's only while the SLM has nothing to run (a call may start at any SLM step, and the
-        LLM's next forward must be free to take it); the others run in turn. Outputs do not depend on it (default
-        on).
+    overlap_steps: while the GPU runs a model's step, the host launches that model's next one before it reads
+        this one's tokens back: each row that samples goes on, fed on the device the token this step samples for
+        it, and catch-ups, prefills and new requests join from free blocks. The host's bookkeeping then runs beside
+        the GPU instead of between its steps. A row whose request stops, calls or ends its call at the token it was
+        fed is dropped. A step runs in turn when a row to carry on has a logits processor that needs the tokens on
+        the host (see ``LogitsProcessor``) or blocks are short; the LLM's steps overlap only while the SLM has
+        nothing to run (a call may start at any SLM step, and the LLM's next forward must be free to take it).
+        Outputs do not depend on it (default on).
     """
 
     max_calls: int = 5

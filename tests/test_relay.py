@@ -384,5 +384,5 @@ def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):
         overlapped = engines[True].overlapped_steps
         if samplings is aligned:  # the LLM's decode steps while the SLM, every request calling, waits
             assert overlapped["llm"] >= 3 and outputs[True][0].finish_reason == "stop"
-        else:  # (here every call and every return to the SLM makes a step in turn)
-            assert overlapped["slm"] >= engines[True].steps // 4 and engines[True].dropped_rows > 0
+        else:  # (a step in which a call ends runs in turn; the malformed and stop requests end at once)
+            assert overlapped["slm"] >= engines[True].steps // 2 and engines[True].dropped_rows > 0

@@ -174,13 +174,13 @@ class StepGraphs:
     def run(self, shape: GraphShape, tokens: list[list[int]], starts: list[int], block_tables: torch.Tensor,
             fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, vocab] of B rows (each: its new tokens, the position of the first, its block table: host int32
-        [B, width], width <= max_blocks_per_seq), from the last token of each row. ``fed_tokens`` (decode shapes):
-        the rows' tokens as a device tensor [B], in place of ``tokens``. The result is a view of the graph's buffer,
-        valid until the next replay of that shape."""
+        [B, width], width <= max_blocks_per_seq), from the last token of each row. ``fed_tokens``: the tokens of the
+        first rows, one each, as a device tensor, in place of theirs in ``tokens``. The result is a view of the
+        graph's buffer, valid until the next replay of that shape."""
         host = torch.tensor(self._pack(shape, tokens, starts), dtype=torch.int64, pin_memory=self.pin)
         self.inputs[shape].copy_(host, non_blocking=True)
-        if fed_tokens is not None:
-            self.inputs[shape][:len(tokens)].copy_(fed_tokens)  # a decode shape's buffer starts with one id per row
+        if fed_tokens is not None:  # the buffer starts with the ids, the first rows' one each
+            self.inputs[shape][:len(fed_tokens)].copy_(fed_tokens)
         tables = block_tables.pin_memory() if self.pin else block_tables
         self.tables[shape][:len(tokens), :tables.shape[1]].copy_(tables, non_blocking=True)
         self.replays[shape]()

@@ -2,8 +2,9 @@
 
 The table (kernels/detect.py) lifts relaykern/protocol.py's byte automaton to tokens. The host keeps each
 sequence's automaton state between steps (it changes only here), sends the batch's states with the step, and reads
-back sampled ids, events and new states in a single transfer. An overlapped step (``RelayConfig.overlap_steps``),
-launched before the host has read the step before, takes the states that step left on the device instead.
+back sampled ids, events and new states in a single transfer. The rows of an overlapped step
+(``RelayConfig.overlap_steps``) carried on from the step before, launched before the host has read it, take the
+states that step left on the device instead.
 """
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ class Detector:
         self.device = device
         self.kernel = detect_commands if backend == "triton" else detect_commands_reference
 
-    def launch(self, tokens: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None
+    def launch(self, tokens: torch.Tensor, seqs: list[Sequence], fed_states: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Runs detection on the sampled ``tokens`` (no host sync); returns the [7, rows] tensor to read back.
-        ``previous``: that tensor of the step before, on the same rows, whose states are not on the host yet."""
-        states = previous[5:] if previous is not None else \
-            host_to_device(self.device, [[s.scan_state for s in seqs], [s.scan_n for s in seqs]], torch.int64)
+        ``fed_states``: the automaton states (rows 5 and 6 of that tensor, of the step before) of the first rows,
+        not on the host yet; the other rows' come from the host."""
+        from_host = seqs[0 if fed_states is None else fed_states.shape[1]:]
+        states = host_to_device(self.device, [[s.scan_state for s in from_host], [s.scan_n for s in from_host]],
+                                torch.int64)
+        if fed_states is not None:
+            states = torch.cat([fed_states, states], dim=1)
         state, n = states[0].to(torch.int32), states[1].clone()
         result = self.kernel(tokens, state, n, self.table)
         return torch.stack([tokens, result.event.long(), result.n, result.start_offset.long(),

@@ -23,8 +23,9 @@ class Launched:
     """The sampled ids on the device: what an overlapped next forward feeds its rows."""
     detected: torch.Tensor | None = None
     """The SLM's: sampled ids, detection events and automaton states on the device (what ``readback`` copies)."""
-    overlapped: bool = False
-    """Launched before the forward before it was read back, its rows fed on the device."""
+    fed: int = 0
+    """Launched before the forward before it was read back (overlapped), its first ``fed`` rows fed on the device
+    the tokens that forward samples."""
 
 
 def run_forward(runner: ModelRunner, scheduler: Scheduler, seqs: list[Sequence], rows: list[Row]

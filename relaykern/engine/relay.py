@@ -18,7 +18,7 @@ Each ``step()`` launches two forwards before it waits on either:
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
 is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
-While a model only decodes, its next forward is launched before step 3 (``RelayConfig.overlap_steps``), fed on the
+A model's next forward is launched before step 3 (``RelayConfig.overlap_steps``), its rows that go on fed on the
 device with the tokens this one samples: the host's bookkeeping then overlaps the GPU's next step. A row whose
 request stopped, called or ended its call at the token it was fed is dropped when read.
 
@@ -160,8 +160,8 @@ class RelayEngine:
         self._reap()
         for name, phase in (("next_slm", Phase.SLM), ("next_llm", Phase.LLM)):
             launched = getattr(self, name)
-            if launched is not None and not any(self._decoding(s, r, phase) for s, r in zip(launched.seqs,
-                                                                                            launched.rows)):
+            if launched is not None and launched.fed == len(launched.rows) and \
+                    not any(self._decoding(s, r, phase) for s, r in zip(launched.seqs, launched.rows)):
                 self.dropped_rows += len(launched.rows)
                 setattr(self, name, None)  # every request in it left that model's phase: nothing in it to read
 
@@ -170,15 +170,15 @@ class RelayEngine:
         tokens, logprobs = launched.readback.wait()
         is_slm = runner is self.slm
         phase = Phase.SLM if is_slm else Phase.LLM
-        live = [s if not launched.overlapped or self._decoding(s, r, phase) else None
-                for s, r in zip(launched.seqs, launched.rows)]
+        live = [s if i >= launched.fed or self._decoding(s, r, phase) else None
+                for i, (s, r) in enumerate(zip(launched.seqs, launched.rows))]
         found = self.detector.unpack(tokens, live) if is_slm else tokens
-        for seq, row, token, logprob in zip(live, launched.rows, found, logprobs or [None] * len(live)):
+        for i, (seq, row, token, logprob) in enumerate(zip(live, launched.rows, found, logprobs or [None] * len(live))):
             if seq is None:  # it left the phase at the token this row was fed: what the row sampled is dropped
                 self.dropped_rows += 1
                 continue
             view = seq.slm if is_slm else seq.llm
-            if launched.overlapped:
+            if i < launched.fed:
                 self.scheduler.take_fed_tokens(seq, runner, view, row.start + 1)
             view.num_cached = row.start + len(row.tokens)
             if not is_slm and seq.call.produced == 0:  # the call's catch-up, in one row or several chunks
@@ -191,7 +191,7 @@ class RelayEngine:
 
     @staticmethod
     def _decoding(seq: Sequence, row: Row, phase: Phase) -> bool:
-        """Whether ``seq`` still decodes in ``phase``'s model from the token an overlapped ``row`` was fed."""
+        """Whether ``seq`` goes on in ``phase``'s model from the token a carried ``row`` was fed (the last it wrote)."""
         view = seq.slm if phase is Phase.SLM else seq.llm
         return seq.phase is phase and len(view.tokens) == row.start + 1
 
@@ -200,19 +200,25 @@ class RelayEngine:
         tokens ``launched`` samples; None when the next step must be scheduled as usual
         (``Scheduler.schedule_overlapped``)."""
         phase, view_of = (Phase.SLM, lambda s: s.slm) if runner is self.slm else (Phase.LLM, lambda s: s.llm)
-        rows = self.scheduler.schedule_overlapped(phase, runner, view_of, launched.seqs, launched.rows)
-        if rows is None:
+        plan = self.scheduler.schedule_overlapped(phase, runner, view_of, launched.seqs, launched.rows)
+        if plan is None or not plan[2]:
             return None
+        carried, seqs, rows = plan
         with runner.scope():
+            index = None if carried == list(range(len(launched.rows))) else \
+                host_to_device(runner.device, carried, torch.int64)
+            pick = (lambda t: t) if index is None else (lambda t: t[..., index])  # noqa: E731
             try:
-                tokens, logprobs = runner.execute(rows, fed_tokens=launched.sampled)
-            except Exception:  # noqa: BLE001 - scheduled as usual at the next step, where a failing row fails alone
+                tokens, logprobs = runner.execute(rows, fed_tokens=pick(launched.sampled) if carried else None)
+            except Exception:  # noqa: BLE001 - scheduled in turn next step, where a failing row fails alone
+                for seq in seqs[len(carried):]:  # their blocks were registered for KV never written
+                    self.scheduler.release(seq, keep_cached=False)
                 return None
             self.overlapped_steps["slm" if runner is self.slm else "llm"] += 1
             if runner is not self.slm:
-                return Launched(launched.seqs, rows, Readback(tokens, logprobs), tokens, overlapped=True)
-            detected = self.detector.launch(tokens, launched.seqs, previous=launched.detected)
-            return Launched(launched.seqs, rows, Readback(detected, logprobs), tokens, detected, overlapped=True)
+                return Launched(seqs, rows, Readback(tokens, logprobs), tokens, fed=len(carried))
+            detected = self.detector.launch(tokens, seqs, fed_states=pick(launched.detected[5:]) if carried else None)
+            return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected, fed=len(carried))
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""

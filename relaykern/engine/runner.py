@@ -193,8 +193,9 @@ class ModelRunner:
     def execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs one forward over ``rows`` on this model's stream; returns the sampled token (and log-prob) of each
-        row, on the device, ready for use on the caller's stream. ``fed_tokens``: for decode rows only, each row's
-        input token as a device tensor (written on this model's stream), in place of ``row.tokens``."""
+        row, on the device, ready for use on the caller's stream. ``fed_tokens``: the input tokens of the first
+        ``len(fed_tokens)`` rows (one token each) as a device tensor written on this model's stream, in place of
+        their ``row.tokens``."""
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         with self.scope():
             result = self._execute(rows, fed_tokens)
@@ -228,7 +229,9 @@ class ModelRunner:
         packed = host_to_device(self.device, [t for row in rows for t in row.tokens] + cu + [row.start for row in rows],
                                  torch.int64)
         total, batch = cu[-1], len(rows)
-        flat = packed[:total] if fed_tokens is None else fed_tokens
+        flat = packed[:total]
+        if fed_tokens is not None:  # the first rows' one token each: the first ids
+            flat[:len(fed_tokens)].copy_(fed_tokens)
         cu_rows = packed[total:total + batch + 1].to(torch.int32)
         start = packed[total + batch + 1:].to(torch.int32)
         width = max(self.blocks_needed(row.start + n) for row, n in zip(rows, lengths))

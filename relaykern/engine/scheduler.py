@@ -15,7 +15,7 @@ preempted: both of its caches are freed and it is recomputed later from its toke
 lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
-``schedule_overlapped`` repeats a model's decode step, before its tokens are known on the host, for the next step
+``schedule_overlapped`` schedules a model's next step before the tokens of its launched one are known on the host
 (``RelayConfig.overlap_steps``): positions whose tokens come later are covered with ``reserve_positions`` and given
 to the block manager once known (``take_fed_tokens``).
 
@@ -59,22 +59,28 @@ class Scheduler:
     def sequences(self) -> list[Sequence]:
         return self.running + list(self.waiting)
 
-    def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, busy: list[Sequence] = ()
-                 ) -> tuple[list[Sequence], list[Row]]:
+    def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, busy: list[Sequence] = (), *,
+                 in_flight: frozenset[int] = frozenset(), taken: int = 0) -> tuple[list[Sequence], list[Row]]:
         """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it.
-        ``busy``: sequences in the other model's forward of this step, never preempted."""
+        ``busy``: sequences in the other model's forward of this step, never preempted. For an overlapped step
+        (``schedule_overlapped``): ``in_flight``, ids of sequences this model's launched forward computes (their
+        views are not up to date yet: left out), ``taken`` rows of one token each already in the step; free blocks
+        only, never making room."""
         batch: list[Sequence] = []
         rows: list[Row] = []
         in_batch: set[int] = set()
         busy_ids = {s.request_id for s in busy}
-        num_tokens = 0
+        num_tokens = taken
         for seq in self._candidates(phase, view_of):
+            if seq.request_id in in_flight:
+                continue
             view = view_of(seq)
             room = self.config.max_num_batched_tokens - num_tokens
-            if len(rows) >= self.config.max_num_seqs or room <= 0:
+            if taken + len(rows) >= self.config.max_num_seqs or room <= 0:
                 break
             in_batch.add(seq.request_id)  # (making room for it never takes its own blocks)
-            make_room = lambda: self._make_room(runner, view_of, phase, in_batch, busy_ids)  # noqa: E731
+            make_room = None if in_flight else \
+                lambda: self._make_room(runner, view_of, phase, in_batch, busy_ids)  # noqa: E731
             if not self._reserve(seq, view, runner, view.num_cached + min(view.num_pending, room), make_room):
                 in_batch.discard(seq.request_id)
                 break
@@ -110,25 +116,32 @@ class Scheduler:
         return batch, rows
 
     def schedule_overlapped(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, seqs: list[Sequence],
-                            rows: list[Row]) -> list[Row] | None:
-        """The rows of ``runner``'s next step, for the same ``seqs`` (in ``phase``), scheduled before the host knows
-        what this step (``rows``) samples: each row feeds the token sampled on its row of this step
-        (``FED_ON_DEVICE`` until then) at the next position. None if the next step must be scheduled as usual:
-        another sequence is in ``phase``, a row is not a decode row, has a logits processor that needs the tokens
-        on the host (``LogitsProcessor``) or is known to have left ``phase``, this step's token ends the request or
-        the LLM's call, or free blocks are short (never making room)."""
-        if sum(1 for s in self.sequences() if s.phase is phase) != len(seqs):
-            return None
-        for seq, row in zip(seqs, rows):
-            if not (seq.phase is phase and len(row.tokens) == 1 and len(view_of(seq).tokens) == row.start + 1):
+                            rows: list[Row]) -> tuple[list[int], list[Sequence], list[Row]] | None:
+        """``runner``'s next step, scheduled before the host knows what its launched step (``seqs``, ``rows``)
+        samples: (the indices of that step's rows carried on, the next step's sequences, its rows). A row that
+        samples is carried on (first, in order), fed the token sampled on it (``FED_ON_DEVICE`` until then) at the
+        next position, unless that token ends the request or the LLM's call, or its request is known to have left
+        ``phase`` (its row's token will be dropped). Rows for the other sequences in ``phase`` follow, scheduled as
+        usual from free blocks (catch-ups, prefills, admissions; the launched step's chunks come back a step later).
+        None if the next step must be scheduled in turn: a row to carry has a logits processor that needs the
+        tokens on the host (``LogitsProcessor``), or free blocks are short for the carried rows."""
+        carried: list[int] = []
+        carried_rows: list[Row] = []
+        in_flight = frozenset(seq.request_id for seq in seqs)
+        for i, (seq, row) in enumerate(zip(seqs, rows)):
+            start = row.start + len(row.tokens)
+            if not (row.samples and seq.phase is phase and len(view_of(seq).tokens) == start):
+                continue
+            if not all(getattr(p, "position_only", False) for p in row.sampling.logits_processors):
                 return None
-            position_only = all(getattr(p, "position_only", False) for p in row.sampling.logits_processors)
-            call_goes_on = phase is Phase.SLM or seq.call.produced + 2 <= seq.call.n_served
-            if not (row.samples and position_only and call_goes_on and seq.tokens_left > 1 and
-                    runner.blocks.reserve_positions(seq.request_id, row.start + 2)):
+            if seq.tokens_left <= 1 or (phase is Phase.LLM and seq.call.produced + 2 > seq.call.n_served):
+                continue
+            if not runner.blocks.reserve_positions(seq.request_id, start + 1):
                 return None
-        return [dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=row.start + 1, step=row.step + 1)
-                for row in rows]
+            carried.append(i)
+            carried_rows.append(dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=start, step=row.step + 1))
+        more_seqs, more_rows = self.schedule(phase, runner, view_of, in_flight=in_flight, taken=len(carried))
+        return carried, [seqs[i] for i in carried] + more_seqs, carried_rows + more_rows
 
     @staticmethod
     def take_fed_tokens(seq: Sequence, runner: ModelRunner, view: ModelView, upto: int) -> None:
