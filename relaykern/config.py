@@ -74,10 +74,10 @@ class RelayConfig:
         this one's tokens back: each row that samples goes on, fed on the device the token this step samples for
         it, and catch-ups, prefills and new requests join from free blocks. The host's bookkeeping then runs beside
         the GPU instead of between its steps. A row whose request stops, calls or ends its call at the token it was
-        fed is dropped. A step runs in turn when a row to carry on has a logits processor that needs the tokens on
-        the host (see ``LogitsProcessor``) or blocks are short; the LLM's steps overlap only while the SLM has
-        nothing to run (a call may start at any SLM step, and the LLM's next forward must be free to take it).
-        Outputs do not depend on it (default on).
+        fed is dropped. The LLM's next step is launched once the SLM's tokens are read, so that the calls they start
+        join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in turn when no row goes
+        on, a row to carry on has a logits processor that needs the tokens on the host (see ``LogitsProcessor``),
+        or blocks are short. Outputs do not depend on it (default on).
     """
 
     max_calls: int = 5

@@ -82,12 +82,13 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
 
 
 def record_calls(obj, method: str = "execute") -> list[tuple]:
-    """The arguments of every call of ``obj.<method>`` from now on (a runner's: ``(rows,)`` per forward)."""
+    """The positional arguments of every call of ``obj.<method>`` from now on (a runner's: ``(rows,)`` per
+    forward)."""
     calls, original = [], getattr(obj, method)
 
-    def recorded(*args):
+    def recorded(*args, **kwargs):
         calls.append(args)
-        return original(*args)
+        return original(*args, **kwargs)
 
     setattr(obj, method, recorded)
     return calls

@@ -18,9 +18,10 @@ Each ``step()`` launches two forwards before it waits on either:
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
 is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
-A model's next forward is launched before step 3 (``RelayConfig.overlap_steps``), its rows that go on fed on the
-device with the tokens this one samples: the host's bookkeeping then overlaps the GPU's next step. A row whose
-request stopped, called or ended its call at the token it was fed is dropped when read.
+Each model's next forward is launched before its results are read (``RelayConfig.overlap_steps``): the SLM's
+before step 3, the LLM's between steps 3 and 4 (so that the calls step 3 starts join it), their rows that go on fed
+on the device with the tokens this one samples. The host's bookkeeping then overlaps the GPU's next step. A row
+whose request stopped, called or ended its call at the token it was fed is dropped when read.
 
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Sequence as Seq
 
@@ -143,18 +145,19 @@ class RelayEngine:
             llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
         if self.llm is not None and llm is None and self.relay.llm_prefetch_tokens and not self.reprefill_llm:
             self.read_ahead.launch(self.relay)
-        if self.relay.overlap_steps:
-            # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it; and
-            # while the SLM writes, a new call may come at any step: the LLM's next forward must be free to take it.
-            returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
-                                                seq.call.produced + 1 >= seq.call.n_served
-                                                for seq, row in zip(llm.seqs, llm.rows))
-            self.next_slm = slm and not returning and self._launch_overlapped(self.slm, slm) or None
-            self.next_llm = llm and slm is None and self._launch_overlapped(self.llm, llm) or None
+        # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it.
+        returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
+                                            seq.call.produced + 1 >= seq.call.n_served
+                                            for seq, row in zip(llm.seqs, llm.rows))
+        if self.relay.overlap_steps and not returning:
+            self.next_slm = slm and self._launch_overlapped(self.slm, slm)
         self.steps += 1
         if slm is not None:
             self._read(self.slm, slm)
         self._reap()
+        # After the SLM's tokens, so that the calls they start join it; not while calls wait to be batched.
+        if self.relay.overlap_steps and self.relay.llm_batch_wait_steps == 0:
+            self.next_llm = llm and self._launch_overlapped(self.llm, llm)
         if llm is not None:
             self._read(self.llm, llm)
         self._reap()
@@ -201,7 +204,7 @@ class RelayEngine:
         (``Scheduler.schedule_overlapped``)."""
         phase, view_of = (Phase.SLM, lambda s: s.slm) if runner is self.slm else (Phase.LLM, lambda s: s.llm)
         plan = self.scheduler.schedule_overlapped(phase, runner, view_of, launched.seqs, launched.rows)
-        if plan is None or not plan[2]:
+        if plan is None:
             return None
         carried, seqs, rows = plan
         with runner.scope():
@@ -210,14 +213,15 @@ class RelayEngine:
             pick = (lambda t: t) if index is None else (lambda t: t[..., index])  # noqa: E731
             try:
                 tokens, logprobs = runner.execute(rows, fed_tokens=pick(launched.sampled) if carried else None)
-            except Exception:  # noqa: BLE001 - scheduled in turn next step, where a failing row fails alone
+            except Exception as err:  # noqa: BLE001 - scheduled in turn next step, where a failing row fails alone
+                warnings.warn(f"an overlapped {phase.value.upper()} step failed, scheduled in turn: {err!r}")
                 for seq in seqs[len(carried):]:  # their blocks were registered for KV never written
                     self.scheduler.release(seq, keep_cached=False)
                 return None
             self.overlapped_steps["slm" if runner is self.slm else "llm"] += 1
             if runner is not self.slm:
                 return Launched(seqs, rows, Readback(tokens, logprobs), tokens, fed=len(carried))
-            detected = self.detector.launch(tokens, seqs, fed_states=pick(launched.detected[5:]) if carried else None)
+            tokens, detected = self._detect(tokens, seqs, rows, pick(launched.detected[5:]) if carried else None)
             return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected, fed=len(carried))
 
     def _reap(self) -> None:
@@ -235,13 +239,19 @@ class RelayEngine:
             if result is None:
                 return None
             tokens, logprobs = result
-            if runner is self.slm:
-                if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
-                    samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
-                    tokens = torch.where(samples, tokens, -1)
-                detected = self.detector.launch(tokens, seqs)
-                return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected)
-            return Launched(seqs, rows, Readback(tokens, logprobs), tokens)
+            if runner is not self.slm:
+                return Launched(seqs, rows, Readback(tokens, logprobs), tokens)
+            tokens, detected = self._detect(tokens, seqs, rows)
+            return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected)
+
+    def _detect(self, tokens: torch.Tensor, seqs: list[Sequence], rows: list[Row],
+                fed_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launches detection on the SLM's sampled ``tokens``: (the tokens, a chunk's as -1, the [7, rows] tensor
+        to read back); ``fed_states`` as ``Detector.launch`` takes them."""
+        if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
+            samples = host_to_device(self.slm.device, [row.samples for row in rows], torch.bool)
+            tokens = torch.where(samples, tokens, -1)
+        return tokens, self.detector.launch(tokens, seqs, fed_states)
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:

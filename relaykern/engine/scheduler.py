@@ -123,7 +123,8 @@ class Scheduler:
         next position, unless that token ends the request or the LLM's call, or its request is known to have left
         ``phase`` (its row's token will be dropped). Rows for the other sequences in ``phase`` follow, scheduled as
         usual from free blocks (catch-ups, prefills, admissions; the launched step's chunks come back a step later).
-        None if the next step must be scheduled in turn: a row to carry has a logits processor that needs the
+        None if the next step must be scheduled in turn: no row is carried on (a step of new rows alone is the usual
+        schedule's, which also keeps the LLM's batching wait), a row to carry has a logits processor that needs the
         tokens on the host (``LogitsProcessor``), or free blocks are short for the carried rows."""
         carried: list[int] = []
         carried_rows: list[Row] = []
@@ -140,6 +141,8 @@ class Scheduler:
                 return None
             carried.append(i)
             carried_rows.append(dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=start, step=row.step + 1))
+        if not carried:
+            return None
         more_seqs, more_rows = self.schedule(phase, runner, view_of, in_flight=in_flight, taken=len(carried))
         return carried, [seqs[i] for i in carried] + more_seqs, carried_rows + more_rows
 
