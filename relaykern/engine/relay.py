@@ -219,10 +219,8 @@ class RelayEngine:
                     self.scheduler.release(seq, keep_cached=False)
                 return None
             self.overlapped_steps["slm" if runner is self.slm else "llm"] += 1
-            if runner is not self.slm:
-                return Launched(seqs, rows, Readback(tokens, logprobs), tokens, fed=len(carried))
-            tokens, detected = self._detect(tokens, seqs, rows, pick(launched.detected[5:]) if carried else None)
-            return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected, fed=len(carried))
+            fed_states = pick(launched.detected[5:]) if carried and runner is self.slm else None
+            return self._launched(runner, seqs, rows, tokens, logprobs, fed_states, len(carried))
 
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
@@ -238,20 +236,19 @@ class RelayEngine:
             result = run_forward(runner, self.scheduler, seqs, rows) if rows else None
             if result is None:
                 return None
-            tokens, logprobs = result
-            if runner is not self.slm:
-                return Launched(seqs, rows, Readback(tokens, logprobs), tokens)
-            tokens, detected = self._detect(tokens, seqs, rows)
-            return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected)
+            return self._launched(runner, seqs, rows, *result)
 
-    def _detect(self, tokens: torch.Tensor, seqs: list[Sequence], rows: list[Row],
-                fed_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Launches detection on the SLM's sampled ``tokens``: (the tokens, a chunk's as -1, the [7, rows] tensor
-        to read back); ``fed_states`` as ``Detector.launch`` takes them."""
+    def _launched(self, runner: ModelRunner, seqs: list[Sequence], rows: list[Row], tokens: torch.Tensor,
+                  logprobs: torch.Tensor | None, fed_states: torch.Tensor | None = None, fed: int = 0) -> Launched:
+        """A launched forward's results, read back from the device: the SLM's with fused detection on its sampled
+        ``tokens`` (``fed_states`` as ``Detector.launch`` takes them)."""
+        if runner is not self.slm:
+            return Launched(seqs, rows, Readback(tokens, logprobs), tokens, fed=fed)
         if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
-            samples = host_to_device(self.slm.device, [row.samples for row in rows], torch.bool)
+            samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
             tokens = torch.where(samples, tokens, -1)
-        return tokens, self.detector.launch(tokens, seqs, fed_states)
+        detected = self.detector.launch(tokens, seqs, fed_states)
+        return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected, fed=fed)
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:
