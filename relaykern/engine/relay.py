@@ -195,8 +195,7 @@ class RelayEngine:
     @staticmethod
     def _decoding(seq: Sequence, row: Row, phase: Phase) -> bool:
         """Whether ``seq`` goes on in ``phase``'s model from the token a carried ``row`` was fed (the last it wrote)."""
-        view = seq.slm if phase is Phase.SLM else seq.llm
-        return seq.phase is phase and len(view.tokens) == row.start + 1
+        return seq.goes_on(phase, seq.slm if phase is Phase.SLM else seq.llm, row.start + 1)
 
     def _launch_overlapped(self, runner: ModelRunner, launched: Launched) -> Launched | None:
         """Launches ``runner``'s next step before ``launched`` is read back, its rows fed on the device with the

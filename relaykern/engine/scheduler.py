@@ -131,7 +131,7 @@ class Scheduler:
         in_flight = frozenset(seq.request_id for seq in seqs)
         for i, (seq, row) in enumerate(zip(seqs, rows)):
             start = row.start + len(row.tokens)
-            if not (row.samples and seq.phase is phase and len(view_of(seq).tokens) == start):
+            if not (row.samples and seq.goes_on(phase, view_of(seq), start)):
                 continue
             if not all(getattr(p, "position_only", False) for p in row.sampling.logits_processors):
                 return None

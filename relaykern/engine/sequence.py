@@ -114,6 +114,11 @@ class Sequence:
         stops = (stop.encode() for stop in params.stop or ())
         return any(self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
 
+    def goes_on(self, phase: Phase, view: ModelView, end: int) -> bool:
+        """Whether the request is still in ``phase`` with nothing written after token ``end`` of ``view``: a forward
+        that fed the view up to ``end`` is still its latest (what an overlapped step relies on)."""
+        return self.phase is phase and len(view.tokens) == end
+
     def finish(self, reason: str, error: str | None = None) -> None:
         self.phase = Phase.FINISHED
         self.finish_reason = reason
