@@ -2,8 +2,9 @@
 
 A ``Probe`` allocates sequences of random tokens straight in a ``ModelRunner``'s block manager (ids far above the
 engine's request ids) and times ``runner.execute`` on rows it builds, reading the sampled tokens back to the host
-each forward as the engine does. A repeated forward rewrites the same KV slots, so timing it again is exact.
-The context before a row is never computed (timing does not depend on the KV's content), yet its blocks enter
+each forward, or (a decode sweep's steps) once after a chain of steps, each fed the tokens the one before sampled
+on the device, as the engine's overlapped loop runs them. A repeated forward rewrites the same KV slots, so timing
+it again is exact. The context before a row is never computed (timing does not depend on the KV's content), yet its blocks enter
 the prefix cache under their tokens' hashes when allocated: every probe sequence starts with ``PROBE_MARKER``
 followed by tokens from the probe's own random stream, so that no request's prompt can ever match those blocks.
 """
@@ -26,6 +27,7 @@ LOWEST_TOKEN = 1000
 """Random token ids start here (clear of the digits and punctuation that commands are made of)."""
 PROBE_MARKER = 0
 PROBE_SEED = 0xB0BE
+PIPELINED_STEPS = 16
 
 
 @contextmanager
@@ -116,8 +118,27 @@ class Probe:
             self.free(ids)
 
     def decode_ms(self, batch: int, context: int) -> float:
+        """A step read back before the next is launched: each step waits on the host's work too."""
         with self.decode_step(batch, context) as step:
             return median_ms(step, self.runner.device, self.repeats)
+
+    def pipelined_decode_ms(self, batch: int, context: int, steps: int = PIPELINED_STEPS) -> float:
+        """A step within ``steps`` each launched before the one before is read back, fed its sampled tokens on the
+        device, as the engine's overlapped loop runs them (``RelayConfig.overlap_steps``): the host prepares a
+        step while the GPU runs the last. Every step rewrites the same position's KV."""
+        ids = self.sequences(batch, context + 1)
+        rows = [self._row(seq_id, 1, context) for seq_id in ids]
+
+        def chain() -> None:
+            fed = None
+            for _ in range(steps):
+                fed, _ = self.runner.execute(rows, fed_tokens=fed)
+            fed.tolist()
+
+        try:
+            return median_ms(chain, self.runner.device, self.repeats) / steps
+        finally:
+            self.free(ids)
 
     def forward_ms(self, new_tokens: int, context: int) -> float:
         with self.forward(new_tokens, context) as forward:
@@ -144,16 +165,17 @@ def kv_bytes_per_token(runner: ModelRunner) -> int:
 
 
 def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_context: int) -> dict:
-    """Decode sweep (ms/step against the roofline: weights plus the batch's KV read at the copy bandwidth),
-    one decode at the relay workload's shape (for the ideal mix), and one long prefill."""
+    """Decode sweep (ms/step of pipelined steps against the roofline: weights plus the batch's KV read at the copy
+    bandwidth; ``synced_ms``: the step read back before the next is launched), one decode at the relay workload's
+    shape (for the ideal mix), and one long prefill."""
     probe = Probe(runner, preset.repeats)
     weights, per_token = weight_bytes(runner), kv_bytes_per_token(runner)
 
     def decode_point(batch: int, context: int) -> dict:
-        ms = probe.decode_ms(batch, context)
+        ms = probe.pipelined_decode_ms(batch, context)
         roofline_ms = (weights + batch * context * per_token) / bandwidth_gb_per_s / 1e6
-        return {"batch": batch, "context": context, "ms": ms, "roofline_ms": roofline_ms,
-                "fraction_of_roofline": roofline_ms / ms, "tokens_per_s": batch / ms * 1e3}
+        return {"batch": batch, "context": context, "ms": ms, "synced_ms": probe.decode_ms(batch, context),
+                "roofline_ms": roofline_ms, "fraction_of_roofline": roofline_ms / ms, "tokens_per_s": batch / ms * 1e3}
 
     decode = [decode_point(batch, preset.decode_context) for batch in preset.decode_batch_sizes]
     at_relay_shape = decode_point(preset.relay_batch, mix_context)
@@ -166,11 +188,17 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "decode_at_relay_shape": at_relay_shape,
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
-        # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
-        # (empty on a CPU).
-        "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv
-                                   else "cublas"),
+        "batch1_projections": batch1_choice(runner),
     }
+
+
+def batch1_choice(runner: ModelRunner) -> dict:
+    """The runner's start-up timings and choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched
+    with PDL; with the GEMV kernels, the logits projection's (only ``chosen`` on a CPU)."""
+    choice = dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv else "cublas")
+    if runner.gemv_timing:
+        choice["logits"] = "gemv" if runner.gemv_logits else "cublas"
+    return choice
 
 
 def engine_decode_alone(engine, prompt: list[int], tokens: int) -> dict:
