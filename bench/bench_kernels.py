@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from relaykern.kernels.activation import silu_and_mul
 from relaykern.kernels.attention import paged_decode_attention, paged_extend_attention
+from relaykern.kernels import gemv as gemv_module
 from relaykern.kernels.gemv import gemv
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.rms_norm import rms_norm
@@ -140,6 +141,7 @@ GEMV_SHAPES = [  # (model, projection, prologue, K, N)
     ("1.7b", "gate_up", "rms_norm", 2048, 12288), ("1.7b", "down", "silu_and_mul", 6144, 2048),
     ("8b", "qkv", "rms_norm", 4096, 6144), ("8b", "o", "none", 4096, 4096),
     ("8b", "gate_up", "rms_norm", 4096, 24576), ("8b", "down", "silu_and_mul", 12288, 4096),
+    ("1.7b", "logits", "none", 2048, 151936), ("8b", "logits", "none", 4096, 151936),
 ]
 
 
@@ -152,9 +154,12 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
     norm = dict(residual=torch.randn_like(x), norm_weight=torch.ones(k, device="cuda", dtype=dtype)) \
         if prologue == "rms_norm" else {}
     fused = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, **norm), len(weights), rep_ms)
+    tile = gemv_module._gemv.best_config  # the autotuner's pick for this shape, which the graph replayed
     unfused = graph_ms(lambda i: gemv_reference_triton(x, weights[i], prologue, norm), len(weights), rep_ms)
     cublas = graph_ms(lambda i: F.linear(x[:, :k], weights[i]), len(weights), rep_ms)
     row = {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
+           "tile": f"{'dot' if tile.kwargs['DOT'] else 'elementwise'} {tile.kwargs['BLOCK_N']}x"
+                   f"{tile.kwargs['BLOCK_K']} warps {tile.num_warps} stages {tile.num_stages}",
            "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
            "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
     if pdl_supported(x.device):  # each launch may start while the one before drains (kernels/pdl.py)
@@ -174,7 +179,8 @@ def gemv_reference_triton(x: torch.Tensor, weight: torch.Tensor, prologue: str, 
 
 def print_table(rows: list[dict]) -> None:
     for row in rows:
-        figures = "  ".join(f"{key}={value:.4g}" for key, value in row.items() if key != "name")
+        figures = "  ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                            for key, value in row.items() if key != "name")
         print(f"{row['name']:<40} {figures}")
 
 

@@ -4,9 +4,10 @@ A ``Probe`` allocates sequences of random tokens straight in a ``ModelRunner``'s
 engine's request ids) and times ``runner.execute`` on rows it builds, reading the sampled tokens back to the host
 each forward, or (a decode sweep's steps) once after a chain of steps, each fed the tokens the one before sampled
 on the device, as the engine's overlapped loop runs them. A repeated forward rewrites the same KV slots, so timing
-it again is exact. The context before a row is never computed (timing does not depend on the KV's content), yet its blocks enter
-the prefix cache under their tokens' hashes when allocated: every probe sequence starts with ``PROBE_MARKER``
-followed by tokens from the probe's own random stream, so that no request's prompt can ever match those blocks.
+it again is exact. The context before a row is never computed (timing does not depend on the KV's content), yet
+its blocks enter the prefix cache under their tokens' hashes when allocated: every probe sequence starts with
+``PROBE_MARKER`` followed by tokens from the probe's own random stream, so that no request's prompt can ever match
+those blocks.
 """
 from __future__ import annotations
 

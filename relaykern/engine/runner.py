@@ -68,7 +68,9 @@ class Row:
 
 
 class ModelRunner:
-    def __init__(self, path: str | Path, config: EngineConfig, kv_share: float = 1.0) -> None:
+    def __init__(self, path: str | Path, config: EngineConfig, kv_share: float = 1.0, stream_priority: int = 0
+                 ) -> None:
+        """``stream_priority``: of this model's CUDA stream (lower runs first where both streams have work)."""
         self.config = config
         self.device = config.device
         self.dtype = config.resolved_dtype()
@@ -85,7 +87,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
         # step at once (they share no memory).
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(self.device, priority=stream_priority) if self.device.type == "cuda" else None
         # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
         # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here. The eager
         # variants first, while no graph would take the warm-up's forwards.
