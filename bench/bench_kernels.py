@@ -158,8 +158,7 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
     unfused = graph_ms(lambda i: gemv_reference_triton(x, weights[i], prologue, norm), len(weights), rep_ms)
     cublas = graph_ms(lambda i: F.linear(x[:, :k], weights[i]), len(weights), rep_ms)
     row = {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
-           "tile": f"{'dot' if tile.kwargs['DOT'] else 'elementwise'} {tile.kwargs['BLOCK_N']}x"
-                   f"{tile.kwargs['BLOCK_K']} warps {tile.num_warps} stages {tile.num_stages}",
+           "tile": f"{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} warps {tile.num_warps}",
            "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
            "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
     if pdl_supported(x.device):  # each launch may start while the one before drains (kernels/pdl.py)

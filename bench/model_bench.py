@@ -189,17 +189,11 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "decode_at_relay_shape": at_relay_shape,
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
-        "batch1_projections": batch1_choice(runner),
+        # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
+        # (empty on a CPU).
+        "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv
+                                   else "cublas"),
     }
-
-
-def batch1_choice(runner: ModelRunner) -> dict:
-    """The runner's start-up timings and choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched
-    with PDL; with the GEMV kernels, the logits projection's (only ``chosen`` on a CPU)."""
-    choice = dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv else "cublas")
-    if runner.gemv_timing:
-        choice["logits"] = "gemv" if runner.gemv_logits else "cublas"
-    return choice
 
 
 def engine_decode_alone(engine, prompt: list[int], tokens: int) -> dict:

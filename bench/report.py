@@ -99,11 +99,8 @@ def format_table(report: dict) -> str:
             choice = m.get("batch1_projections", {})
             if "gemv_ms" in choice:
                 with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""
-                logits = (f"; logits: cuBLAS {choice['logits_cublas_ms']:.3g} ms, GEMV "
-                          f"{choice['logits_gemv_ms']:.3g} ms: {choice['logits']} serves"
-                          if "logits_gemv_ms" in choice else "")
                 lines.append(f"  {role} batch-1 projections: cuBLAS {choice['cublas_ms']:.3g} ms/step, fused GEMV "
-                             f"{choice['gemv_ms']:.3g}{with_pdl} ms/step: {choice['chosen']} serves{logits}")
+                             f"{choice['gemv_ms']:.3g}{with_pdl} ms/step: {choice['chosen']} serves")
     for role, k in report.get("decode_kernels", {}).items():
         top = ", ".join(f"{x['name'][:28]} {x['ms_per_step']:.3g}" for x in k["top"][:4])
         lines.append(f"  {role} bs1 step: {k['kernels_per_step']:.0f} kernels, {k['kernel_ms_per_step']:.3g} ms of "

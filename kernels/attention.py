@@ -40,15 +40,13 @@ use in the middle of serving."""
 
 @triton.jit
 def _load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
-                  stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE: tl.constexpr,
-                  k_other=0.0, v_other=0.0):
-    """K and V ([len(pos), BLOCK_D] each) of key positions pos for one kv head, through the block table row; keys
-    outside pos_mask are k_other / v_other."""
+                  stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE: tl.constexpr):
+    """K and V ([len(pos), BLOCK_D] each) of key positions pos for one kv head, through the block table row."""
     block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
     rows = block * stride_block + (pos % BLOCK_SIZE) * stride_offset + kv_head * stride_head
     ptrs = kv_ptr + rows[:, None] + offs_d[None, :]
     mask = pos_mask[:, None] & d_mask[None, :]
-    return tl.load(ptrs, mask=mask, other=k_other), tl.load(ptrs + stride_kv, mask=mask, other=v_other)
+    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_kv, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -64,22 +62,6 @@ def _attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.conste
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l, acc
-
-
-@triton.jit
-def _attend_newest(q, kv_ptr, table_row_ptr, newest, has_newest, kv_head, offs_d, d_mask, m, l, acc, qk_scale,
-                   stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE: tl.constexpr):
-    """_attend_tile for the one key at position newest, if has_newest (else m, l, acc unchanged), without a dot."""
-    block = tl.load(table_row_ptr + newest // BLOCK_SIZE, mask=has_newest, other=0).to(tl.int64)
-    ptrs = kv_ptr + block * stride_block + (newest % BLOCK_SIZE) * stride_offset + kv_head * stride_head + offs_d
-    k = tl.load(ptrs, mask=d_mask & has_newest, other=0.0).to(tl.float32)
-    v = tl.load(ptrs + stride_kv, mask=d_mask & has_newest, other=0.0).to(tl.float32)
-    s = tl.where(has_newest, tl.sum(q.to(tl.float32) * k[None, :], axis=1) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, s)
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift)
-    alpha = tl.exp2(m - m_shift)
-    return m_new, l * alpha + p, acc * alpha[:, None] + p[:, None] * v[None, :]
 
 
 @triton.jit
@@ -108,11 +90,8 @@ def _decode_kernel(
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
     over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
     rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps, except
-    splits that start past seq_len (the merge skips them).
-
-    The keys before the newest come first, their first tile read before the wait for the kernel before
-    (kernels/pdl.py): earlier steps wrote them, and seq_lens and the block tables come from the step's first kernels.
-    The newest key, which the kernel before stores, is folded in last by the split that holds it."""
+    splits that start past seq_len (the merge skips them)."""
+    wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,36 +99,27 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    newest = seq_len - 1
-    earlier_end = tl.minimum(end, newest)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    table_row_ptr = block_tables_ptr + seq * stride_table
-    pos = start + tl.arange(0, TILE)
-    k, v = _load_kv_tile(kv_ptr, table_row_ptr, pos, pos < earlier_end, kv_head, offs_d, d_mask,
-                         stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
-    wait_for_earlier_kernels(PDL)
     if num_splits > 1 and start >= seq_len:
         return
 
     offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    m, l, acc = _attend_tile(q, k, v, (pos < earlier_end)[None, :], m, l, acc, qk_scale, DOT_PRECISION)
-    for tile_start in range(start + TILE, earlier_end, TILE):
+    table_row_ptr = block_tables_ptr + seq * stride_table
+    for tile_start in range(start, end, TILE):
         pos = tile_start + tl.arange(0, TILE)
-        pos_mask = pos < earlier_end
+        pos_mask = pos < end
         k, v = _load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                              stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
         m, l, acc = _attend_tile(q, k, v, pos_mask[None, :], m, l, acc, qk_scale, DOT_PRECISION)
-    m, l, acc = _attend_newest(q, kv_ptr, table_row_ptr, newest, (newest >= start) & (newest < end), kv_head,
-                               offs_d, d_mask, m, l, acc, qk_scale, stride_kv, stride_block, stride_offset,
-                               stride_head, BLOCK_SIZE)
 
     rows = seq * (tl.num_programs(1) * GROUP) + heads
     _store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, h_mask, d_mask, m, l, acc,

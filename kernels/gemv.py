@@ -3,8 +3,8 @@
 A decode step at batch 1 multiplies one row by each weight matrix: bound by reading the weights, and at the small
 shapes of a 1.7B model cuBLAS's kernels leave much of the bandwidth unused (ARCHITECTURE.md: the linear layers of a
 1.7B step alone reach 55 % of the roofline). Here each program owns ``BLOCK_N`` output features, streams their
-weight rows (contiguous along K) and accumulates in fp32. Before the product, the kernel computes the input the
-unfused model would have handed over:
+weight rows (contiguous along K) and keeps a [BLOCK_N, BLOCK_K] fp32 accumulator, reduced once at the end. Before
+the product, the kernel computes the input the unfused model would have handed over:
 
 - ``"rms_norm"``: RMSNorm of the row, after adding ``residual`` if given (kernels/rms_norm.py's op: the q/k/v and
   gate/up projections). Every program recomputes the row's norm (K values, read from L2); program 0 also writes the
@@ -13,9 +13,6 @@ unfused model would have handed over:
   projection). Its launch is gone too.
 - ``"none"``: the row as it is (o_proj).
 
-Each program multiplies either elementwise, with a [BLOCK_N, BLOCK_K] accumulator reduced once at the end, or on
-tensor cores (``DOT``: the row padded to 16 rows with zeros, since Triton software-pipelines the loads of a
-``tl.dot`` loop and not those of the elementwise one); the autotuner picks per shape.
 Roundings are the unfused ops': the prologue's result is rounded to the model dtype, then multiplied with fp32
 accumulation (and the bias added) as F.linear does; results differ from cuBLAS's by summation order only.
 On a GPU the tile shape is autotuned per (N, K, prologue), and the runner uses these kernels only if a batch-1
@@ -36,16 +33,12 @@ from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.rope import round_to
 
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_and_mul": 2}
-INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "DOT": False})
-GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": False}, num_warps=warps, num_stages=3)
+INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32})
+GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=3)
                for n, k, warps in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8),
-                                   (32, 256, 8))] + \
-              [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": True}, num_warps=warps, num_stages=stages)
-               for n, k, warps, stages in ((16, 256, 4, 4), (32, 128, 4, 5), (32, 256, 4, 4), (64, 128, 8, 4))]
-"""The tiles the autotuner tries on a GPU (tests/test_kernels_compile.py compiles each for sm_90 and checks that none
-spills). Elementwise (``DOT=False``): 2-4K weights in flight per program step, 32 fp32 accumulators and 32 weights
-per thread; Triton does not software-pipeline that loop, so each program waits for every tile it loads. Tensor-core
-(``DOT=True``): the loop is Triton's pipelined ``tl.dot`` loop, ``num_stages - 1`` weight tiles in flight."""
+                                   (32, 256, 8))]
+"""The tiles the autotuner tries on a GPU: 2-4K weights in flight per program step, 32 fp32 accumulators and 32
+weights per thread (tests/test_kernels_compile.py compiles each for sm_90 and checks that none spills)."""
 
 
 @triton.jit
@@ -74,22 +67,10 @@ def _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K: tl.constexpr,
 
 
 @triton.jit
-def _accumulate(acc, x, w, DOT: tl.constexpr):
-    """acc + the products of input values x [BLOCK_K] (fp32) with weight tile w [BLOCK_N, BLOCK_K]. DOT: acc is
-    [16, BLOCK_N], a tensor-core product of 16 rows, the row then zeros; else [BLOCK_N, BLOCK_K] elementwise."""
-    if DOT:
-        rows = tl.arange(0, 16)
-        x16 = tl.where(rows[:, None] == 0, x[None, :], 0.0).to(w.dtype)
-        return tl.dot(x16, tl.trans(w), acc, input_precision="ieee")
-    else:
-        return acc + w.to(tl.float32) * x[None, :]
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_weight_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, eps, N, stride_w,
     K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -107,22 +88,17 @@ def _gemv_kernel(
             if pid == 0:
                 tl.store(residual_out_ptr + offs, row.to(dtype), mask=offs < K)
         inv_rms = tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)
-    if DOT:
-        acc = tl.zeros([16, BLOCK_N], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PDL:
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, 0, K, dtype, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
-        acc = _accumulate(acc, x, first_weights, DOT)
-    for k_start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, k_start, K, dtype, PROLOGUE, HAS_RESIDUAL,
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, 0, K, dtype, PROLOGUE, HAS_RESIDUAL,
                         BLOCK_K)
+        acc += first_weights.to(tl.float32) * x[None, :]
+    for k_start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, k_start, K, dtype, PROLOGUE,
+                        HAS_RESIDUAL, BLOCK_K)
         w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K, BLOCK_K)
-        acc = _accumulate(acc, x, w, DOT)
-    if DOT:  # row 0 of the product
-        y = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, acc, 0.0), axis=0)
-    else:
-        y = tl.sum(acc, axis=1)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(dtype), mask=n_mask)

@@ -90,16 +90,10 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     monkeypatch.setattr(runner_module, "StepGraphs", EagerGraphs)
     monkeypatch.setattr(runner_module, "pdl_supported", lambda device: True)
     monkeypatch.setattr(runner_module, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
-    # The logits projection, timed first: cuBLAS's wins here (the GEMV over the whole vocabulary would take the
-    # interpreter minutes; tests/test_models.py checks its logits).
-    logits_ms = iter([0.1, 0.3])
-    monkeypatch.setattr(runner_module, "device_ms", lambda work: next(logits_ms))
-    monkeypatch.setattr(runner_module, "gemv", lambda row, weight: None)
     runner = engine.slm
     with pytest.warns(UserWarning, match="not captured"):
-        assert runner._choose_batch1_step() == {"logits_cublas_ms": 0.1, "logits_gemv_ms": 0.3, "cublas_ms": 2.0,
-                                                "gemv_ms": 1.0}
-    assert (runner.gemv, runner.gemv_logits, runner.pdl) == (True, False, False)
+        assert runner._choose_batch1_step() == {"cublas_ms": 2.0, "gemv_ms": 1.0}
+    assert (runner.gemv, runner.pdl) == (True, False)
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     runner.gemv = False
     assert engine.generate(prompts, sampling)[0].token_ids == before

@@ -146,10 +146,9 @@ def _cases() -> list[Case]:
               Case("pdl-qk_norm_rope_store", "qk_norm_rope_store", dict(dtype=torch.bfloat16, heads=(16, 8),
                                                                         head_dim=128, with_norm=True, pdl=True)),
               Case("pdl-silu_and_mul", "silu_and_mul", dict(dtype=torch.bfloat16, intermediate=6144, pdl=True))]
-    first_dot_tile = next(i for i, config in enumerate(gemv.GPU_CONFIGS) if config.kwargs["DOT"])
-    for (prologue, k, n, residual, bias), tile in itertools.product(gemv_shapes, (0, first_dot_tile)):
-        cases.append(Case(f"pdl-gemv-{prologue}-tile{tile}", "gemv", dict(
-            dtype=torch.bfloat16, prologue=prologue, k=k, n=n, residual=residual, bias=bias, tile=tile, pdl=True)))
+    for prologue, k, n, residual, bias in gemv_shapes:
+        cases.append(Case(f"pdl-gemv-{prologue}", "gemv", dict(dtype=torch.bfloat16, prologue=prologue, k=k, n=n,
+                                                               residual=residual, bias=bias, tile=0, pdl=True)))
     for batch in (1, 48):
         cases.append(Case(f"detect-b{batch}", "detect", dict(batch=batch)))
     for rows, block_size in ((1, 16), (40, 256)):

@@ -2,9 +2,8 @@
 model's one-row steps give the same tokens with the fused GEMV path as without it.)"""
 import pytest
 import torch
-import triton
 
-from relaykern.kernels.gemv import _gemv_kernel, gemv, gemv_reference, launch_arguments
+from relaykern.kernels.gemv import gemv, gemv_reference
 
 from test_kernels_norms import BF16_TOLERANCE, DEVICE, randn
 
@@ -51,21 +50,3 @@ def test_gemv_bad_input():
         gemv(x, weight, prologue="rms_norm")
     with pytest.raises(ValueError, match="norm_weight"):
         gemv(x, weight, residual=x)
-
-
-# The interpreter mis-computes bf16 arithmetic, tl.dot's too: bf16 runs on a GPU.
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("prologue,with_residual", [("none", False), ("rms_norm", True), ("silu_and_mul", False)])
-def test_gemv_tensor_core_tiles(prologue, with_residual, dtype):
-    """The ``DOT`` programs (the row padded to 16 rows for ``tl.dot``) the GPU autotuner may pick, launched with one
-    such tile on shapes that are not multiples of it."""
-    k, n = 80, 40
-    x, weight, kwargs = inputs(prologue, k, n, dtype, with_residual, with_bias=True)
-    out, residual_out = torch.empty(1, n, dtype=dtype, device=DEVICE), torch.empty(1, k, dtype=dtype, device=DEVICE)
-    args, constexprs = launch_arguments(x, weight, kwargs["bias"], prologue, kwargs.get("residual"),
-                                        kwargs.get("norm_weight"), 1e-6, out, residual_out)
-    _gemv_kernel[(triton.cdiv(n, 16),)](*args, **constexprs, BLOCK_N=16, BLOCK_K=32, DOT=True)
-    expected = gemv_reference(x, weight, **kwargs)
-    assert_close(out, expected[0] if prologue == "rms_norm" else expected, dtype)
-    if with_residual:
-        assert_close(residual_out, expected[1], dtype)

@@ -190,25 +190,6 @@ def test_model_without_kv_cache_or_with_wrong_pool(checkpoint):
         model.bind_kv_cache(torch.zeros(config.num_layers, 2, 4, BLOCK_SIZE, config.num_kv_heads + 1, config.head_dim))
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_one_row_logits_as_gemv(checkpoint, tied):
-    """``compute_logits`` of one row through ``ops.gemv`` when the step asks for it (``gemv_logits``), else cuBLAS's
-    product; rows of a wider step always take the latter."""
-    model, config = load_model(checkpoint(tie_word_embeddings=tied), "cpu", torch.float32)
-    hidden = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(0))
-
-    def ctx(gemv_logits):
-        return AttentionContext(slot_mapping=torch.tensor([0]), block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                                seq_lens=torch.tensor([1], dtype=torch.int32),
-                                cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32), max_q_len=1, gemv=True,
-                                gemv_logits=gemv_logits)
-    expected, expected_row = model.compute_logits(hidden), model.compute_logits(hidden[:1])
-    assert model.logits_weight() is (model.model.embed_tokens.weight if tied else model.lm_head.weight)
-    torch.testing.assert_close(model.compute_logits(hidden[:1], ctx(True)), expected_row, rtol=1e-4, atol=1e-4)
-    assert torch.equal(model.compute_logits(hidden, ctx(True)), expected)
-    assert torch.equal(model.compute_logits(hidden[:1], ctx(False)), expected_row)
-
-
 # ---- loader errors and checkpoint layouts ----
 
 def test_missing_dir_and_config(tmp_path):

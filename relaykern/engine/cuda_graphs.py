@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,20 +44,6 @@ EXTEND_TOKENS = (16, 32, 64, 128, 256)
 MAX_EXTEND_BATCH = 64
 """Extend graphs serve small batches, where a mixed step is launch-bound; larger mixed steps run eagerly (each
 graph's logits buffer costs rows x vocab x 4 bytes)."""
-
-
-def device_ms(work: Callable[[], object], repeats: int = 20) -> float:
-    """Mean GPU time of ``work`` on the current stream, launched back to back (CUDA events, after a few warm-up
-    runs)."""
-    for _ in range(3):
-        work()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        work()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 @dataclass(frozen=True)
@@ -91,13 +77,11 @@ def _batch_sizes(largest: int) -> list[int]:
 class StepGraphs:
     def __init__(self, runner: "ModelRunner", capture: bool = True, shapes: list[GraphShape] | None = None) -> None:
         """``shapes``: those to capture (default: ``capture_shapes`` of the runner's batching limits). The steps run
-        the one-row projections (and logits) as ``runner.gemv`` (``runner.gemv_logits``) say, and launch their
-        Triton kernels with PDL if ``runner.pdl``."""
+        the one-row projections as ``runner.gemv`` says, and launch their Triton kernels with PDL if ``runner.pdl``."""
         self.model = runner.model
         self.block_size = runner.block_size
         self.backend = runner.backend
         self.gemv = runner.gemv
-        self.gemv_logits = runner.gemv_logits
         self.pdl = runner.pdl
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
@@ -158,17 +142,24 @@ class StepGraphs:
             max_q_len=1 if shape.decode else tokens,
             backend=self.backend,
             gemv=self.gemv,
-            gemv_logits=self.gemv_logits,
             pdl=self.pdl,
         )
         hidden = self.model(injected.input_ids, injected.positions, ctx)
         if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)
             hidden = hidden[(cu[1:] - 1).long()]
-        return self.model.compute_logits(hidden, ctx)
+        return self.model.compute_logits(hidden)
 
     def replay_ms(self, shape: GraphShape, repeats: int = 20) -> float:
-        """Mean time of a replay of ``shape``."""
-        return device_ms(self.replays[shape], repeats)
+        """Mean time of a replay of ``shape`` (CUDA events, after a few warm-up replays)."""
+        for _ in range(3):
+            self.replays[shape]()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            self.replays[shape]()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     def _eager_replay(self, shape: GraphShape) -> None:
         self.logits[shape].copy_(self._step(shape))

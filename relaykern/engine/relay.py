@@ -51,9 +51,6 @@ from relaykern.protocol import EVENT_CALL, EVENT_MALFORMED, serve_length
 from relaykern.tokenizer import encode_bytes, token_bytes
 
 
-SLM_STREAM_PRIORITY = -1  # CUDA stream priorities: lower is higher; 0 is the default
-
-
 class RelayEngine:
     """Keeps both models loaded between calls. ``llm=None`` serves the SLM alone."""
 
@@ -73,10 +70,7 @@ class RelayEngine:
         if llm is not None:
             validate_pair(slm, llm, self.tokenizer)
         slm_config = slm_config or EngineConfig()
-        # The SLM's stream outranks the LLM's: the SLM's many short decode kernels take SMs as they free up, ahead
-        # of the LLM's long compute-bound catch-up and read-ahead kernels running beside them.
-        self.slm = ModelRunner(slm, slm_config, kv_share=0.2 if llm is not None else 1.0,
-                               stream_priority=SLM_STREAM_PRIORITY if llm is not None else 0)
+        self.slm = ModelRunner(slm, slm_config, kv_share=0.2 if llm is not None else 1.0)
         self.llm = ModelRunner(llm, llm_config, kv_share=1.0) if llm is not None else None
         vocab = max(r.model_config.vocab_size for r in (self.slm, self.llm) if r is not None)
         known = token_bytes(self.tokenizer)

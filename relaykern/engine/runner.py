@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
-from relaykern.engine.cuda_graphs import GraphShape, StepGraphs, device_ms
+from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.attention import choose_extend_tile
-from relaykern.kernels.gemv import gemv
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.sample import row_keys
@@ -68,9 +66,7 @@ class Row:
 
 
 class ModelRunner:
-    def __init__(self, path: str | Path, config: EngineConfig, kv_share: float = 1.0, stream_priority: int = 0
-                 ) -> None:
-        """``stream_priority``: of this model's CUDA stream (lower runs first where both streams have work)."""
+    def __init__(self, path: str | Path, config: EngineConfig, kv_share: float = 1.0) -> None:
         self.config = config
         self.device = config.device
         self.dtype = config.resolved_dtype()
@@ -87,14 +83,13 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
         # step at once (they share no memory).
-        self.stream = torch.cuda.Stream(self.device, priority=stream_priority) if self.device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
         # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here. The eager
         # variants first, while no graph would take the warm-up's forwards.
         triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
         self.graphs: StepGraphs | None = None
         self.gemv = False
-        self.gemv_logits = False
         self.pdl = False
         self.gemv_timing: dict[str, float] = {}
         with self.scope():
@@ -128,26 +123,25 @@ class ModelRunner:
         """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
         kernels (kernels/gemv.py), and (on Hopper and later) as those with every Triton kernel launched with PDL
         (kernels/pdl.py). The fastest serves: sets ``gemv`` and ``pdl``. Which wins depends on the GPU and the
-        shapes. The GEMV steps compute their logits as ``_choose_logits_projection`` chose. PDL must give exactly
-        the plain GEMV step's logits (the same kernels in the same order), or it is dropped with a warning."""
-        timing = self._choose_logits_projection()
+        shapes. PDL must give exactly the plain GEMV step's logits (the same kernels in the same order), or it is
+        dropped with a warning."""
         variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
         if pdl_supported(self.device):
             variants["gemv_pdl_ms"] = (True, True)
         context = min(BATCH1_CONTEXT, self.max_model_len - 1)
-        logits = {}
+        timing, logits = {}, {}
         self.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
         try:  # K/V for the timed step to attend to, then the step at the position after them
             greedy = SamplingParams(temperature=0)
             self._execute([Row(WARMUP_SEQ_ID, [0] * context, 0, True, greedy, 0, 0, [], False)])
             self.blocks.append(WARMUP_SEQ_ID, [0])
             tables = self.blocks.block_tables([WARMUP_SEQ_ID], self.blocks_needed(context + 1))
-            for name, (use_gemv, use_pdl) in variants.items():
-                self.gemv, self.pdl = use_gemv, use_pdl
+            for name, (gemv, pdl) in variants.items():
+                self.gemv, self.pdl = gemv, pdl
                 try:
                     graphs = StepGraphs(self, shapes=[BATCH1])
                 except Exception as err:  # noqa: BLE001 - a driver that cannot capture PDL launches: serve without
-                    if not use_pdl:
+                    if not pdl:
                         raise
                     warnings.warn(f"batch-1 step with PDL launches not captured, served without: {err}")
                     continue
@@ -158,19 +152,7 @@ class ModelRunner:
         if "gemv_pdl_ms" in timing and not torch.equal(logits["gemv_pdl_ms"], logits["gemv_ms"]):
             warnings.warn("the batch-1 step with PDL launches gave other logits than without: served without")
             del timing["gemv_pdl_ms"]
-        steps = {name: ms for name, ms in timing.items() if name in variants}
-        self.gemv, self.pdl = variants[min(steps, key=steps.get)]
-        return timing
-
-    def _choose_logits_projection(self) -> dict[str, float]:
-        """ms of the one-row logits projection with cuBLAS and as ``gemv`` (kernels/gemv.py, autotuned on its first
-        call here); sets ``gemv_logits`` if the GEMV is faster. The GEMV steps' logits then come from it."""
-        weight = self.model.logits_weight()
-        row = torch.randn((1, weight.shape[1]), device=self.device, dtype=self.dtype)
-        gemv(row, weight)
-        timing = {"logits_cublas_ms": device_ms(lambda: F.linear(row, weight)),
-                  "logits_gemv_ms": device_ms(lambda: gemv(row, weight))}
-        self.gemv_logits = timing["logits_gemv_ms"] < timing["logits_cublas_ms"]
+        self.gemv, self.pdl = variants[min(timing, key=timing.get)]
         return timing
 
     def scope(self) -> contextlib.AbstractContextManager:
@@ -232,7 +214,7 @@ class ModelRunner:
         else:
             ctx, input_ids, positions = self._prepare(rows, fed_tokens)
             hidden = self.model(input_ids, positions, ctx)
-            logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1], ctx)
+            logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
         logits = self._apply_logits_processors(logits, rows)
         want_logprobs = any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
@@ -266,7 +248,6 @@ class ModelRunner:
             max_q_len=max(lengths),
             backend=self.backend,
             gemv=self.gemv,
-            gemv_logits=self.gemv_logits,
         )
         return ctx, injected.input_ids, injected.positions
 

@@ -28,9 +28,6 @@ class AttentionContext:
     gemv: bool = False
     """A one-row step runs its projections as fused GEMV kernels (``ops.gemv``: the norm or activation before
     each folded into it) instead of norm kernels and cuBLAS (``ModelRunner`` picks the faster at start-up)."""
-    gemv_logits: bool = False
-    """With ``gemv``, the one-row logits projection runs as ``ops.gemv`` too (``ModelRunner`` times it against
-    cuBLAS at start-up: a large vocabulary at a narrow width is where cuBLAS's one-row kernels lag most)."""
     pdl: bool = False
     """The Triton kernels are launched with programmatic dependent launch (kernels/pdl.py; CUDA graphs of a runner
     that found it faster)."""

@@ -15,7 +15,7 @@ from torch import nn
 from relaykern.models.attention import Attention, AttentionContext
 from relaykern.models.config import ModelConfig
 from relaykern.models.layers import (Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, norm_linear,
-                                     one_row_gemv, silu_linear)
+                                     silu_linear)
 
 
 class Qwen3Attention(nn.Module):
@@ -114,16 +114,9 @@ class Qwen3ForCausalLM(nn.Module):
         """``input_ids``, ``positions`` ``[T]`` → hidden ``[T, hidden_size]``; writes the rows' K/V to the cache."""
         return self.model(input_ids, positions, ctx)
 
-    def logits_weight(self) -> torch.Tensor:
-        """``[vocab_size, hidden_size]``: the LM head's, or the embedding's when tied."""
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    def compute_logits(self, hidden: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
-        """``[N, hidden_size]`` → fp32 ``[N, vocab_size]`` (the product runs in the model dtype, as in HF); one row
-        as ``ops.gemv`` if the step's ``ctx`` asks for it (``gemv_logits``)."""
-        weight = self.logits_weight()
-        if ctx is not None and ctx.gemv_logits and one_row_gemv(ctx, hidden):
-            return ctx.ops.gemv(hidden, weight).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden_size]`` → fp32 ``[N, vocab_size]`` (the product runs in the model dtype, as in HF)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
     def bind_kv_cache(self, pool: torch.Tensor) -> None:
