@@ -77,14 +77,19 @@ class Probe:
         return self.runner.execute(rows)[0].tolist()
 
     @contextmanager
-    def decode_step(self, batch: int, context: int) -> Iterator[Callable[[], list[int]]]:
-        """One decode step of ``batch`` sequences, each over ``context`` cached tokens."""
+    def decode_rows(self, batch: int, context: int) -> Iterator[list[Row]]:
+        """The rows of a decode step of ``batch`` sequences, each over ``context`` cached tokens."""
         ids = self.sequences(batch, context + 1)
         try:
-            rows = [self._row(seq_id, 1, context) for seq_id in ids]
-            yield lambda: self._execute(rows)
+            yield [self._row(seq_id, 1, context) for seq_id in ids]
         finally:
             self.free(ids)
+
+    @contextmanager
+    def decode_step(self, batch: int, context: int) -> Iterator[Callable[[], list[int]]]:
+        """One decode step of ``batch`` sequences, each over ``context`` cached tokens."""
+        with self.decode_rows(batch, context) as rows:
+            yield lambda: self._execute(rows)
 
     @contextmanager
     def forward(self, new_tokens: int, context: int) -> Iterator[Callable[[], list[int]]]:
@@ -127,19 +132,14 @@ class Probe:
         """A step within ``steps`` each launched before the one before is read back, fed its sampled tokens on the
         device, as the engine's overlapped loop runs them (``RelayConfig.overlap_steps``): the host prepares a
         step while the GPU runs the last. Every step rewrites the same position's KV."""
-        ids = self.sequences(batch, context + 1)
-        rows = [self._row(seq_id, 1, context) for seq_id in ids]
+        with self.decode_rows(batch, context) as rows:
+            def chain() -> None:
+                fed = None
+                for _ in range(steps):
+                    fed, _ = self.runner.execute(rows, fed_tokens=fed)
+                fed.tolist()
 
-        def chain() -> None:
-            fed = None
-            for _ in range(steps):
-                fed, _ = self.runner.execute(rows, fed_tokens=fed)
-            fed.tolist()
-
-        try:
             return median_ms(chain, self.runner.device, self.repeats) / steps
-        finally:
-            self.free(ids)
 
     def forward_ms(self, new_tokens: int, context: int) -> float:
         with self.forward(new_tokens, context) as forward:

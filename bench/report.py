@@ -88,7 +88,7 @@ def format_table(report: dict) -> str:
         rows = []
         for role, m in report["models"].items():
             for d, mark in [(d, "") for d in m["decode"]] + [(m["decode_at_relay_shape"], "*")]:
-                rows.append([role, f"{d['batch']}{mark}", d["context"], d["ms"], d.get("synced_ms", "-"),
+                rows.append([role, f"{d['batch']}{mark}", d["context"], d["ms"], d["synced_ms"],
                              d["roofline_ms"], d["fraction_of_roofline"], d["tokens_per_s"]])
             p = m["prefill"]
             rows.append([role, "prefill", p["tokens"], p["ms"], "-", "-", "-", p["tokens_per_s"]])
