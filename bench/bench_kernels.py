@@ -24,7 +24,8 @@ import triton
 from torch.nn.attention.bias import causal_lower_right
 
 from relaykern.kernels.activation import silu_and_mul
-from relaykern.kernels.attention import paged_decode_attention, paged_extend_attention
+from relaykern.kernels.decode_attention import paged_decode_attention
+from relaykern.kernels.extend_attention import paged_extend_attention
 from relaykern.kernels import gemv as gemv_module
 from relaykern.kernels.gemv import gemv
 from relaykern.kernels.pdl import pdl_supported

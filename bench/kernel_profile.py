@@ -7,7 +7,6 @@ of a step is kernels and how much is the gaps between them, and the list says wh
 """
 from __future__ import annotations
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from relaykern.kernels import attention
-from relaykern.kernels.attention import (choose_extend_tile, paged_attention, paged_attention_reference,
-                                         paged_decode_attention, paged_extend_attention)
+from relaykern.kernels import attention_common
+from relaykern.kernels.attention import paged_attention, paged_attention_reference
+from relaykern.kernels.attention_common import TILE_N, choose_num_splits
+from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, paged_decode_attention
+from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # atol = rtol
@@ -145,7 +147,7 @@ def test_decode_matches_reference_random(seed, num_splits):
 def test_decode_zero_length_padding_row_gives_zeros():
     case = make_case([1, 1], [70, 0], 4, 2, 16, 16)
     case.seq_lens[1] = 0
-    for num_splits in (1, 4, attention.MAX_DECODE_SPLITS):  # most of 64 splits hold no key: they write nothing
+    for num_splits in (1, 4, MAX_DECODE_SPLITS):  # most of 64 splits hold no key: they write nothing
         out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, num_splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert_close(out[:1], paged_attention_reference(*case.args())[:1])
@@ -168,15 +170,16 @@ def test_extend_tile_shapes():
 
 
 def test_num_splits_heuristic(monkeypatch):
-    monkeypatch.setattr(attention, "_num_sms", lambda device: 132)  # an H100
+    monkeypatch.setattr(attention_common, "_num_sms", lambda device: 132)  # an H100
     cpu = torch.device("cpu")
-    assert attention.choose_num_splits(32 * 8, 4096, cpu) == 3  # bs 32 x 8 kv heads nearly fills the GPU
-    assert attention.choose_num_splits(1 * 8, 4096, cpu) == 16  # bs 1: split as far as MIN_SPLIT_KEYS allows
-    assert attention.choose_num_splits(1 * 8, 300, cpu) == 1  # short context: not worth a merge
-    assert attention.choose_num_splits(256 * 8, 4096, cpu) == 1
-    decode = dict(min_split_keys=attention.TILE_N, max_splits=attention.MAX_DECODE_SPLITS)
-    assert attention.choose_num_splits(1 * 8, 4096, cpu, **decode) == 64  # decode bs 1: a key tile per split
-    assert attention.choose_num_splits(1 * 8, 300, cpu, **decode) == 4
+    extend = dict(min_split_keys=MIN_SPLIT_KEYS, max_splits=MAX_SPLITS)
+    assert choose_num_splits(32 * 8, 4096, cpu, **extend) == 3  # bs 32 x 8 kv heads nearly fills the GPU
+    assert choose_num_splits(1 * 8, 4096, cpu, **extend) == 16  # bs 1: split as far as MIN_SPLIT_KEYS allows
+    assert choose_num_splits(1 * 8, 300, cpu, **extend) == 1  # short context: not worth a merge
+    assert choose_num_splits(256 * 8, 4096, cpu, **extend) == 1
+    decode = dict(min_split_keys=TILE_N, max_splits=MAX_DECODE_SPLITS)
+    assert choose_num_splits(1 * 8, 4096, cpu, **decode) == 64  # decode bs 1: a key tile per split
+    assert choose_num_splits(1 * 8, 300, cpu, **decode) == 4
 
 
 def test_split_counts_out_of_range_are_errors():

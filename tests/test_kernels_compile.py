@@ -32,7 +32,9 @@ import torch
 import triton
 
 import relaykern.kernels
-from relaykern.kernels import activation, attention, detect, gemv, inject, rms_norm, rope, sample, store_kv
+from relaykern.kernels import (activation, attention, attention_common, detect, gemv, inject, rms_norm, rope, sample,
+                               store_kv)
+from relaykern.kernels.extend_attention import choose_extend_tile
 
 TARGET = ("cuda", 90, 32)  # H100 / H200
 H100_SMS = 132  # choose_num_splits sizes the split-KV grid by the SM count
@@ -63,14 +65,14 @@ def _extend_query_lengths(dtype: torch.dtype) -> list[tuple[int, int]]:
     ``dtype`` (from 2: paged_attention sends max_q_len 1 to the decode kernel)."""
     first_q_len = {}
     for group, max_q_len in itertools.product(GROUPS, range(2, 257)):
-        first_q_len.setdefault((group, attention.choose_extend_tile(max_q_len, group, dtype)), max_q_len)
+        first_q_len.setdefault((group, choose_extend_tile(max_q_len, group, dtype)), max_q_len)
     return [(group, max_q_len) for (group, _tile), max_q_len in first_q_len.items()]
 
 
 def _extend_tile(case: Case) -> tuple[int, int, int]:
     """(group, BLOCK_M, BLOCK_Q) the launcher picks for an extend case."""
     params = case.params
-    return (params["group"], *attention.choose_extend_tile(max(params["q_lens"]), params["group"], params["dtype"]))
+    return (params["group"], *choose_extend_tile(max(params["q_lens"]), params["group"], params["dtype"]))
 
 
 def _cases() -> list[Case]:
@@ -93,8 +95,8 @@ def _cases() -> list[Case]:
     extend = [(dtype, group, q) for dtype in (torch.bfloat16, torch.float32)
               for group, q in _extend_query_lengths(dtype)]
     for i, (tile_dtype, group, max_q_len) in enumerate(extend):
-        block_m, block_q = attention.choose_extend_tile(max_q_len, group, tile_dtype)
-        largest = block_m == attention.choose_extend_tile(256, group, tile_dtype)[0]
+        block_m, block_q = choose_extend_tile(max_q_len, group, tile_dtype)
+        largest = block_m == choose_extend_tile(256, group, tile_dtype)[0]
         sixteen_bit = DTYPES[1 + (GROUPS.index(group) if largest else i) % 2]  # largest tiles: both 16-bit dtypes
         dtype = tile_dtype if tile_dtype == torch.float32 else sixteen_bit
         head_dim = 128 if largest else HEAD_DIMS[i % 2]
@@ -324,7 +326,7 @@ def _compile_cases(case_ids: list[str]) -> dict:
     for module in _kernel_modules():
         for name, kernel in _kernels(module).items():
             setattr(module, name, _CompileOnLaunch(name, kernel, launches))
-    attention._num_sms = lambda device: H100_SMS
+    attention_common._num_sms = lambda device: H100_SMS
     by_id = {case.id: case for case in CASES}
     results = {}
     for case_id in case_ids:
@@ -386,12 +388,12 @@ def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
     assert all(launch["grid_dependency_wait"] == bool(launch["constexprs"].get("PDL")) for launch in launches)
     tiles = {(launch["constexprs"]["GROUP"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_Q"])
              for launch in launches if launch["kernel"] == "_extend_kernel"}
-    wanted = {(group, *attention.choose_extend_tile(q_len, group, dtype))
+    wanted = {(group, *choose_extend_tile(q_len, group, dtype))
               for dtype in DTYPES for group, q_len in _extend_query_lengths(dtype)}
     assert wanted <= tiles
     extend_cases = [case for case in CASES if case.launcher == "attention" and max(case.params["q_lens"]) > 1]
     largest_tile = {case.params["dtype"] for case in extend_cases if case.params["head_dim"] == 128 and
-                    _extend_tile(case)[1] == attention.choose_extend_tile(256, 1, case.params["dtype"])[0]}
+                    _extend_tile(case)[1] == choose_extend_tile(256, 1, case.params["dtype"])[0]}
     assert largest_tile == set(DTYPES), "every dtype needs an extend case with its largest tile at head_dim 128"
     spills = {(case.id, launch["kernel"]): launch["spill_bytes"] for case in CASES
               for launch in compiled[case.id]["launches"] if launch["spill_bytes"]}

@@ -19,7 +19,7 @@ from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.sampler import SamplingBatch, sample
-from relaykern.kernels.attention import choose_extend_tile
+from relaykern.kernels.extend_attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.sample import row_keys
