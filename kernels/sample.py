@@ -42,11 +42,24 @@ _LOWEST: tl.constexpr = tl.constexpr(-torch.finfo(torch.float32).max)
 
 
 def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """lowbias32 (Wellons) on int64 lanes (or a Python int) holding uint32 values; the low 32 bits of each product
-    are exact."""
+    """lowbias32 (Wellons) of uint32 values held by a Python int or int64 lanes (the low 32 bits of each product
+    are exact, then masked), or by int32 lanes as their bit patterns (products wrap mod 2**32; right shifts are
+    masked to be logical): the noise of a whole vocabulary moves half the bytes that way."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int32:
+        x = x ^ ((x >> 16) & 0xFFFF)  # a new tensor: the rest works in place
+        x *= 0x7FEB352D
+        x ^= (x >> 15) & 0x1FFFF
+        x *= _as_int32(0x846CA68B)
+        x ^= (x >> 16) & 0xFFFF
+        return x
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
+
+
+def _as_int32(value: int) -> int:
+    """The int32 with the bit pattern of uint32 ``value``."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def row_keys(seeds: torch.Tensor | int, steps: torch.Tensor | int) -> torch.Tensor | int:
@@ -56,11 +69,12 @@ def row_keys(seeds: torch.Tensor | int, steps: torch.Tensor | int) -> torch.Tens
 
 
 def gumbel_noise(row_key: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """fp32 [R, vocab] Gumbel noise of each row's key (the module docstring's formula)."""
-    column = torch.arange(vocab_size, device=row_key.device, dtype=torch.int64)
-    bits = hash32((row_key[:, None] ^ ((column[None, :] * 0x85EBCA6B) & _MASK32)) & _MASK32)
-    u = ((bits >> 9).to(torch.float32) + 0.5) * U_STEP
-    return -torch.log(-torch.log(u))
+    """fp32 [R, vocab] Gumbel noise of each row's key (the module docstring's formula), hashed on int32 lanes."""
+    key = torch.where(row_key >= 1 << 31, row_key - (1 << 32), row_key).to(torch.int32)
+    column = torch.arange(vocab_size, device=row_key.device, dtype=torch.int32) * _as_int32(0x85EBCA6B)
+    bits = hash32(key[:, None] ^ column[None, :])
+    u = ((bits >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(U_STEP)
+    return u.log_().neg_().log_().neg_()  # -log(-log(u)) without four [R, V] temporaries
 
 
 def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -190,6 +204,6 @@ def gumbel_sample_reference(logits: torch.Tensor, temperature: torch.Tensor, row
     _check_inputs(logits, temperature, row_key)
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    perturbed = scaled + gumbel_noise(row_key, logits.shape[-1])
+    perturbed = gumbel_noise(row_key, logits.shape[-1]).add_(scaled)
     tokens = torch.where(greedy, logits.argmax(dim=-1), perturbed.argmax(dim=-1))
     return tokens, token_logprobs(scaled, tokens) if want_logprobs else None

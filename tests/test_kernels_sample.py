@@ -46,6 +46,8 @@ def clear_rows(logits, temperature, row_key, gap: float = 1e-4) -> torch.Tensor:
 def test_reference_noise_is_the_documented_formula():
     values = torch.randint(0, 2**32, (200,), generator=torch.Generator().manual_seed(0))
     assert hash32(values).tolist() == [lowbias32(v) for v in values.tolist()]
+    bit_patterns = torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)  # the int32 lanes' form
+    assert (hash32(bit_patterns).long() & MASK32).tolist() == [lowbias32(v) for v in values.tolist()]
     keys = row_keys(torch.tensor([0, 5, 2**40 + 3]), torch.tensor([0, 1, 7]))
     assert ((keys >= 0) & (keys <= MASK32)).all()
     noise = gumbel_noise(keys, 300)
