@@ -1,6 +1,8 @@
 """User-facing settings, validated on construction so a bad value fails before any work starts."""
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -31,8 +33,9 @@ class SamplingParams:
     logits_processors: Sequence[LogitsProcessor] = ()
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        require_ints(self, "max_tokens", "top_k", "seed")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -43,6 +46,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None and any(not s for s in self.stop):
             raise ValueError("SamplingParams.stop strings must be non-empty")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be ints, got {list(self.stop_token_ids)!r:.80}")
         self.logits_processors = tuple(self.logits_processors)
 
     @property
@@ -89,6 +94,8 @@ class RelayConfig:
     overlap_steps: bool = True
 
     def __post_init__(self) -> None:
+        require_ints(self, "max_calls", "max_call_tokens", "llm_batch_wait_steps", "llm_batch_min_rows",
+                     "llm_prefetch_tokens")
         if self.max_calls < 0:
             raise ValueError(f"RelayConfig.max_calls must be >= 0, got {self.max_calls}")
         if self.max_call_tokens < 1:
@@ -128,12 +135,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        require_ints(self, "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig.num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("EngineConfig.max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2 (a prompt token and one more), got "
+                             f"{self.max_model_len}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"EngineConfig.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.attention_backend not in (None, "triton", "torch"):
             raise ValueError("EngineConfig.attention_backend must be 'triton' or 'torch', "
                              f"got {self.attention_backend!r}")
@@ -142,6 +155,8 @@ class EngineConfig:
                 self.dtype = getattr(torch, self.dtype)
             except AttributeError:
                 raise ValueError(f"EngineConfig.dtype: unknown dtype {self.dtype!r}") from None
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"EngineConfig.dtype must be a floating-point torch dtype, got {self.dtype!r}")
         self.device = resolve_device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
@@ -157,11 +172,27 @@ class EngineConfig:
         return "triton" if self.device.type == "cuda" else "torch"
 
 
+def require_ints(config: object, *names: str) -> None:
+    """Integer fields (None where optional) hold ints: a float block size or token count is a mistake, said here
+    rather than deep inside a step. Integer numpy / torch scalars become ints."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        try:
+            setattr(config, name, operator.index(value))
+        except TypeError:
+            raise ValueError(f"{type(config).__name__}.{name} must be an int, got {value!r}") from None
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None → cuda if available else cpu. Asking for CUDA without a GPU is an error, not a silent fallback."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is unknown: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available on this machine (use device='cpu')")
     return device

@@ -1,9 +1,11 @@
 """``relaykern.generate``: the one-call API over the engine (strings or ids, SLM alone or relayed, engine reuse)."""
+import numpy as np
 import pytest
+import torch
 
 import relaykern
 from relay_fixtures import *  # noqa: F401,F403
-from relaykern import RelayConfig, SamplingParams
+from relaykern import EngineConfig, RelayConfig, SamplingParams
 from relaykern.scripted import force_command
 
 
@@ -33,3 +35,34 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
         relaykern.generate(["Hi"], slm=tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
         relaykern.generate(["Hi"], slm=tmp_path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", -0.1, "finite and >= 0"), ("temperature", float("nan"), "finite and >= 0"),
+    ("temperature", float("inf"), "finite and >= 0"), ("top_p", 0.0, r"in \(0, 1\]"), ("top_k", -1, ">= 0"),
+    ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
+    ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
+])
+def test_sampling_params_name_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} .*{message}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("config,field,value,message", [
+    (RelayConfig, "max_calls", -1, ">= 0"), (RelayConfig, "max_calls", 2.5, "must be an int"),
+    (RelayConfig, "max_call_tokens", 0, ">= 1"), (RelayConfig, "after_max_calls", "stop", "'continue' or 'finish'"),
+    (RelayConfig, "llm_prefetch_tokens", -1, ">= 0"), (RelayConfig, "llm_batch_min_rows", 0, ">= 1"),
+    (EngineConfig, "block_size", 24, "power of two"), (EngineConfig, "block_size", 16.0, "must be an int"),
+    (EngineConfig, "num_blocks", 0, ">= 1"), (EngineConfig, "max_model_len", 1, ">= 2"),
+    (EngineConfig, "kv_cache_memory_gb", -1.0, "> 0"), (EngineConfig, "dtype", "float9", "unknown dtype"),
+    (EngineConfig, "dtype", torch.int8, "floating-point"), (EngineConfig, "device", "tpu", "is unknown"),
+    (EngineConfig, "attention_backend", "cuda", "'triton' or 'torch'"),
+])
+def test_configs_name_the_bad_field(config, field, value, message):
+    with pytest.raises(ValueError, match=f"{field}.*{message}"):
+        config(**{field: value})
+
+
+def test_integer_fields_take_numpy_integers():
+    assert EngineConfig(num_blocks=np.int64(8), device="cpu").num_blocks == 8
+    assert type(SamplingParams(max_tokens=np.int32(3)).max_tokens) is int

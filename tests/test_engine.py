@@ -2,6 +2,7 @@
 loss or leaks, sampling reproducibility, and bad input."""
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -182,6 +183,9 @@ def test_bad_input_is_rejected_before_any_work(checkpoints, tmp_path):
         engine.generate([[1] * 100], SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="out of range"):
         engine.generate([[1, 10**9]])
+    for prompt, kind in (([1.5, 2], "list of float"), ([["a"]], "list of list"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=f"string or a sequence of integer token ids, got {kind}"):
+            engine.generate([prompt])
     with pytest.raises(ValueError, match="not found"):
         RelayEngine(tmp_path / "nowhere")
     if not torch.cuda.is_available():
@@ -208,7 +212,10 @@ def test_a_failing_request_does_not_take_others_down(checkpoints):
 
 def test_a_bad_prompt_in_a_batch_submits_nothing(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt 1: empty prompt"):
         engine.generate([[1, 2], []], SamplingParams(max_tokens=2))
     assert not engine.scheduler.has_work
-    assert len(engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids) == 2
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    ids = engine.generate([[1, 2]], greedy)[0].token_ids
+    assert len(ids) == 2  # integer tensors and arrays are token ids too
+    assert [o.token_ids for o in engine.generate([torch.tensor([1, 2]), np.array([1, 2])], greedy)] == [ids, ids]

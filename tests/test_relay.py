@@ -11,6 +11,7 @@ from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.sequence import Phase
 from relaykern.reference import reference_generate
 
 EOS = 151645
@@ -223,6 +224,40 @@ def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokeni
     assert late.call_records[0].llm_catchup == 1 < lazy[0].stats.call_records[0].llm_catchup
     assert never.calls == 0 and never.llm_prefill_tokens >= len(prompts[1]) - 1
     assert lazy[1].stats.llm_prefill_tokens == 0 and straddling.calls == 1
+
+
+def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, llm_dir, tokenizer):
+    """``engine.abort`` ends a request at once, whether the SLM writes it (its next row already launched, overlapped),
+    the LLM serves its call, or it still waits for a slot: its blocks in both pools are freed, what it wrote is
+    kept, and the other requests write what they write alone. A stream closed early aborts its requests."""
+    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(4)]
+    samplings = [scripted({}), scripted({}), scripted({2: command_tokens(tokenizer, 8)}), scripted({})]
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu", max_num_seqs=3),
+                         llm_config=EngineConfig(device="cpu"))
+    alone = [engine.generate([prompt], sampling)[0] for prompt, sampling in zip(prompts, samplings)]
+    seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
+    while seqs[2].phase is not Phase.LLM:
+        engine.step()
+    assert seqs[0].phase is Phase.SLM and engine.next_slm is not None and seqs[0] in engine.next_slm.seqs
+    assert seqs[3] in engine.scheduler.waiting
+    for seq in (seqs[0], seqs[2], seqs[3]):
+        engine.abort(seq)
+    while engine.scheduler.has_work:
+        engine.step()
+    outs = [engine.output(seq) for seq in seqs]
+    assert [o.finish_reason for o in outs] == ["abort", "length", "abort", "abort"]
+    assert comparable(outs[1]) == comparable(alone[1])
+    for out, full in zip(outs, alone):
+        assert out.token_ids == full.token_ids[:len(out.token_ids)]
+    assert outs[3].token_ids == [] and outs[2].stats.calls == 1
+    assert_no_blocks_held(engine)
+
+    stream = engine.stream(prompts[:2], scripted({}))
+    next(stream)
+    stream.close()
+    assert not engine.scheduler.has_work
+    assert_no_blocks_held(engine)
+    assert [comparable(o) for o in engine.generate(prompts, samplings)] == [comparable(o) for o in alone]
 
 
 def test_read_ahead_gives_its_blocks_back_to_calls(slm_dir, llm_dir, tokenizer):

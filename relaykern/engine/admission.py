@@ -3,11 +3,26 @@ with a message naming the problem, and never inside a step where it could take o
 from __future__ import annotations
 
 import dataclasses
+import operator
 import random
+from typing import Sequence as Seq
 
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Sequence
+
+
+def new_sequences(prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],
+                  llm_sampling: SamplingParams | None, tokenizer, slm: ModelRunner, llm: ModelRunner | None
+                  ) -> list[Sequence]:
+    """The requests as Sequences, or the first one's ValueError (see ``new_sequence``), saying which prompt it is."""
+    seqs = []
+    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+        try:
+            seqs.append(new_sequence(prompt, sampling, llm_sampling, tokenizer, slm, llm))
+        except ValueError as error:
+            raise ValueError(f"prompt {index}: {error}") from None
+    return seqs
 
 
 def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_sampling: SamplingParams | None,
@@ -36,10 +51,23 @@ def _prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt, add_special_tokens=False)
     else:
-        ids = [int(t) for t in prompt]
+        try:  # ints, and integer numpy / torch scalars; a float or a string is a mistake, not a token id
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"a prompt is a string or a sequence of integer token ids, got {_describe(prompt)}"
+                             ) from None
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
     if not ids:
         raise ValueError("empty prompt: give at least one token")
     return ids
+
+
+def _describe(prompt: object) -> str:
+    """A short account of a bad prompt: its type, and its first element's if it has one."""
+    try:
+        first = next(iter(prompt))  # type: ignore[call-overload]
+    except (TypeError, StopIteration):
+        return type(prompt).__name__
+    return f"{type(prompt).__name__} of {type(first).__name__} (first: {first!r:.40})"

@@ -36,7 +36,7 @@ from typing import Iterator, Literal, Sequence as Seq
 import torch
 
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
-from relaykern.engine.admission import new_sequence
+from relaykern.engine.admission import new_sequence, new_sequences
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.forward import Launched, run_forward
@@ -94,39 +94,57 @@ class RelayEngine:
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     llm_sampling: SamplingParams | None = None) -> Sequence:
         """Validates and queues one request. Bad input raises ValueError here, before any work starts."""
-        seq = self._admit(prompt, sampling, llm_sampling)
+        seq = new_sequence(prompt, sampling, llm_sampling, self.tokenizer, self.slm, self.llm)
         self.scheduler.add(seq)
         return seq
 
-    def _admit(self, prompt: str | list[int], sampling: SamplingParams | None,
-               llm_sampling: SamplingParams | None) -> Sequence:
-        return new_sequence(prompt, sampling, llm_sampling, self.tokenizer, self.slm, self.llm)
-
     def generate(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
                  llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
-        """Runs the prompts to completion with continuous batching; outputs in prompt order."""
+        """Runs the prompts to completion with continuous batching; outputs in prompt order. Interrupted (Ctrl-C),
+        it aborts its requests, so the engine's next call does not run them."""
         samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
-        seqs = self._queue([self._admit(p, s, llm_sampling) for p, s in zip(prompts, samplings)])
-        while not all(s.finished for s in seqs):
-            self.step()
+        seqs = self._queue(prompts, samplings, llm_sampling)
+        try:
+            while not all(s.finished for s in seqs):
+                self.step()
+        finally:
+            for seq in seqs:
+                self.abort(seq)
         return [self.output(s) for s in seqs]
 
     def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | None = None,
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
-        """Yields ``(prompt index, source model, new token ids)`` as tokens are written."""
-        seqs = self._queue([self._admit(p, sampling, llm_sampling) for p in prompts])
-        while not all(s.finished for s in seqs):
-            self.step()
-            for index, seq in enumerate(seqs):
-                for source, start, end in seq.spans:
-                    if end > seq.streamed:
-                        yield index, source, seq.response[max(start, seq.streamed):end]
-                seq.streamed = len(seq.response)
+        """Yields ``(prompt index, source model, new token ids)`` as tokens are written. Closing the iterator early
+        (a ``break``, a client gone) aborts its requests that have not finished."""
+        seqs = self._queue(prompts, [sampling] * len(prompts), llm_sampling)
+        try:
+            while not all(s.finished for s in seqs):
+                self.step()
+                for index, seq in enumerate(seqs):
+                    for source, start, end in seq.spans:
+                        if end > seq.streamed:
+                            yield index, source, seq.response[max(start, seq.streamed):end]
+                    seq.streamed = len(seq.response)
+        finally:
+            for seq in seqs:
+                self.abort(seq)
 
-    def _queue(self, seqs: list[Sequence]) -> list[Sequence]:
+    def abort(self, request: Sequence) -> None:
+        """Ends a request now with ``finish_reason="abort"``, keeping what it has written, and frees its KV blocks in
+        both pools; a finished request is left as it is. Rows of it already launched are dropped when read (as
+        those of a request that stopped)."""
+        if request.finished:
+            return
+        request.finish("abort")
+        request.call = None
+        self.scheduler.finish(request)
+
+    def _queue(self, prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],
+               llm_sampling: SamplingParams | None) -> list[Sequence]:
         """Queues a batch only once every request in it is valid: a bad prompt leaves nothing half-submitted."""
+        seqs = new_sequences(prompts, samplings, llm_sampling, self.tokenizer, self.slm, self.llm)
         for seq in seqs:
             self.scheduler.add(seq)
         return seqs
@@ -173,11 +191,11 @@ class RelayEngine:
         tokens, logprobs = launched.readback.wait()
         is_slm = runner is self.slm
         phase = Phase.SLM if is_slm else Phase.LLM
-        live = [s if i >= launched.fed or self._decoding(s, r, phase) else None
+        live = [s if not s.finished and (i >= launched.fed or self._decoding(s, r, phase)) else None
                 for i, (s, r) in enumerate(zip(launched.seqs, launched.rows))]
         found = self.detector.unpack(tokens, live) if is_slm else tokens
         for i, (seq, row, token, logprob) in enumerate(zip(live, launched.rows, found, logprobs or [None] * len(live))):
-            if seq is None:  # it left the phase at the token this row was fed: what the row sampled is dropped
+            if seq is None:  # it ended, or left the phase at the token this row was fed: what it sampled is dropped
                 self.dropped_rows += 1
                 continue
             view = seq.slm if is_slm else seq.llm
