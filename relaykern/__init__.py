@@ -15,12 +15,12 @@ def __getattr__(name: str):
         from relaykern.engine.relay import RelayEngine
 
         return RelayEngine
-    if name == "load_qwen3_tokenizer":
-        from relaykern.tokenizer import load_qwen3_tokenizer
+    if name in ("load_qwen3_tokenizer", "TextStream"):
+        from relaykern import tokenizer
 
-        return load_qwen3_tokenizer
+        return getattr(tokenizer, name)
     raise AttributeError(f"module 'relaykern' has no attribute {name!r}")
 
 
 __all__ = ["generate", "RelayEngine", "Engine", "SamplingParams", "RelayConfig", "EngineConfig", "RelayOutput",
-           "RelayStats", "CallRecord", "load_qwen3_tokenizer"]
+           "RelayStats", "CallRecord", "load_qwen3_tokenizer", "TextStream"]

@@ -34,6 +34,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
+    if args.stream:
+        return _stream(engine, prompts, sampling)
     for prompt, out in zip(prompts, engine.generate(prompts, sampling)):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids, "spans": out.spans,
@@ -46,6 +48,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         s = out.stats
         print(f"finish={out.finish_reason} slm_tokens={s.slm_tokens} llm_tokens={s.llm_tokens} calls={s.calls} "
               f"call_ratio={s.call_ratio:.3f} llm_catchup={s.llm_prefill_tokens} slm_catchup={s.slm_catchup_tokens}")
+    return 0
+
+
+def _stream(engine, prompts: list[str], sampling: SamplingParams) -> int:
+    """Prints each response as it is written, the LLM's text between [llm] and [/llm]."""
+    from relaykern.tokenizer import TextStream
+
+    for prompt in prompts:
+        print(f"--- prompt: {prompt!r}")
+        text, writer = TextStream(engine.tokenizer), "slm"
+        for _, source, token_ids in engine.stream([prompt], sampling):
+            if source != writer:
+                print("[llm]" if source == "llm" else "[/llm]", end="")
+                writer = source
+            print(text.push(token_ids), end="", flush=True)
+        print(text.flush() + ("[/llm]" if writer == "llm" else ""))
     return 0
 
 
@@ -66,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make the SLM write <call>N</call> at this response position (demo of a relay)")
     gen.add_argument("--force-call-n", type=int, default=8)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is written")
     gen.set_defaults(func=cmd_generate)
 
     # Listed for --help; main() hands their arguments to their own parsers.

@@ -6,6 +6,7 @@ pre-tokenizer pattern ``PAT_STR`` (digits split one by one), NFC normalisation, 
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import os
@@ -192,3 +193,24 @@ def encode_bytes(tokenizer: PreTrainedTokenizerFast, data: bytes) -> list[int]:
     ``<|im_end|>`` maps to its id, as the model's own tokenizer does.
     """
     return tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)
+
+
+class TextStream:
+    """The text of a growing response: ``push(token_ids)`` returns the text they add, as
+    ``decode(skip_special_tokens=True)`` would write it. Byte-level BPE cuts characters between tokens (an emoji
+    may take three), so the bytes of an unfinished character wait for the token that completes it; ``flush()``
+    ends the stream (a character left unfinished becomes U+FFFD, as in ``decode``)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.token_bytes = token_bytes(tokenizer)
+        self.skipped = set(tokenizer.all_special_ids)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``; ids past the tokenizer (embedding padding rows) write nothing."""
+        known = len(self.token_bytes)
+        return self.decoder.decode(b"".join(self.token_bytes[i] for i in token_ids
+                                            if i < known and i not in self.skipped))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

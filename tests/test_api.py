@@ -1,4 +1,6 @@
 """``relaykern.generate``: the one-call API over the engine (strings or ids, SLM alone or relayed, engine reuse)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,16 @@ def test_configs_name_the_bad_field(config, field, value, message):
 def test_integer_fields_take_numpy_integers():
     assert EngineConfig(num_blocks=np.int64(8), device="cpu").num_blocks == 8
     assert type(SamplingParams(max_tokens=np.int32(3)).max_tokens) is int
+
+
+def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, capsys):
+    from relaykern.cli import main as cli_main
+
+    common = ["generate", "--slm", str(slm_dir), "--llm", str(llm_dir), "--prompt", "Hi", "--max-tokens", "16",
+              "--force-call-at", "2", "--force-call-n", "3"]
+    assert cli_main(common + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["calls"] == 1 and [span[0] for span in out["spans"]] == ["slm", "llm", "slm"]
+    assert cli_main(common + ["--stream"]) == 0
+    streamed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "[llm]" in streamed and streamed.replace("[llm]", "").replace("[/llm]", "") == out["text"]

@@ -15,6 +15,7 @@ from relaykern.tokenizer import (
     IM_START_ID,
     NUM_BPE_TOKENS,
     THINK_ID,
+    TextStream,
     encode_bytes,
     load_qwen3_tokenizer,
     token_bytes,
@@ -145,6 +146,24 @@ def test_encode_bytes(tokenizer):
     # Invalid or cut UTF-8 is decoded with errors="replace" (documented: it does not round-trip).
     assert encode_bytes(tokenizer, b"a\xffb") == tokenizer.encode("a\ufffdb", add_special_tokens=False)
     assert encode_bytes(tokenizer, "中".encode()[:2]) == tokenizer.encode("\ufffd", add_special_tokens=False)
+
+
+def test_text_stream_writes_what_decode_writes(tokenizer):
+    """Pieces of random lengths of token ids (characters cut between tokens, special tokens, random ids and
+    embedding padding ids) stream to exactly ``decode(skip_special_tokens=True)`` of the whole."""
+    rng = random.Random(0)
+    text = "Ask. <call>5</call> 中文 😀😀 naïve <think>x</think>"
+    ids = tokenizer.encode(text, add_special_tokens=False) + [IM_END_ID, ENDOFTEXT_ID]
+    byte_tokens = [rng.randrange(256) for _ in range(30)]  # single-byte tokens: mostly not valid UTF-8 alone
+    for case in (ids, byte_tokens, [rng.randrange(151669) for _ in range(300)] + [151900]):
+        stream = TextStream(tokenizer)
+        pieces, start = [], 0
+        while start < len(case):
+            end = start + rng.randrange(1, 4)
+            pieces.append(stream.push(case[start:end]))
+            start = end
+        pieces.append(stream.flush())
+        assert "".join(pieces) == tokenizer.decode([i for i in case if i < len(tokenizer)], skip_special_tokens=True)
 
 
 def test_special_tokens(tokenizer):
