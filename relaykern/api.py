@@ -25,8 +25,6 @@ def generate(prompts: Sequence[str] | Sequence[list[int]], *, slm: str | Path, l
     The engine stays loaded for the next call with the same settings.
     """
     global _cached
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings or of token id lists, not one string")
     relay = relay or RelayConfig()
     key = (str(slm), str(llm), repr(relay), str(device), str(llm_device), str(dtype))
     if _cached is None or _cached[0] != key:
@@ -34,4 +32,4 @@ def generate(prompts: Sequence[str] | Sequence[list[int]], *, slm: str | Path, l
         engine = RelayEngine(slm, llm, relay=relay, slm_config=EngineConfig(device=device, dtype=dtype),
                              llm_config=EngineConfig(device=llm_device or device, dtype=dtype))
         _cached = (key, engine)
-    return _cached[1].generate(list(prompts), sampling, llm_sampling)
+    return _cached[1].generate(prompts, sampling, llm_sampling)

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from relaykern.config import RelayConfig, SamplingParams
+from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.scripted import force_command
 
 
@@ -25,7 +25,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if slm is None:
         print("error: give --slm DIR (and --llm DIR), or --tiny", file=sys.stderr)
         return 2
-    engine = RelayEngine(slm, llm, relay=RelayConfig(max_calls=args.max_calls))
+    engine = RelayEngine(slm, llm, relay=RelayConfig(max_calls=args.max_calls),
+                         slm_config=EngineConfig(device=args.device),
+                         llm_config=EngineConfig(device=args.llm_device or args.device))
     tok = engine.tokenizer
     processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
     sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiny", action="store_true", help="build a tiny random pair on the fly (demo, no download)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    gen.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
+    gen.add_argument("--llm-device", help="the LLM's device (default: --device)")
     gen.add_argument("--max-tokens", type=int, default=48)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)

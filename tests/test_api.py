@@ -73,8 +73,8 @@ def test_integer_fields_take_numpy_integers():
 def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, capsys):
     from relaykern.cli import main as cli_main
 
-    common = ["generate", "--slm", str(slm_dir), "--llm", str(llm_dir), "--prompt", "Hi", "--max-tokens", "16",
-              "--force-call-at", "2", "--force-call-n", "3"]
+    common = ["generate", "--slm", str(slm_dir), "--llm", str(llm_dir), "--device", "cpu", "--prompt", "Hi",
+              "--max-tokens", "16", "--force-call-at", "2", "--force-call-n", "3"]
     assert cli_main(common + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["calls"] == 1 and [span[0] for span in out["spans"]] == ["slm", "llm", "slm"]

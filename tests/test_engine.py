@@ -183,6 +183,8 @@ def test_bad_input_is_rejected_before_any_work(checkpoints, tmp_path):
         engine.generate([[1] * 100], SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="out of range"):
         engine.generate([[1, 10**9]])
+    with pytest.raises(ValueError, match="not one string"):
+        engine.generate("Hi")
     for prompt, kind in (([1.5, 2], "list of float"), ([["a"]], "list of list"), (None, "NoneType")):
         with pytest.raises(ValueError, match=f"string or a sequence of integer token ids, got {kind}"):
             engine.generate([prompt])

@@ -5,11 +5,18 @@ from __future__ import annotations
 import dataclasses
 import operator
 import random
-from typing import Sequence as Seq
+from typing import Iterable, Sequence as Seq
 
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Sequence
+
+
+def prompt_list(prompts: Iterable[str | list[int]]) -> list[str | list[int]]:
+    """The batch's prompts as a list; one string is a mistake (it would be a batch of one-character prompts)."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings or of token id lists, not one string")
+    return list(prompts)
 
 
 def new_sequences(prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],

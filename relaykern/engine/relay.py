@@ -36,7 +36,7 @@ from typing import Iterator, Literal, Sequence as Seq
 import torch
 
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
-from relaykern.engine.admission import new_sequence, new_sequences
+from relaykern.engine.admission import new_sequence, new_sequences, prompt_list
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.forward import Launched, run_forward
@@ -102,6 +102,7 @@ class RelayEngine:
                  llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
         """Runs the prompts to completion with continuous batching; outputs in prompt order. Interrupted (Ctrl-C),
         it aborts its requests, so the engine's next call does not run them."""
+        prompts = prompt_list(prompts)
         samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
@@ -118,6 +119,7 @@ class RelayEngine:
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
         """Yields ``(prompt index, source model, new token ids)`` as tokens are written. Closing the iterator early
         (a ``break``, a client gone) aborts its requests that have not finished."""
+        prompts = prompt_list(prompts)
         seqs = self._queue(prompts, [sampling] * len(prompts), llm_sampling)
         try:
             while not all(s.finished for s in seqs):
