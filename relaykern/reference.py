@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from relaykern import protocol
@@ -56,7 +56,7 @@ def reference_generate(
     prompts: list[list[int]],
     slm: PreTrainedModel,
     llm: PreTrainedModel | None,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     sampling: SamplingParams,
     llm_sampling: SamplingParams | None = None,
     relay: RelayConfig | None = None,
@@ -97,7 +97,7 @@ def load_reference_models(
     return load(slm_path), (load(llm_path) if llm_path is not None else None), tokenizer
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The model's EOS ids as HF ``generate`` picks them: generation config, then model config, then tokenizer."""
     for ids in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
         if ids is not None:

@@ -3,11 +3,14 @@ commands (a random model never calls on its own)."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from relaykern.config import LogitsProcessor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def force_tokens(schedule: Mapping[int, Sequence[int]]) -> LogitsProcessor:
@@ -35,6 +38,6 @@ def force_tokens(schedule: Mapping[int, Sequence[int]]) -> LogitsProcessor:
     return processor
 
 
-def force_command(tokenizer, at: int, n: int) -> LogitsProcessor:
+def force_command(tokenizer: "PreTrainedTokenizerBase", at: int, n: int) -> LogitsProcessor:
     """Makes the SLM write ``<call>n</call>`` starting at response position ``at``."""
     return force_tokens({at: tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)})

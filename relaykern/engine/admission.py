@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 import random
-from typing import Iterable, Sequence as Seq
+from typing import TYPE_CHECKING, Iterable, Sequence as Seq
 
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def prompt_list(prompts: Iterable[str | list[int]]) -> list[str | list[int]]:
@@ -20,8 +23,8 @@ def prompt_list(prompts: Iterable[str | list[int]]) -> list[str | list[int]]:
 
 
 def new_sequences(prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],
-                  llm_sampling: SamplingParams | None, tokenizer, slm: ModelRunner, llm: ModelRunner | None
-                  ) -> list[Sequence]:
+                  llm_sampling: SamplingParams | None, tokenizer: PreTrainedTokenizerBase, slm: ModelRunner,
+                  llm: ModelRunner | None) -> list[Sequence]:
     """The requests as Sequences, or the first one's ValueError (see ``new_sequence``), saying which prompt it is."""
     seqs = []
     for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
@@ -33,7 +36,7 @@ def new_sequences(prompts: Seq[str | list[int]], samplings: Seq[SamplingParams |
 
 
 def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_sampling: SamplingParams | None,
-                 tokenizer, slm: ModelRunner, llm: ModelRunner | None) -> Sequence:
+                 tokenizer: PreTrainedTokenizerBase, slm: ModelRunner, llm: ModelRunner | None) -> Sequence:
     """The request as a Sequence, or ValueError: an empty prompt, ids outside the vocabulary, a prompt + max_tokens
     longer than either model's context or than either KV pool can ever hold."""
     sampling = sampling or SamplingParams()
@@ -54,7 +57,7 @@ def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_s
     return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed)
 
 
-def _prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int]:
+def _prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt, add_special_tokens=False)
     else:

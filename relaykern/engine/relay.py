@@ -31,7 +31,7 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Literal, Sequence as Seq
+from typing import Iterable, Iterator, Literal, Sequence as Seq
 
 import torch
 
@@ -151,7 +151,7 @@ class RelayEngine:
             self.scheduler.add(seq)
         return seqs
 
-    def load_slm_weights(self, named_tensors) -> None:
+    def load_slm_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Pushes HF-named SLM weights into the live engine (the GRPO trainer's sync, no disk)."""
         self.slm.load_weights(named_tensors)
 

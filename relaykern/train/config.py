@@ -69,7 +69,7 @@ class FileConfig:
     """Mixin for config dataclasses: ``Config.from_file(path, overrides)``."""
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: Sequence[str] = ()):
+    def from_file(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
         return from_dict(cls, apply_overrides(read_config_file(path), overrides))
 
     def to_dict(self) -> dict[str, Any]:

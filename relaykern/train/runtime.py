@@ -13,6 +13,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -83,12 +84,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_no_sync(module: torch.nn.Module, last: bool):
+def maybe_no_sync(module: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` on all but the last micro-batch of an update (one gradient all-reduce per update)."""
     return module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """``"bf16"``: bf16 autocast over fp32 master weights; ``"fp32"``: plain fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -135,7 +136,8 @@ def frozen_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+              ) -> Callable[[int], float]:
     """Linear warm-up over ``warmup_steps`` then ``"cosine"`` decay to ``min_lr_ratio`` or ``"constant"``."""
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"lr schedule must be 'cosine' or 'constant', got {schedule!r}")
