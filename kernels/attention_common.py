@@ -81,7 +81,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
                          DECODE: tl.constexpr, PDL: tl.constexpr):
     """Program row = (token, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max). DECODE:
-    over the splits that hold keys of the row's sequence (as _decode_kernel splits seq_len), else over all."""
+    over the splits that hold keys of the row's sequence (as the decode kernel splits seq_len), else over all."""
     wait_for_earlier_kernels(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
