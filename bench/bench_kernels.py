@@ -3,14 +3,14 @@
     python bench/bench_kernels.py --out bench/results/kernels.json
 
 Figures: device-to-device copy bandwidth (the roofline), paged decode attention (bytes of K/V read per second, and
-that as a fraction of the copy bandwidth), paged extend attention against dense SDPA on the same shapes (SDPA reads
-a contiguous K/V with no block-table indirection: a yardstick, not a like-for-like), store_kv, and the batch-1
-projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the unfused norm/activation kernel + cuBLAS, and
-cuBLAS alone; weight bytes read per second as a fraction of the copy bandwidth). Each time is the
-median of triton.testing.do_bench (CUDA events, after warm-up). The projections are timed as CUDA-graph replays, as
-serving runs them: timed launch by launch, a ~10 us kernel measures the host's launch cost instead (the autotuned
-GEMV's Python dispatch took ~40 us on an H200). Prints a table and writes JSON with the device, versions and git
-commit.
+that as a fraction of the copy bandwidth; batch 1 also with forced split counts), paged extend attention against
+dense SDPA on the same shapes (SDPA reads a contiguous K/V with no block-table indirection: a yardstick, not a
+like-for-like), store_kv, and the batch-1 projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the
+unfused norm/activation kernel + cuBLAS, and cuBLAS alone; weight bytes read per second as a fraction of the copy
+bandwidth). Each time is the median of triton.testing.do_bench (CUDA events, after warm-up). The projections are
+timed as CUDA-graph replays, as serving runs them: timed launch by launch, a ~10 us kernel measures the host's
+launch cost instead (the autotuned GEMV's Python dispatch took ~40 us on an H200). Prints a table and writes JSON
+with the device, versions and git commit.
 """
 import argparse
 import json
@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
 
 L2_FLUSH_BYTES = 256 << 20
 """Weight bytes one graph of projections cycles through, so that none is read from the L2 (50 MB on an H100/H200)."""
+DECODE_SPLIT_SWEEP = (1, 4, 16)
+"""Split counts a batch-1 decode at the long context is also timed with (the launcher splits as finely as one key
+tile: 64 splits at 4096 keys, 8 at 512): whether a merge launch costs more than it saves at short contexts."""
 
 
 def bench_ms(fn, rep_ms: int) -> float:
@@ -93,16 +96,18 @@ def bench_copy(rep_ms: int) -> dict:
     return {"name": "copy 1 GiB", "ms": ms, "GB/s": 2 * src.numel() / ms / 1e6}  # read + write
 
 
-def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int):
+def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int,
+                 num_splits: int | None = None):
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
-    larger than the L2 together."""
+    larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep)."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     copies = [paged_inputs([1] * batch, context - 1, block_size, dtype) for _ in range(-(-L2_FLUSH_BYTES // kv_bytes))]
     scale = HEAD_DIM ** -0.5
     ms = graph_ms(lambda i: paged_decode_attention(copies[i]["q"], copies[i]["kv_cache"], copies[i]["block_tables"],
-                                                   copies[i]["seq_lens"], scale), len(copies), rep_ms)
+                                                   copies[i]["seq_lens"], scale, num_splits), len(copies), rep_ms)
     gbs = kv_bytes / ms / 1e6
-    return {"name": f"decode bs{batch} ctx{context} block{block_size}", "ms": ms, "GB/s": gbs,
+    forced = "" if num_splits is None else f" splits{num_splits}"
+    return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}", "ms": ms, "GB/s": gbs,
             "fraction_of_copy": gbs / copy_gbs}
 
 
@@ -194,6 +199,8 @@ def main() -> None:
     for block_size in args.block_sizes:
         for batch, context in ((32, args.context), (1, args.context), (1, 512)):
             rows.append(bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms))
+        for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
+            rows += [bench_decode(1, context, block_size, dtype, copy["GB/s"], args.rep_ms, splits) for splits in sweep]
         for batch, q_len in ((1, 16), (32, 16), (1, 512), (1, 2048)):
             rows.append(bench_extend(batch, q_len, args.context, block_size, dtype, args.rep_ms))
         for num_tokens in (32, 2048):
