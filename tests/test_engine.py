@@ -165,12 +165,14 @@ def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):
 def test_stream_yields_every_token_once(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompts = prompts_of([4, 6])
-    sampling = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    sampling = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                SamplingParams(temperature=1, seed=3, max_tokens=7, ignore_eos=True)]  # one per prompt, as generate
     streamed = {0: [], 1: []}
     for index, source, tokens in engine.stream(prompts, sampling):
         assert source == "slm"
         streamed[index] += tokens
     assert [streamed[0], streamed[1]] == [o.token_ids for o in engine.generate(prompts, sampling)]
+    assert [len(streamed[0]), len(streamed[1])] == [5, 7]
 
 
 def test_bad_input_is_rejected_before_any_work(checkpoints, tmp_path):

@@ -15,21 +15,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def prompt_list(prompts: Iterable[str | list[int]]) -> list[str | list[int]]:
-    """The batch's prompts as a list; one string is a mistake (it would be a batch of one-character prompts)."""
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings or of token id lists, not one string")
-    return list(prompts)
-
-
-def new_sequences(prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],
+def new_sequences(prompts: Iterable[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None,
                   llm_sampling: SamplingParams | None, tokenizer: PreTrainedTokenizerBase, slm: ModelRunner,
                   llm: ModelRunner | None) -> list[Sequence]:
-    """The requests as Sequences, or the first one's ValueError (see ``new_sequence``), saying which prompt it is."""
+    """A batch's requests as Sequences (``sampling``: one for all, or one per prompt), or the first ValueError (see
+    ``new_sequence``), saying which prompt it is. One string is a mistake, not a batch of one-character prompts."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings or of token id lists, not one string")
+    prompts = list(prompts)
+    samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+    if len(samplings) != len(prompts):
+        raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
     seqs = []
-    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+    for index, (prompt, params) in enumerate(zip(prompts, samplings)):
         try:
-            seqs.append(new_sequence(prompt, sampling, llm_sampling, tokenizer, slm, llm))
+            seqs.append(new_sequence(prompt, params, llm_sampling, tokenizer, slm, llm))
         except ValueError as error:
             raise ValueError(f"prompt {index}: {error}") from None
     return seqs

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Literal, Sequence as Seq
 import torch
 
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
-from relaykern.engine.admission import new_sequence, new_sequences, prompt_list
+from relaykern.engine.admission import new_sequence, new_sequences
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.forward import Launched, run_forward
@@ -102,11 +102,7 @@ class RelayEngine:
                  llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
         """Runs the prompts to completion with continuous batching; outputs in prompt order. Interrupted (Ctrl-C),
         it aborts its requests, so the engine's next call does not run them."""
-        prompts = prompt_list(prompts)
-        samplings = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        if len(samplings) != len(prompts):
-            raise ValueError(f"{len(samplings)} SamplingParams for {len(prompts)} prompts")
-        seqs = self._queue(prompts, samplings, llm_sampling)
+        seqs = self._queue(prompts, sampling, llm_sampling)
         try:
             while not all(s.finished for s in seqs):
                 self.step()
@@ -115,12 +111,11 @@ class RelayEngine:
                 self.abort(seq)
         return [self.output(s) for s in seqs]
 
-    def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | None = None,
+    def stream(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
         """Yields ``(prompt index, source model, new token ids)`` as tokens are written. Closing the iterator early
         (a ``break``, a client gone) aborts its requests that have not finished."""
-        prompts = prompt_list(prompts)
-        seqs = self._queue(prompts, [sampling] * len(prompts), llm_sampling)
+        seqs = self._queue(prompts, sampling, llm_sampling)
         try:
             while not all(s.finished for s in seqs):
                 self.step()
@@ -143,10 +138,11 @@ class RelayEngine:
         request.call = None
         self.scheduler.finish(request)
 
-    def _queue(self, prompts: Seq[str | list[int]], samplings: Seq[SamplingParams | None],
+    def _queue(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None,
                llm_sampling: SamplingParams | None) -> list[Sequence]:
-        """Queues a batch only once every request in it is valid: a bad prompt leaves nothing half-submitted."""
-        seqs = new_sequences(prompts, samplings, llm_sampling, self.tokenizer, self.slm, self.llm)
+        """Queues a batch (one SamplingParams for all, or one per prompt) only once every request in it is valid: a
+        bad prompt leaves nothing half-submitted."""
+        seqs = new_sequences(prompts, sampling, llm_sampling, self.tokenizer, self.slm, self.llm)
         for seq in seqs:
             self.scheduler.add(seq)
         return seqs
