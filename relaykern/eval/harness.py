@@ -55,7 +55,10 @@ def summarize(outputs: list[RelayOutput], correct: list[bool], problems: int) ->
 
 def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampling: SamplingParams,
              llm_sampling: SamplingParams | None = None, relay: RelayConfig | None = None, samples: int = 1,
-             engine_config: EngineConfig | None = None, out: str | Path | None = None) -> EvalSummary:
+             engine_config: EngineConfig | None = None, llm_engine_config: EngineConfig | None = None,
+             out: str | Path | None = None) -> EvalSummary:
+    """Accuracy and call ratio of the relay on the JSONL set ``data`` (module docstring); ``engine_config`` serves
+    the SLM, and the LLM unless ``llm_engine_config`` is given."""
     from relaykern.engine.relay import RelayEngine
 
     records = read_jsonl(data)
@@ -63,7 +66,7 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
         problem_of(record, i)
         if "answer" not in record:
             raise ValueError(f"record {i} of {data} has no 'answer'")
-    engine = RelayEngine(slm, llm, relay=relay, slm_config=engine_config, llm_config=engine_config)
+    engine = RelayEngine(slm, llm, relay=relay, slm_config=engine_config, llm_config=llm_engine_config or engine_config)
     prompts = [chat_prompt_ids(engine.tokenizer, problem_of(r, i)) for i, r in enumerate(records)]
     expanded = [p for p in prompts for _ in range(samples)]
     samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
@@ -97,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="writes OUT.json (summary) and OUT.jsonl (every response)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
+    parser.add_argument("--llm-device", help="the LLM's device (default: --device)")
     args = parser.parse_args(argv)
     summary = evaluate(
         args.data, args.slm, args.llm,
         sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed),
         llm_sampling=SamplingParams(temperature=args.llm_temperature, max_tokens=args.max_tokens),
-        relay=RelayConfig(max_calls=args.max_calls), samples=args.samples, out=args.out)
+        relay=RelayConfig(max_calls=args.max_calls), samples=args.samples, out=args.out,
+        engine_config=EngineConfig(device=args.device),
+        llm_engine_config=EngineConfig(device=args.llm_device or args.device))
     print(json.dumps(asdict(summary), indent=2))
     return 0
