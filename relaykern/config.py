@@ -46,8 +46,12 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None and any(not s for s in self.stop):
             raise ValueError("SamplingParams.stop strings must be non-empty")
-        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError(f"SamplingParams.stop_token_ids must be ints, got {list(self.stop_token_ids)!r:.80}")
+        if self.stop_token_ids is not None:
+            try:
+                self.stop_token_ids = [operator.index(t) for t in self.stop_token_ids]
+            except TypeError:
+                raise ValueError(f"SamplingParams.stop_token_ids must be ints, got {self.stop_token_ids!r:.60}"
+                                 ) from None
         self.logits_processors = tuple(self.logits_processors)
 
     @property

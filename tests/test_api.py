@@ -68,6 +68,7 @@ def test_configs_name_the_bad_field(config, field, value, message):
 def test_integer_fields_take_numpy_integers():
     assert EngineConfig(num_blocks=np.int64(8), device="cpu").num_blocks == 8
     assert type(SamplingParams(max_tokens=np.int32(3)).max_tokens) is int
+    assert SamplingParams(stop_token_ids=np.array([5, 7])).stop_token_ids == [5, 7]
 
 
 def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, capsys):
