@@ -6,11 +6,11 @@ Figures: device-to-device copy bandwidth (the roofline), paged decode attention 
 that as a fraction of the copy bandwidth; batch 1 also with forced split counts), paged extend attention against
 dense SDPA on the same shapes (SDPA reads a contiguous K/V with no block-table indirection: a yardstick, not a
 like-for-like), store_kv, and the batch-1 projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the
-unfused norm/activation kernel + cuBLAS, and cuBLAS alone; weight bytes read per second as a fraction of the copy
-bandwidth). Each time is the median of triton.testing.do_bench (CUDA events, after warm-up). The projections are
-timed as CUDA-graph replays, as serving runs them: timed launch by launch, a ~10 us kernel measures the host's
-launch cost instead (the autotuned GEMV's Python dispatch took ~40 us on an H200). Prints a table and writes JSON
-with the device, versions and git commit.
+unfused norm/activation kernel + cuBLAS, and cuBLAS alone, and each of the autotuner's tiles; weight bytes read per
+second as a fraction of the copy bandwidth). Each time is the median of triton.testing.do_bench (CUDA events, after
+warm-up). The projections are timed as CUDA-graph replays, as serving runs them: timed launch by launch, a ~10 us
+kernel measures the host's launch cost instead (the autotuned GEMV's Python dispatch took ~40 us on an H200).
+Prints a table and writes JSON with the device, versions and git commit.
 """
 import argparse
 import json
@@ -164,13 +164,22 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
     unfused = graph_ms(lambda i: gemv_reference_triton(x, weights[i], prologue, norm), len(weights), rep_ms)
     cublas = graph_ms(lambda i: F.linear(x[:, :k], weights[i]), len(weights), rep_ms)
     row = {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
-           "tile": f"{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} warps {tile.num_warps}",
+           "tile": tile_name(tile),
            "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
            "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
     if pdl_supported(x.device):  # each launch may start while the one before drains (kernels/pdl.py)
         pdl = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, pdl=True, **norm), len(weights), rep_ms)
         row.update(pdl_ms=pdl, pdl_fraction_of_copy=weight_bytes / pdl / 1e6 / copy_gb_per_s)
+    # Every tile the autotuner chooses from, replayed the same way: whether its pick (timed launch by launch) is the
+    # fastest in a graph.
+    row["tile_ms"] = {tile_name(tile): graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, tile=tile, **norm),
+                                                len(weights), max(1, rep_ms // 4))
+                      for tile in gemv_module.GPU_CONFIGS}
     return row
+
+
+def tile_name(tile: triton.Config) -> str:
+    return f"{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} warps {tile.num_warps}"
 
 
 def gemv_reference_triton(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm: dict) -> torch.Tensor:

@@ -148,15 +148,20 @@ def launch_arguments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-         pdl: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         pdl: bool = False, tile: triton.Config | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``prologue(x) @ weight.T + bias`` for one row ``x`` [1, K] ([1, 2K] for silu_and_mul) → [1, N]; with the
     rms_norm prologue, (that, the residual stream: ``residual + x``, or ``x`` itself without ``residual``), as
-    ``RMSNorm.forward`` returns them. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
+    ``RMSNorm.forward`` returns them. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py).
+    ``tile``: one of ``GPU_CONFIGS`` instead of the autotuner's pick (the benchmarks' tile sweep)."""
     n = weight.shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else x
     args, constexprs = launch_arguments(x, weight, bias, prologue, residual, norm_weight, eps, out, residual_out, pdl)
-    _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constexprs)
+    if tile is None:
+        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constexprs)
+    else:
+        _gemv_kernel[(triton.cdiv(n, tile.kwargs["BLOCK_N"]),)](
+            *args, **constexprs, **tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return (out, residual_out) if prologue == "rms_norm" else out
 
 

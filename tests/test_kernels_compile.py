@@ -207,14 +207,10 @@ def _launch_qk_norm_rope_store(dtype, heads, head_dim, with_norm, pdl=False) -> 
 def _launch_gemv(dtype, prologue, k, n, residual, bias, tile, pdl=False) -> None:
     # The autotuner launches the kernel itself with each config's tile: here one config per case.
     x = torch.zeros(1, 2 * k if prologue == "silu_and_mul" else k, dtype=dtype)
-    weight, out = torch.zeros(n, k, dtype=dtype), torch.zeros(1, n, dtype=dtype)
     norm = dict(residual=torch.zeros(1, k, dtype=dtype) if residual else None, norm_weight=torch.zeros(k, dtype=dtype)
-                ) if prologue == "rms_norm" else dict(residual=None, norm_weight=None)
-    args, constexprs = gemv.launch_arguments(x, weight, torch.zeros(n, dtype=dtype) if bias else None, prologue,
-                                             eps=1e-6, out=out, residual_out=torch.zeros_like(x), pdl=pdl, **norm)
-    config = gemv.GPU_CONFIGS[tile]
-    gemv._gemv_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
-        *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                ) if prologue == "rms_norm" else {}
+    gemv.gemv(x, torch.zeros(n, k, dtype=dtype), torch.zeros(n, dtype=dtype) if bias else None, prologue, pdl=pdl,
+              tile=gemv.GPU_CONFIGS[tile], **norm)
 
 
 def _launch_silu_and_mul(dtype, intermediate, pdl=False) -> None:

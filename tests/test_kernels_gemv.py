@@ -3,7 +3,7 @@ model's one-row steps give the same tokens with the fused GEMV path as without i
 import pytest
 import torch
 
-from relaykern.kernels.gemv import gemv, gemv_reference
+from relaykern.kernels.gemv import GPU_CONFIGS, gemv, gemv_reference
 
 from test_kernels_norms import BF16_TOLERANCE, DEVICE, randn
 
@@ -36,6 +36,13 @@ def test_gemv(k, n, prologue, with_residual, with_bias, dtype):
     for got, want in zip(actual, expected):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert_close(got, want, dtype)  # with the rms_norm prologue, the residual stream too
+
+
+@pytest.mark.parametrize("tile", GPU_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}")
+def test_every_gpu_tile_computes_the_reference(tile):
+    """``gemv(..., tile=...)`` (the benchmarks' tile sweep) launches that tile, bypassing the autotuner."""
+    x, weight, kwargs = inputs("silu_and_mul", 100, 40, torch.float32, False, True)
+    assert_close(gemv(x, weight, tile=tile, **kwargs), gemv_reference(x, weight, **kwargs), torch.float32)
 
 
 def test_gemv_bad_input():
