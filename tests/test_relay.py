@@ -273,6 +273,11 @@ def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, 
     assert outs[3].token_ids == [] and outs[2].stats.calls == 1
     assert_no_blocks_held(engine)
 
+    queued = engine.add_request(prompts[0], scripted({}))
+    with pytest.raises(ValueError, match="not one of this engine's"):
+        RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu")).abort(queued)
+    engine.abort(queued)
+    assert queued.finish_reason == "abort" and not engine.scheduler.has_work
     stream = engine.stream(prompts[:2], scripted({}))
     next(stream)
     stream.close()

@@ -134,6 +134,8 @@ class RelayEngine:
         those of a request that stopped)."""
         if request.finished:
             return
+        if request not in self.scheduler.running and request not in self.scheduler.waiting:
+            raise ValueError(f"request {request.request_id} is not one of this engine's")
         request.finish("abort")
         request.call = None
         self.scheduler.finish(request)
