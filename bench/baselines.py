@@ -1,7 +1,10 @@
 """The systems relaykern is compared with, each run on the very workload our engine ran (same prompts, same scripted
 commands, greedy, every request writing ``max_tokens``):
 
-- the official-style engine mode (``llm_cache="reprefill"``): the LLM re-reads its whole context on every call;
+- the official-style engine mode (``llm_cache="reprefill"``): the LLM re-reads its whole context on every call (the
+  official code's LLM server without its prefix cache);
+- the official evaluation loop's rounds over our engine, one model per engine, prefix caching on as in vLLM's V1
+  engine (``official_loop.py``);
 - the reference relay over ``transformers`` (``relaykern.reference``), one request at a time as the official
   evaluation loop runs: only its first requests are run, since one at a time its tokens/s does not depend on how
   many there are;
@@ -17,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from relaykern.config import SamplingParams
+from relaykern.config import RelayConfig, SamplingParams
 from relaykern.engine.relay import RelayEngine
 from relaykern.reference import _generation_config, load_reference_models, reference_generate
+from relaykern.bench.official_loop import official_loop
 from relaykern.bench.relay_bench import run_workload
 from relaykern.bench.timing import timed
 from relaykern.bench.workloads import Workload
@@ -41,6 +45,38 @@ def official_style(build_engine: Callable[[str], RelayEngine], workload: Workloa
         return figures
     finally:
         del engine
+        release_memory()
+
+
+def official_rounds(build_engines: Callable[[], tuple[RelayEngine, RelayEngine]], runs: list[tuple[Workload, list]],
+                    relay: RelayConfig) -> list[dict]:
+    """The official loop's rounds on each ``(workload, our relay's outputs for it)``, the SLM and the LLM each in an
+    engine of its own (``build_engines``), counting the outputs identical to ours."""
+    slm, llm = build_engines()
+    try:
+        results = []
+        for workload, ours in runs:
+            hits, slm_steps, llm_steps = llm.slm.prefix_hit_tokens, slm.steps, llm.steps
+            (outputs, rounds), seconds = timed(lambda: official_loop(
+                slm, llm, workload.prompts, workload.samplings, workload.schedules, relay), slm.slm.device)
+            tokens = sum(len(o.token_ids) for o in outputs)
+            submitted = sum(o.stats.llm_prefill_tokens for o in outputs)
+            results.append({
+                "name": f"official loop (rounds), our engine, prefix caching: {workload.name}",
+                "rounds": rounds,
+                "slm_steps": slm.steps - slm_steps,
+                "llm_steps": llm.steps - llm_steps,
+                "tokens": tokens,
+                "llm_tokens": sum(o.stats.llm_tokens for o in outputs),
+                "llm_prompt_tokens": submitted,
+                "llm_prefill_tokens": submitted - (llm.slm.prefix_hit_tokens - hits),
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "identical_to_ours": sum(a.token_ids == b.token_ids for a, b in zip(outputs, ours)),
+            })
+        return results
+    finally:
+        del slm, llm
         release_memory()
 
 

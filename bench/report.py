@@ -52,6 +52,12 @@ def speedups(baselines: dict, ours_slm_only: dict | None, ours_alone: dict | Non
         if "ours_prefetching" in baselines:
             out["prefetching_vs_official_style"] = (baselines["ours_prefetching"]["tokens_per_s"] /
                                                     baselines["official_style"]["tokens_per_s"])
+    if "official_loop" in baselines:
+        out["vs_official_loop"] = ours / baselines["official_loop"]["tokens_per_s"]
+    varied = baselines.get("varied_lengths", {})
+    if "official_loop" in varied:
+        out["varied_lengths_vs_official_loop"] = (varied["ours"]["tokens_per_s"] /
+                                                  varied["official_loop"]["tokens_per_s"])
     if "reference_relay" in baselines:
         out["vs_reference_relay"] = ours / baselines["reference_relay"]["tokens_per_s"]
     if "hf_generate_slm_only" in baselines and ours_slm_only is not None:
@@ -133,10 +139,14 @@ def format_table(report: dict) -> str:
         w = base["workload"]
         lines.append(f"baselines: batch {w['batch']}, prompts of {w['prompt_length']} tokens, {w['max_tokens']} "
                      f"tokens each, {w['target_ratio']:.1%} LLM tokens")
+        varied = base.get("varied_lengths", {})
         systems = [("ours", base.get("ours")), ("ours, LLM reading ahead", base.get("ours_prefetching")),
                    ("official-style re-prefill", base.get("official_style")),
+                   ("official loop (rounds, prefix cache)", base.get("official_loop")),
                    ("reference relay (1 at a time)", base.get("reference_relay")),
-                   ("HF generate, SLM only", base.get("hf_generate_slm_only"))]
+                   ("HF generate, SLM only", base.get("hf_generate_slm_only")),
+                   ("varied lengths: ours", varied.get("ours")),
+                   ("varied lengths: official loop", varied.get("official_loop"))]
         lines += _rows(["system", "tokens", "seconds", "tokens/s", "llm_prefill_tokens"],
                        [[name, x["tokens"], x["seconds"], x["tokens_per_s"], x.get("llm_prefill_tokens")]
                         for name, x in systems if x is not None])

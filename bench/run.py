@@ -6,7 +6,7 @@
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
 roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart; relay
 throughput on scripted workloads against the ideal mix and the SLM alone; baselines on one long-context workload
-(the official-style re-prefill mode, the reference relay, HF generate). Each section that fails is recorded in
+(the official-style re-prefill mode, the official loop's rounds, the reference relay, HF generate). Each section that fails is recorded in
 ``errors`` and the run goes on; the exit status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json``
 by default, rewritten after every section) holds the device, commit, versions, command line, preset, model shapes,
 every figure (units in the key names: ``ms``, ``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
     from relaykern.config import RelayConfig
     from relaykern.engine.relay import RelayEngine
-    from relaykern.bench.baselines import hf_baselines, official_style, release_memory
+    from relaykern.bench.baselines import hf_baselines, official_rounds, official_style, release_memory
     from relaykern.bench.kernel_profile import decode_kernel_times
     from relaykern.bench.model_bench import engine_decode_alone, measure_model
     from relaykern.bench.relay_bench import (measure_latency, measure_throughput, prefetching, run_workload,
@@ -141,14 +141,15 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     slm, llm = pair
     report["shapes"] = {"slm": model_shape(slm), "llm": model_shape(llm)}
 
-    def build_engine(llm_cache: str = "persistent") -> RelayEngine:
-        def config(kv_gb):
-            return EngineConfig(device=preset.device, dtype=preset.dtype, num_blocks=preset.num_blocks,
-                                kv_cache_memory_gb=kv_gb)
+    slm_config, llm_config = (EngineConfig(device=preset.device, dtype=preset.dtype, num_blocks=preset.num_blocks,
+                                           kv_cache_memory_gb=kv_gb) for kv_gb in preset.kv_cache_gb)
+    relay = RelayConfig(overlap_steps=preset.overlap_steps)
 
-        return RelayEngine(slm, llm, relay=RelayConfig(overlap_steps=preset.overlap_steps),
-                           slm_config=config(preset.kv_cache_gb[0]), llm_config=config(preset.kv_cache_gb[1]),
-                           llm_cache=llm_cache)
+    def build_engine(llm_cache: str = "persistent") -> RelayEngine:
+        return RelayEngine(slm, llm, relay=relay, slm_config=slm_config, llm_config=llm_config, llm_cache=llm_cache)
+
+    def build_single_engines() -> tuple[RelayEngine, RelayEngine]:
+        return RelayEngine(slm, slm_config=slm_config), RelayEngine(llm, slm_config=llm_config)
 
     engine = report.section("engine_start", build_engine, store=False)
     if engine is None:
@@ -179,6 +180,9 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
                               "max_tokens": long_workload.max_tokens, "target_ratio": long_workload.target_ratio}}
     report["baselines"] = baselines
     ours = report.section("baseline_ours", lambda: run_workload(engine, long_workload), store=False)
+    varied_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context, varied lengths",
+                                      preset.baseline_ratio, long_prompts=True, varied=True)
+    ours_varied = report.section("baseline_ours_varied", lambda: run_workload(engine, varied_workload), store=False)
     if preset.llm_prefetch_tokens:  # same shape, other prompts (the first run's are in both prefix caches)
         prefetch_workload = preset_workload(engine.tokenizer, preset, vocab_size, "long context, prefetching",
                                             preset.baseline_ratio, long_prompts=True)
@@ -195,6 +199,17 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     official = report.section("official_style", lambda: official_style(build_engine, long_workload), store=False)
     if official is not None:
         baselines["official_style"] = official
+    runs = [(long_workload, ours_outputs)]
+    if ours_varied is not None:
+        baselines["varied_lengths"] = {"workload": {"tokens": sum(s.max_tokens for s in varied_workload.samplings),
+                                                    "target_ratio": varied_workload.target_ratio},
+                                       "ours": ours_varied[0]}
+        runs.append((varied_workload, ours_varied[1]))
+    rounds = report.section("official_loop", lambda: official_rounds(build_single_engines, runs, relay), store=False)
+    if rounds is not None:
+        baselines["official_loop"] = rounds[0]
+        if len(rounds) > 1:
+            baselines["varied_lengths"]["official_loop"] = rounds[1]
     if preset.hf_baselines:
         hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
                                                                 slm_only_workload, alone_prompt), store=False)

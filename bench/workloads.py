@@ -2,14 +2,16 @@
 
 A random model never writes ``<call>N</call>`` on its own, so a logits processor forces the command's tokens at
 given response positions (positions count every response token, the LLM's too). The LLM's N tokens follow the
-command; the SLM goes on after them. Greedy sampling and ``ignore_eos`` make every request write exactly
+command; the SLM goes on after them. Greedy sampling and ``ignore_eos`` make every request write exactly its
 ``max_tokens`` tokens, so any two systems given a workload do the same work.
 
 For an LLM-token ratio r of ``max_tokens`` = T, the LLM writes L = max(1, round(r T)) tokens per request in
 ``clamp(L // 4, 1, 4)`` calls of near-equal N, one call per equal segment of the response. Within its segment a
 call starts at the same offset in every request (``aligned``: each step runs one model over the whole batch, the
 case the ideal token-weighted mix describes) or at an offset spread over the batch (``staggered``: some request is
-usually in a call, so most steps run both models).
+usually in a call, so most steps run both models). ``varied`` requests write between a quarter of ``max_tokens``
+and all of it, each call at a random offset in its segment: runs of unequal lengths, as real answers are, where
+a system that makes requests wait for each other (the official loop's rounds) pays for it.
 """
 from __future__ import annotations
 
@@ -30,22 +32,27 @@ class Workload:
     name: str
     prompts: list[list[int]]
     samplings: list[SamplingParams]
-    max_tokens: int
-    llm_tokens_per_request: int
-    calls_per_request: int
+    schedules: list[dict[int, int]]
+    """Each request's forced tokens by response position (what its logits processor writes)."""
+    call_lengths: list[list[int]]
+    """Each request's scripted calls (their N)."""
 
     @property
     def batch(self) -> int:
         return len(self.prompts)
 
     @property
+    def max_tokens(self) -> int:
+        return max(s.max_tokens for s in self.samplings)
+
+    @property
     def target_ratio(self) -> float:
-        return self.llm_tokens_per_request / self.max_tokens
+        return sum(map(sum, self.call_lengths)) / sum(s.max_tokens for s in self.samplings)
 
     def head(self, count: int) -> "Workload":
         """The first ``count`` requests (same scripts)."""
-        return Workload(self.name, self.prompts[:count], self.samplings[:count], self.max_tokens,
-                        self.llm_tokens_per_request, self.calls_per_request)
+        return Workload(self.name, self.prompts[:count], self.samplings[:count], self.schedules[:count],
+                        self.call_lengths[:count])
 
 
 def call_lengths(max_tokens: int, ratio: float) -> list[int]:
@@ -74,30 +81,33 @@ def command_schedule(tokenizer, max_tokens: int, ratio: float, shift: float) -> 
 
 
 def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_tokens: int, ratio: float,
-                  vocab_size: int, staggered: bool = False, seed: int = 0) -> Workload:
+                  vocab_size: int, staggered: bool = False, varied: bool = False, seed: int = 0) -> Workload:
     """``batch`` requests of random ``prompt_length``-token prompts scripted to hit ``ratio`` (0: SLM only; the
     processor is still attached, so its per-row cost is the same as in the relayed runs)."""
     rng = random.Random(seed)
     top = min(vocab_size, 150000)
     prompts = [[rng.randrange(LOWEST_PROMPT_TOKEN, top) for _ in range(prompt_length)] for _ in range(batch)]
-    samplings, shared = [], None
+    samplings, schedules, lengths, shared = [], [], [], None
     for index in range(batch):
-        if staggered or shared is None:
-            shift = index / max(batch - 1, 1) if staggered else 0.5
-            forced = command_schedule(tokenizer, max_tokens, ratio, shift)
-            shared = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+        if varied or staggered or shared is None:
+            length = max_tokens - rng.randrange(max_tokens * 3 // 4 + 1) if varied else max_tokens
+            shift = rng.random() if varied else index / max(batch - 1, 1) if staggered else 0.5
+            forced = command_schedule(tokenizer, length, ratio, shift)
+            shared = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True,
                                     logits_processors=[force_tokens({p: [t] for p, t in forced.items()})])
         samplings.append(shared)
-    lengths = call_lengths(max_tokens, ratio)
-    return Workload(name, prompts, samplings, max_tokens, sum(lengths), len(lengths))
+        schedules.append(forced)
+        lengths.append(call_lengths(shared.max_tokens, ratio))
+    return Workload(name, prompts, samplings, schedules, lengths)
 
 
 def preset_workload(tokenizer, preset, vocab_size: int, name: str, ratio: float, *, long_prompts: bool = False,
-                    staggered: bool = False) -> Workload:
+                    staggered: bool = False, varied: bool = False) -> Workload:
     """A workload of the bench preset's batch and ``max_tokens``: its short prompts (throughput runs) or its long
     ones (baselines). The prompts are drawn from the name, so that one engine running several workloads gets no
     prefix-cache hits from one to the next, and the same name gives the same prompts to every system compared."""
     prompt_length = preset.long_prompt_length if long_prompts else preset.prompt_length
     return make_workload(tokenizer, name=name, batch=preset.relay_batch, prompt_length=prompt_length,
                          max_tokens=preset.max_tokens, ratio=ratio, vocab_size=vocab_size, staggered=staggered,
+                         varied=varied,
                          seed=zlib.crc32(name.encode()))

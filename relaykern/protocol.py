@@ -261,3 +261,24 @@ def strip_commands(
     if kept_outside:
         out += encode(bytes(kept_outside))
     return out
+
+
+def llm_view(
+    response: Sequence[int],
+    spans: Sequence[tuple[str, int, int]],
+    token_bytes: Sequence[bytes],
+    encode: Callable[[bytes], list[int]],
+) -> list[int]:
+    """The LLM's view of a whole response, rebuilt from scratch: LLM tokens as they are, each SLM run (``spans``:
+    ``(source, start, end)``) minus every command found in it. Commands never span an LLM turn, so per-run
+    stripping is exact."""
+    view: list[int] = []
+    for source, start, end in spans:
+        ids = response[start:end]
+        if source == "llm":
+            view += ids
+            continue
+        data = [token_bytes[t] if t < len(token_bytes) else b"" for t in ids]
+        ranges = [(c.start, c.end) for c in find_commands(b"".join(data)).commands]
+        view += strip_commands(ids, data, ranges, encode)
+    return view

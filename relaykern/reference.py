@@ -1,8 +1,9 @@
 """The reference relay: slow, obviously correct, over plain ``transformers`` models.
 
-It is the oracle the engine is tested against token for token (greedy), and the "official-style" baseline the
-benchmarks compare with: like the official eval code (``eval/generate_withhelp.py``) it re-prefills the LLM with the
-whole context on every call and restarts the SLM's ``generate`` after every turn. Requests run one by one.
+It is the oracle the engine is tested against token for token (greedy), and a baseline the benchmarks compare
+with: like the official eval code (``eval/generate_withhelp.py``) it gives the LLM the whole context on every call
+and restarts the SLM's ``generate`` after every turn, but with no prefix cache (vLLM's would serve what an earlier
+turn computed), so it re-prefills both. Requests run one by one.
 
 One request's loop (rules from ``relaykern/protocol.py``, which win over the official code where they differ):
 
@@ -304,21 +305,9 @@ class _Request:
             return "length"
         return self._serve(n, n_served)
 
-    def _llm_view(self) -> list[int]:
-        """The LLM's view of the response: LLM tokens kept, each SLM run stripped of all its commands."""
-        view: list[int] = []
-        for source, start, end in self.spans:
-            ids = self.response[start:end]
-            if source == "llm":
-                view += ids
-                continue
-            data = [_bytes_of(self.table, t) for t in ids]
-            ranges = [(c.start, c.end) for c in protocol.find_commands(b"".join(data)).commands]
-            view += protocol.strip_commands(ids, data, ranges, lambda raw: encode_bytes(self.tokenizer, raw))
-        return view
-
     def _serve(self, n_asked: int, n_served: int) -> str | None:
-        llm_input = self.prompt + self._llm_view()
+        llm_input = self.prompt + protocol.llm_view(self.response, self.spans, self.table,
+                                                    lambda raw: encode_bytes(self.tokenizer, raw))
         started = time.perf_counter()
         watcher = self._generate(self.llm, self.llm_sampling, llm_input, "llm", max_new_tokens=n_served)
         record = CallRecord(n_asked, n_served, llm_catchup=len(llm_input), latency_s=time.perf_counter() - started)

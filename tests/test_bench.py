@@ -73,12 +73,21 @@ def test_workloads_did_the_scripted_work(bench_run):
         assert run["of_ideal_with_catchup"] >= run["of_ideal"] > 0
     base = report["baselines"]
     assert base["ours"]["tokens"] == base["ours_prefetching"]["tokens"] == base["official_style"]["tokens"] == \
-        base["hf_generate_slm_only"]["tokens"]
+        base["official_loop"]["tokens"] == base["hf_generate_slm_only"]["tokens"]
     # Same relay, but the official-style mode re-reads the LLM's context on every call.
     assert base["official_style"]["llm_prefill_tokens"] >= base["ours"]["llm_prefill_tokens"]
+    # The official loop's rounds write our tokens (one call per request here: an SLM round, an LLM one, an SLM one).
+    rounds = base["official_loop"]
+    assert rounds["identical_to_ours"] == base["workload"]["batch"] and rounds["rounds"] == 2
+    assert rounds["llm_prompt_tokens"] == rounds["llm_prefill_tokens"] == base["ours"]["llm_prefill_tokens"]
+    varied = base["varied_lengths"]
+    assert varied["ours"]["tokens"] == varied["official_loop"]["tokens"] == varied["workload"]["tokens"]
+    assert varied["official_loop"]["identical_to_ours"] == base["workload"]["batch"]
+    assert varied["ours"]["ratio"] == pytest.approx(varied["workload"]["target_ratio"])
     reference = base["reference_relay"]
     assert reference["identical_to_ours"] == reference["requests"] == preset["reference_requests"]
-    assert set(base["speedups"]) == {"vs_official_style", "prefetching_vs_official_style", "vs_reference_relay",
+    assert set(base["speedups"]) == {"vs_official_style", "prefetching_vs_official_style", "vs_official_loop",
+                                     "varied_lengths_vs_official_loop", "vs_reference_relay",
                                      "slm_only_vs_hf_generate", "alone_vs_hf_generate"}
     assert report["slm_alone"]["tokens"] == base["hf_generate_alone"]["tokens"] == preset["alone_tokens"]
     goals = report["goals"]

@@ -57,8 +57,9 @@ class RelayEngine:
     def __init__(self, slm: str | Path, llm: str | Path | None = None, *, relay: RelayConfig | None = None,
                  slm_config: EngineConfig | None = None, llm_config: EngineConfig | None = None,
                  llm_cache: Literal["persistent", "reprefill"] = "persistent") -> None:
-        """``llm_cache="reprefill"`` is the official code's behaviour (the LLM re-reads its whole context on every
-        call, no prefix cache): a baseline for benchmarks, same outputs, more LLM prefill."""
+        """``llm_cache="reprefill"``: the LLM re-reads its whole context on every call (no prefix cache), as the
+        official code's LLM server does when its prefix cache has been evicted: a baseline for benchmarks, same
+        outputs, more LLM prefill."""
         if llm_cache not in ("persistent", "reprefill"):
             raise ValueError(f"llm_cache must be 'persistent' or 'reprefill', got {llm_cache!r}")
         self.relay = relay or RelayConfig()

@@ -81,6 +81,8 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_pool.cache)
         self.blocks = _C.BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.prefix_hit_tokens = 0
+        """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
         # step at once (they share no memory).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

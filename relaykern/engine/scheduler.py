@@ -185,6 +185,7 @@ class Scheduler:
             if not view.allocated:
                 if blocks.can_allocate(view.tokens[:upto]):
                     view.num_cached = blocks.allocate(seq.request_id, view.tokens[:upto])
+                    runner.prefix_hit_tokens += view.num_cached
                     view.allocated, view.reserved = True, upto
                     return True
             else:
