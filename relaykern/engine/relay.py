@@ -28,6 +28,7 @@ Without an LLM this is a plain single-model engine (commands stay text and are c
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from pathlib import Path
@@ -206,7 +207,10 @@ class RelayEngine:
             if not is_slm and seq.call.produced == 0:  # the call's catch-up, in one row or several chunks
                 seq.call.record.llm_catchup += len(row.tokens)
                 seq.stats.llm_prefill_tokens += len(row.tokens)
-            if row.samples and is_slm:
+            if row.samples and logprob is not None and math.isnan(logprob):
+                seq.finish("error", f"the {phase.value.upper()}'s logits for response token {len(seq.response)} have "
+                           "nothing to sample (NaN, all -inf, or +inf): a logits processor or the model gave them")
+            elif row.samples and is_slm:
                 self._on_slm_token(seq, *token, logprob)
             elif row.samples:
                 self._on_llm_token(seq, token, logprob)

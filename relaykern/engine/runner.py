@@ -217,8 +217,10 @@ class ModelRunner:
             ctx, input_ids, positions = self._prepare(rows, fed_tokens)
             hidden = self.model(input_ids, positions, ctx)
             logits = self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
-        logits = self._apply_logits_processors(logits, rows)
-        want_logprobs = any(row.want_logprobs for row in rows)
+        replaced = self._apply_logits_processors(logits, rows)
+        # A processor's logits may have nothing to sample (NaN, all -inf): their log-prob comes back NaN, which the
+        # relay loop reads as that request's error, with no device sync here.
+        want_logprobs = replaced or any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
     def _prepare(self, rows: list[Row], fed_tokens: torch.Tensor | None
@@ -254,9 +256,11 @@ class ModelRunner:
         return ctx, injected.input_ids, injected.positions
 
     @staticmethod
-    def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """A processor that hands back the row it was given costs no device copy (most steps of a scripted one).
-        Tokens of the history the host does not know yet (an overlapped row's last one) are ``FED_ON_DEVICE``."""
+    def _apply_logits_processors(logits: torch.Tensor, rows: list[Row]) -> bool:
+        """Runs the rows' processors on ``logits`` in place; True if one replaced its row. A processor that hands
+        back the row it was given costs no device copy (most steps of a scripted one). Tokens of the history the
+        host does not know yet (an overlapped row's last one) are ``FED_ON_DEVICE``."""
+        replaced = False
         for i, row in enumerate(rows):
             if not row.samples or not row.sampling.logits_processors:
                 continue
@@ -267,7 +271,8 @@ class ModelRunner:
                 current = processor(generated, current)
             if current is not given:
                 logits[i] = current
-        return logits
+                replaced = True
+        return replaced
 
     def _sampling_batch(self, rows: list[Row]) -> SamplingBatch | None:
         """The rows' settings on the device; None when every row is greedy (nothing to send)."""
