@@ -8,7 +8,8 @@ import torch
 from relaykern.config import SamplingParams
 from relaykern.outputs import RelayOutput, RelayStats
 from relaykern.train.data import PromptSource, command_ids
-from relaykern.train.grpo import GRPOConfig, GRPOTrainer, _engine_backend
+from relaykern.train.grpo import GRPOConfig, GRPOTrainer
+from relaykern.train.rollout import engine_backend
 from relaykern.train.loss import group_advantages, low_var_kl, policy_loss_terms
 from relaykern.train.rollout import EngineRollout, ReferenceRollout, slm_mask
 
@@ -183,7 +184,7 @@ class RestrictedReference(ReferenceRollout):
 
 class RestrictedEngine(EngineRollout):
     def __init__(self, trainer: GRPOTrainer):
-        super().__init__(_engine_backend(trainer).engine, SamplingParams(temperature=1.0, max_tokens=16))
+        super().__init__(engine_backend(trainer).engine, SamplingParams(temperature=1.0, max_tokens=16))
         self.alternative = closest_alternative(trainer)
         self.restrict = restrict_to_call_or_alternative(trainer)
 

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from relaykern.config import RelayConfig, SamplingParams
+from relaykern.config import SamplingParams
 from relaykern.eval.grading import is_correct
 from relaykern.outputs import RelayOutput
 from relaykern.train.batch import ResponseLogProbs, collate
@@ -28,7 +28,7 @@ from relaykern.train.data import PromptSource, chat_prompt_ids
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
 from relaykern.train.reward import Sample, call_ratio, case_of, command_summary, group_case, sample_reward
-from relaykern.train.rollout import EngineRollout, ReferenceRollout, RolloutBackend, slm_mask
+from relaykern.train.rollout import RolloutBackend, engine_backend, reference_backend, slm_mask
 from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
                                      make_optimizer, maybe_no_sync, resolve_model_path, seed_everything,
                                      shutdown_runtime)
@@ -111,7 +111,7 @@ class Rollouts:
 
 
 class GRPOTrainer:
-    """``backend_factory(trainer)`` builds the rollout backend (default: ``ReferenceRollout`` on the policy)."""
+    """``backend_factory(trainer)`` builds the rollout backend (default: ``config.rollout``'s, from rollout.py)."""
 
     def __init__(self, config: GRPOConfig, backend_factory: Callable[["GRPOTrainer"], RolloutBackend] | None = None):
         from relaykern.tokenizer import load_qwen3_tokenizer
@@ -153,7 +153,7 @@ class GRPOTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_step = state["step"]
         self.trained = DistributedDataParallel(self.policy) if runtime.distributed else self.policy
-        default_backend = _engine_backend if config.rollout == "engine" else _reference_backend
+        default_backend = engine_backend if config.rollout == "engine" else reference_backend
         self.backend = (backend_factory or default_backend)(self)
         self.backend.sync_weights(self.lm.named_parameters())
         self.logger = MetricsLogger(self.out_dir, runtime.is_main, self.start_step if resume_from else None)
@@ -316,33 +316,6 @@ class GRPOTrainer:
         self.logger.close()
         shutdown_runtime(self.runtime)
         return latest_checkpoint(self.ckpt_root)
-
-
-def _relay_settings(c: GRPOConfig) -> tuple[SamplingParams, RelayConfig]:
-    llm_sampling = SamplingParams(temperature=c.llm_temperature, top_p=c.llm_top_p, max_tokens=c.max_tokens)
-    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens,
-                                     llm_batch_wait_steps=c.llm_batch_wait_steps,
-                                     llm_batch_min_rows=c.llm_batch_min_rows)
-
-
-def _reference_backend(trainer: GRPOTrainer) -> RolloutBackend:
-    llm_sampling, relay = _relay_settings(trainer.config)
-    return ReferenceRollout(trainer.lm, trainer.llm, trainer.tokenizer, llm_sampling, relay)
-
-
-def _engine_backend(trainer: GRPOTrainer) -> RolloutBackend:
-    from relaykern.config import EngineConfig
-    from relaykern.engine.relay import RelayEngine
-
-    c, device = trainer.config, trainer.runtime.device
-    kv_gb = c.rollout_kv_cache_gb
-    if kv_gb is None and device.type == "cuda":
-        kv_gb = 0.3 * torch.cuda.mem_get_info(device)[0] / 2**30 / (2 if trainer.llm_path else 1)
-    dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
-    config = EngineConfig(device=device, dtype=dtype, kv_cache_memory_gb=kv_gb)
-    llm_sampling, relay = _relay_settings(c)
-    engine = RelayEngine(trainer.slm_path, trainer.llm_path, relay=relay, slm_config=config, llm_config=config)
-    return EngineRollout(engine, llm_sampling)
 
 
 def train_grpo(config: GRPOConfig) -> Path:

@@ -8,12 +8,15 @@ request: the G samples of a prompt are repeated prompts and must differ.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import torch
 
 from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import RelayOutput
+
+if TYPE_CHECKING:
+    from relaykern.train.grpo import GRPOConfig, GRPOTrainer
 
 
 class RolloutBackend(Protocol):
@@ -79,3 +82,33 @@ class EngineRollout:
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.load_slm_weights((name, tensor.detach()) for name, tensor in named_tensors)
+
+
+def _relay_settings(c: "GRPOConfig") -> tuple[SamplingParams, RelayConfig]:
+    llm_sampling = SamplingParams(temperature=c.llm_temperature, top_p=c.llm_top_p, max_tokens=c.max_tokens)
+    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens,
+                                     llm_batch_wait_steps=c.llm_batch_wait_steps,
+                                     llm_batch_min_rows=c.llm_batch_min_rows)
+
+
+def reference_backend(trainer: "GRPOTrainer") -> RolloutBackend:
+    """The HF reference relay on the trainer's live policy (and its HF teacher)."""
+    llm_sampling, relay = _relay_settings(trainer.config)
+    return ReferenceRollout(trainer.lm, trainer.llm, trainer.tokenizer, llm_sampling, relay)
+
+
+def engine_backend(trainer: "GRPOTrainer") -> RolloutBackend:
+    """A relay engine on the trainer's device, its KV budget ``rollout_kv_cache_gb`` (default: 30 % of the free
+    GPU memory, shared by the two models)."""
+    from relaykern.config import EngineConfig
+    from relaykern.engine.relay import RelayEngine
+
+    c, device = trainer.config, trainer.runtime.device
+    kv_gb = c.rollout_kv_cache_gb
+    if kv_gb is None and device.type == "cuda":
+        kv_gb = 0.3 * torch.cuda.mem_get_info(device)[0] / 2**30 / (2 if trainer.llm_path else 1)
+    dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+    config = EngineConfig(device=device, dtype=dtype, kv_cache_memory_gb=kv_gb)
+    llm_sampling, relay = _relay_settings(c)
+    engine = RelayEngine(trainer.slm_path, trainer.llm_path, relay=relay, slm_config=config, llm_config=config)
+    return EngineRollout(engine, llm_sampling)
