@@ -18,19 +18,22 @@ import collections
 import contextlib
 import dataclasses
 import faulthandler
+import random
+import statistics
 import sys
 from typing import Callable, Iterator
 
 import torch
 
-from relaykern.config import RelayConfig
+from relaykern.config import RelayConfig, SamplingParams
 from relaykern.engine.cuda_graphs import EXTEND_TOKENS
 from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
 from relaykern.bench.model_bench import GREEDY, Probe, eager
 from relaykern.bench.timing import median_ms, timed
-from relaykern.bench.workloads import Workload, preset_workload
+from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, preset_workload
+from relaykern.scripted import force_tokens
 
 
 def detection_step(engine: RelayEngine, batch: int) -> Callable[[], list]:
@@ -73,6 +76,55 @@ def measure_latency(engine: RelayEngine, preset) -> dict:
         "slm_catchup": [{"n": n, "ms": ms, "eager_ms": slm_eager.get(n)} for n, ms in slm_catchup.items()],
         "relays": relays,
     }
+
+
+END_TO_END_SLM_TOKENS = 4
+"""SLM tokens before the command and after the call in the end-to-end runs."""
+END_TO_END_SEED = 7
+
+
+def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
+    """One request at a time through ``generate``, as the engine's own loop serves a relay: its overhead with the
+    engine's settings (the LLM reading from the command's first tokens on when at least
+    ``RelayConfig.early_catchup_tokens`` wait) and with the LLM reading at the call only.
+
+    The relay request reads k tokens into the LLM at its call (a prompt of k - 4 tokens, then 4 SLM tokens; the
+    command's are stripped), the LLM writes n, the SLM 4 more. A request of as many tokens that never calls is timed
+    beside it (fresh prompts each run: no prefix-cache hits). Then
+
+        overhead = T_relay - T_alone - n (llm_step - slm_step)
+
+    is what the relay costs beyond the LLM writing n of the tokens, in LLM decode steps (batch 1, pipelined, at
+    context k). Unlike the composed figure it counts the SLM's catch-up only beyond the SLM step it replaces."""
+    rng = random.Random(END_TO_END_SEED)
+    top = min(engine.slm.model_config.vocab_size, 150000)
+    ahead = END_TO_END_SLM_TOKENS
+    relays = []
+    for k in [k for k in preset.catchup_lengths if k <= max_k]:
+        slm_step = Probe(engine.slm, preset.repeats).pipelined_decode_ms(1, k)
+        llm_step = Probe(engine.llm, preset.repeats).pipelined_decode_ms(1, k)
+        for n in preset.call_lengths:
+            command = engine.tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
+            length = ahead + len(command) + n + ahead
+
+            def seconds(schedule: dict[int, list[int]]) -> float:
+                prompt = [rng.randrange(LOWEST_PROMPT_TOKEN, top) for _ in range(max(1, k - ahead))]
+                sampling = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True,
+                                          logits_processors=[force_tokens(schedule)])
+                return timed(lambda: engine.generate([prompt], sampling), engine.slm.device)[1]
+
+            seconds({})  # warm-up: this shape's first forwards
+            row = {"k": k, "n": n, "slm_step_ms": slm_step, "llm_step_ms": llm_step,
+                   "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
+            for mode, relay in (("default", None), ("at_call", dataclasses.replace(engine.relay,
+                                                                                 early_catchup_tokens=0))):
+                with using_relay(engine, relay):
+                    relay_ms = statistics.median(seconds({ahead: command}) for _ in range(preset.repeats)) * 1e3
+                overhead = relay_ms - row["alone_ms"] - n * (llm_step - slm_step)
+                row[mode] = {"relay_ms": relay_ms, "overhead_ms": overhead, "overhead_llm_steps": overhead / llm_step}
+            relays.append(row)
+    return {"slm_tokens_around_the_call": ahead, "early_catchup_tokens": engine.read_ahead.early_catchup_tokens(
+        engine.relay), "relays": relays}
 
 
 RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "overlap_steps")

@@ -4,7 +4,8 @@
                     [--cache-dir DIR]
 
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
-roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart; relay
+roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart, and as the
+engine's loop pays it end to end; relay
 throughput on scripted workloads against the ideal mix and the SLM alone; baselines on one long-context workload
 (the official-style re-prefill mode, the official loop's rounds, the reference relay, HF generate). Each section that fails is recorded in
 ``errors`` and the run goes on; the exit status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json``
@@ -30,7 +31,7 @@ import torch
 
 from relaykern.config import EngineConfig
 from relaykern.bench.presets import GPU_PAIRS, build_pair, get_preset, model_shape
-from relaykern.bench.report import evaluate_goals, format_table, speedups
+from relaykern.bench.report import GOAL_MAX_K, evaluate_goals, format_table, speedups
 from relaykern.bench.timing import copy_bandwidth, environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -129,8 +130,8 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     from relaykern.bench.baselines import hf_baselines, official_rounds, official_style, release_memory
     from relaykern.bench.kernel_profile import decode_kernel_times
     from relaykern.bench.model_bench import engine_decode_alone, measure_model
-    from relaykern.bench.relay_bench import (measure_latency, measure_throughput, prefetching, run_workload,
-                                             using_relay)
+    from relaykern.bench.relay_bench import (measure_end_to_end, measure_latency, measure_throughput, prefetching,
+                                             run_workload, using_relay)
     from relaykern.bench.workloads import preset_workload
 
     device = torch.device(preset.device)
@@ -165,6 +166,7 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
             role: decode_kernel_times(runner, 1, preset.decode_context, models[role]["decode"][bs1]["ms"])
             for role, runner in (("slm", engine.slm), ("llm", engine.llm))})
     report.section("relay_latency", lambda: measure_latency(engine, preset))
+    report.section("relay_end_to_end", lambda: measure_end_to_end(engine, preset, GOAL_MAX_K))
     if models is not None:
         report.section("relay_throughput", lambda: measure_throughput(
             engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"],

@@ -47,6 +47,8 @@ _UNTERMINATED_RE = re.compile(rb"<call>\s*(?:\d+\s*(?:<(?:/(?:c(?:a(?:l(?:l)?)?)
 # Automaton states. 0: plain text. 1..5: matched that many bytes of b"<call". 6: after "<call>".
 # 7: in the digits. 8: whitespace after the digits. 9..14: matched that many-8 bytes of b"</call".
 TEXT, OPENED, DIGITS_STATE, AFTER_DIGITS = 0, 6, 7, 8
+OPENING = OPENED - 1
+"""``<call`` matched: from here on a command is most likely being written."""
 CLOSE_FIRST = 9
 NUM_STATES = 15
 

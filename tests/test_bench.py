@@ -12,8 +12,8 @@ import pytest
 
 from relaykern import cli
 
-SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "decode_kernels", "relay_latency", "relay_throughput",
-            "slm_alone", "baselines", "goals", "errors")
+SECTIONS = ("meta", "preset", "shapes", "bandwidth", "models", "decode_kernels", "relay_latency", "relay_end_to_end",
+            "relay_throughput", "slm_alone", "baselines", "goals", "errors")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,11 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
     assert all(x["latency_ms"] > x["overhead_ms"] for x in latency["relays"])
     assert all(d["eager_ms"] > 0 for d in latency["llm_catchup"] + latency["slm_catchup"])  # all <= 256 tokens
+    e2e = report["relay_end_to_end"]
+    assert e2e["early_catchup_tokens"] == 0 and {(x["k"], x["n"]) for x in e2e["relays"]} == {  # (on a CPU)
+        (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
+    assert all(x["alone_ms"] > 0 and x[mode]["relay_ms"] > 0 for x in e2e["relays"]
+               for mode in ("default", "at_call"))
 
 
 def test_workloads_did_the_scripted_work(bench_run):
@@ -91,12 +96,13 @@ def test_workloads_did_the_scripted_work(bench_run):
                                      "slm_only_vs_hf_generate", "alone_vs_hf_generate"}
     assert report["slm_alone"]["tokens"] == base["hf_generate_alone"]["tokens"] == preset["alone_tokens"]
     goals = report["goals"]
-    assert len(goals) == 9 and all(isinstance(g["met"], bool) for g in goals)
+    assert len(goals) == 10 and all(isinstance(g["met"], bool) for g in goals)
 
 
 def test_the_table_is_printed(bench_run):
     _, report, printed, out = bench_run
-    for heading in ("copy bandwidth", "decode (ms/step, pipelined", "relay latency", "relay throughput", "baselines",
+    for heading in ("copy bandwidth", "decode (ms/step, pipelined", "relay latency", "relay end to end",
+                    "relay throughput", "baselines",
                     "goals:"):
         assert heading in printed
     assert printed.count("[MET   ]") + printed.count("[MISSED]") == len(report["goals"])

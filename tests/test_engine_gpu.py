@@ -50,8 +50,8 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl):
 
 
 @pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3),
-                                   RelayConfig(llm_prefetch_tokens=3)],
-                         ids=["eager", "batched_calls", "prefetch"])
+                                   RelayConfig(llm_prefetch_tokens=3), RelayConfig(early_catchup_tokens=1)],
+                         ids=["eager", "batched_calls", "prefetch", "early_catchup"])
 def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
     """Both models on their own streams, CUDA graphs (decode and ragged), pinned readbacks, LLM forwards that read
     prompts ahead with nothing waiting for them: the reference relay's tokens."""

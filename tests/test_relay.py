@@ -60,8 +60,8 @@ def run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts, samplin
 
 @pytest.mark.parametrize("relay", [RelayConfig(max_call_tokens=6), RelayConfig(max_calls=1),
                                    RelayConfig(max_calls=1, after_max_calls="finish"),
-                                   RelayConfig(llm_prefetch_tokens=7)],
-                         ids=["capped", "max_calls_continue", "max_calls_finish", "prefetch"])
+                                   RelayConfig(llm_prefetch_tokens=7), RelayConfig(early_catchup_tokens=1)],
+                         ids=["capped", "max_calls_continue", "max_calls_finish", "prefetch", "early_catchup"])
 def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
     cases = scenarios(tokenizer)
     prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(len(cases))]
@@ -69,8 +69,10 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
                                     list(cases.values()), relay)
     for name, a, b in zip(cases, ours, theirs):
         assert comparable(a) == comparable(b), name
-        if not relay.llm_prefetch_tokens:  # (prefetching, the LLM also reads prompts of requests that never call)
-            assert a.stats.llm_prefill_tokens <= b.stats.llm_prefill_tokens, name  # catch-up, not re-prefill
+        # Catch-up, not re-prefill. (Prefetching, the LLM also reads what no call needs; reading from a command's
+        # first tokens, it reads for nothing when the command is no call: N = 0, malformed, cut by max_tokens.)
+        if not relay.llm_prefetch_tokens and a.stats.calls:
+            assert a.stats.llm_prefill_tokens <= b.stats.llm_prefill_tokens, name
     by_name = dict(zip(cases, ours))
     assert by_name["malformed"].finish_reason == "malformed_call"
     assert by_name["n_zero"].stats.calls == 0
@@ -182,9 +184,11 @@ def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, 
         return RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=config, llm_config=config)
 
     expected = [comparable(o) for o in engine(4096, RelayConfig(overlap_steps=False)).generate(prompts, samplings)]
-    # Tight pools (steps overlapped), with the LLM running whenever it has work, with calls held back to share its
-    # forwards, and with the LLM reading ahead (taking free blocks, given back under pressure).
-    relays = (None, RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6), RelayConfig(llm_prefetch_tokens=9))
+    # Tight pools (steps overlapped), with the LLM running whenever it has work and reading from each command's
+    # first tokens, with calls held back to share its forwards, and with the LLM reading ahead (taking free blocks,
+    # given back under pressure).
+    relays = (RelayConfig(early_catchup_tokens=1), RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6),
+              RelayConfig(llm_prefetch_tokens=9))
     for relay in relays:
         tight = engine(30, relay)
         outs = tight.generate(prompts, samplings)
@@ -233,8 +237,8 @@ def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokeni
         assert_no_blocks_held(engine)
         return [engine.output(seq) for seq in seqs], [seq.llm.tokens for seq in seqs], [rows for (rows,) in forwards]
 
-    lazy, lazy_views, _ = run(RelayConfig())
-    eager, eager_views, forwards = run(RelayConfig(llm_prefetch_tokens=5))
+    lazy, lazy_views, _ = run(RelayConfig(early_catchup_tokens=0))
+    eager, eager_views, forwards = run(RelayConfig(llm_prefetch_tokens=5, early_catchup_tokens=0))
     assert [comparable(o) for o in eager] == [comparable(o) for o in lazy]
     # What the LLM read by its last call, ahead and at the calls, is the lazy LLM's view token for token (reading
     # ahead, it may have read more since).
@@ -245,6 +249,36 @@ def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokeni
     assert late.call_records[0].llm_catchup == 1 < lazy[0].stats.call_records[0].llm_catchup
     assert never.calls == 0 and never.llm_prefill_tokens >= len(prompts[1]) - 1
     assert lazy[1].stats.llm_prefill_tokens == 0 and straddling.calls == 1
+
+
+def test_early_catchup_reads_up_to_a_command_while_the_slm_writes_it(slm_dir, llm_dir, tokenizer):
+    """RelayConfig.early_catchup_tokens (1 here, any unread token): once the SLM has written ``<call``, the idle LLM
+    reads the request up to the command in a forward of its own (sampling nothing) while the SLM writes the rest,
+    so the call's catch-up is one token; outputs are those of an LLM reading at the call only, also for N = 0 (what
+    was read serves the next call) and for a command sharing a token with the text before it."""
+    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}? Think it through.") for i in range(3)]
+    samplings = [scripted({12: command_tokens(tokenizer, 3)}),
+                 scripted({2: command_tokens(tokenizer, 0), 12: command_tokens(tokenizer, 2)}),
+                 scripted({4: text_tokens(tokenizer, "x.<call>2</call>,")})]
+
+    def run(relay: RelayConfig):
+        engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu"),
+                             llm_config=EngineConfig(device="cpu"))
+        forwards = record_calls(engine.llm)
+        outs = engine.generate(prompts, samplings)
+        assert_no_blocks_held(engine)
+        return outs, [rows for (rows,) in forwards]
+
+    at_call, _ = run(RelayConfig(early_catchup_tokens=0))
+    early, forwards = run(RelayConfig(early_catchup_tokens=1))
+    assert [comparable(o) for o in early] == [comparable(o) for o in at_call]
+    assert any(not any(row.samples for row in rows) for rows in forwards)
+    catchups = [[r.llm_catchup for r in o.stats.call_records] for o in early]
+    assert catchups[0] == [1] < [r.llm_catchup for r in at_call[0].stats.call_records]
+    assert catchups[1] == [1] and early[1].stats.calls == 1
+    assert catchups[2][0] < at_call[2].stats.call_records[0].llm_catchup
+    # Read ahead or at the call, the LLM reads the same tokens, once.
+    assert [o.stats.llm_prefill_tokens for o in early] == [o.stats.llm_prefill_tokens for o in at_call]
 
 
 def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, llm_dir, tokenizer):

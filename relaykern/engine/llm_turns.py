@@ -1,5 +1,6 @@
 """When the LLM runs besides serving each call at once: held back to batch calls (``llm_runs_now``), and reading
-ahead between calls (``ReadAhead``). See ``RelayConfig`` for the knobs."""
+ahead between calls (``ReadAhead``: from a command's first tokens, and in chunks). See ``RelayConfig`` for the
+knobs."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,6 +12,10 @@ from relaykern.engine.forward import run_forward
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, Sequence
+from relaykern.protocol import OPENING
+
+EARLY_CATCHUP_TOKENS = 256
+"""``RelayConfig.early_catchup_tokens``'s default on a GPU: below it a catch-up costs about a decode step anyway."""
 
 
 def llm_runs_now(relay: RelayConfig, scheduler: Scheduler, step: int, slm_busy: bool) -> bool:
@@ -24,8 +29,10 @@ def llm_runs_now(relay: RelayConfig, scheduler: Scheduler, step: int, slm_busy: 
 
 
 class ReadAhead:
-    """LLM forwards reading ahead what sequences the SLM is serving have written so far (their prompts, then their
-    runs up to a safe point: engine/llm_view.py), while the LLM has no call to serve (``llm_prefetch_tokens``)."""
+    """LLM forwards reading ahead, while the LLM has no call to serve, what sequences the SLM is serving have written
+    so far (their prompts, then their runs up to a safe point: engine/llm_view.py): for sequences whose SLM has
+    begun a command (``RelayConfig.early_catchup_tokens``), and in full chunks for all of them
+    (``llm_prefetch_tokens``)."""
 
     def __init__(self, scheduler: Scheduler, llm: ModelRunner, feed_view: Callable[[Sequence, int], None]) -> None:
         """``feed_view(seq, upto)`` extends the LLM's view of ``seq`` by its SLM run up to token ``upto``."""
@@ -34,21 +41,35 @@ class ReadAhead:
         self.feed_view = feed_view
         self.done: torch.cuda.Event | None = None
 
+    def early_catchup_tokens(self, relay: RelayConfig) -> int:
+        """``relay.early_catchup_tokens``, its default resolved for this LLM's device."""
+        if relay.early_catchup_tokens is not None:
+            return relay.early_catchup_tokens
+        return EARLY_CATCHUP_TOKENS if self.llm.stream is not None else 0
+
     def launch(self, relay: RelayConfig) -> None:
-        """Launches a forward if a full chunk waits; the views count it as cached at once (the LLM's later forwards
-        follow on its stream), and nothing waits for it. At most one is in flight, so they never pile up ahead of a
-        call's forward on that stream."""
-        if self.done is not None and not self.done.query():
+        """Launches a forward if a command has begun or a full chunk waits; the views count it as cached at once
+        (the LLM's later forwards follow on its stream), and nothing waits for it. At most one is in flight, so they
+        never pile up ahead of a call's forward on that stream."""
+        threshold = 0 if relay.llm_batch_wait_steps else self.early_catchup_tokens(relay)  # (batching saves forwards)
+        if not (threshold or relay.llm_prefetch_tokens) or (self.done is not None and not self.done.query()):
             return
         if any(s.phase is Phase.LLM for s in self.scheduler.sequences()):
             return  # a call waits (held back, or short of blocks): its forward comes first, and may need them
         may_call = [s for s in self.scheduler.running if s.phase is Phase.SLM and s.stats.calls < relay.max_calls]
-        for seq in may_call:
+        opening = [s for s in may_call if s.scan_state >= OPENING] if threshold else []
+        for seq in may_call if relay.llm_prefetch_tokens else opening:
             if seq.run_safe > seq.run_fed:
                 self.feed_view(seq, seq.run_safe)
-        if sum(max(0, s.llm.num_pending - 1) for s in may_call) < relay.llm_prefetch_tokens:
-            return  # a forward reads all the LLM's weights: only ever for a full chunk
-        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, may_call, relay.llm_prefetch_tokens)
+        opening = [s for s in opening if s.llm.num_pending >= max(threshold, 2)]  # (the last is left for the call)
+        if opening:
+            seqs, budget = opening, self.llm.config.max_num_batched_tokens
+        elif relay.llm_prefetch_tokens and \
+                sum(max(0, s.llm.num_pending - 1) for s in may_call) >= relay.llm_prefetch_tokens:
+            seqs, budget = may_call, relay.llm_prefetch_tokens  # a forward reads all the weights: full chunks only
+        else:
+            return
+        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, seqs, budget)
         if not rows:
             return
         with self.llm.scope():

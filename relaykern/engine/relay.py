@@ -16,7 +16,8 @@ Each ``step()`` launches two forwards before it waits on either:
    those tokens by id (same tokenizer: injection without re-encoding).
 
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
-is serving have written (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
+is serving have written: a request's text up to a command the SLM has begun (``RelayConfig.early_catchup_tokens``),
+or full chunks of all of it (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
 
 Each model's next forward is launched before its results are read (``RelayConfig.overlap_steps``): the SLM's
 before step 3, the LLM's between steps 3 and 4 (so that the calls step 3 starts join it), their rows that go on fed
@@ -163,7 +164,7 @@ class RelayEngine:
         slm = slm or self._launch(self.slm, Phase.SLM, busy=llm.seqs if llm else [])
         if llm is None and self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, bool(slm)):
             llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
-        if self.llm is not None and llm is None and self.relay.llm_prefetch_tokens and not self.reprefill_llm:
+        if self.llm is not None and llm is None and not self.reprefill_llm:
             self.read_ahead.launch(self.relay)
         # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it.
         returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
