@@ -12,12 +12,14 @@ LLM's tokens too, so a schedule can place a second command after a served call.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from relaykern.config import SamplingParams
 from relaykern.scripted import force_tokens
 from relaykern.tiny import save_tiny_checkpoint
 from relaykern.tokenizer import load_qwen3_tokenizer
@@ -25,6 +27,7 @@ from relaykern.tokenizer import load_qwen3_tokenizer
 __all__ = [
     "tokenizer", "slm_dir", "llm_dir", "slm_model", "llm_model",
     "force_tokens", "text_tokens", "command_tokens", "greedy_tokens", "assert_no_blocks_held",
+    "assert_nothing_to_sample_fails_alone",
 ]
 
 # The two models share the vocabulary and differ in width and depth, so a mix-up shows in their tokens.
@@ -93,3 +96,26 @@ def greedy_tokens(model, input_ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(input_ids):]
+
+
+def assert_nothing_to_sample_fails_alone(engine, prompts: list[list[int]]) -> None:
+    """Five requests: two sane ones (greedy; sampled with top-k), and three whose logits at response token 2 have
+    nothing to sample (all -inf; NaN, sampled; all +inf). The last three end with an error after two tokens, their
+    KV freed; the first two write what they write alone. The processor reads the position only, so it runs in
+    overlapped steps, where the bad token was already fed on before the host reads it."""
+    def broken(value: float):
+        def processor(generated, logits):
+            return torch.full_like(logits, value) if len(generated) == 2 else logits
+        processor.position_only = True
+        return processor
+
+    good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=5, max_tokens=5, ignore_eos=True, seed=1)
+    bad = [SamplingParams(temperature=t, max_tokens=5, ignore_eos=True, logits_processors=[broken(v)])
+           for t, v in ((0, -math.inf), (0.8, math.nan), (0, math.inf))]
+    alone = engine.generate(prompts[:2], [good, sampled])
+    outs = engine.generate(prompts, [good, sampled] + bad)
+    assert [o.token_ids for o in outs[:2]] == [o.token_ids for o in alone]
+    for out in outs[2:]:
+        assert out.finish_reason == "error" and "nothing to sample" in out.error and len(out.token_ids) == 2
+    assert_no_blocks_held(engine)

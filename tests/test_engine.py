@@ -1,6 +1,5 @@
 """The paged engine serving one model (llm=None): exact greedy agreement with transformers, preemption without
 loss or leaks, sampling reproducibility, and bad input."""
-import math
 import random
 
 import numpy as np
@@ -218,23 +217,7 @@ def test_a_failing_request_does_not_take_others_down(checkpoints):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_logits_with_nothing_to_sample_fail_their_request_alone(checkpoints, backend):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", attention_backend=backend))
-
-    def broken(value):
-        def processor(generated, logits):
-            return torch.full_like(logits, value) if len(generated) == 2 else logits
-        processor.position_only = True  # in overlapped steps too: its token was fed on before the error is known
-        return processor
-
-    good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    sampled = SamplingParams(temperature=0.8, top_k=5, max_tokens=5, ignore_eos=True, seed=1)
-    broken_params = [SamplingParams(temperature=t, max_tokens=5, ignore_eos=True, logits_processors=[broken(v)])
-                     for t, v in ((0, -math.inf), (0.8, math.nan), (0, math.inf))]
-    alone = engine.generate(prompts_of([3, 5]), [good, sampled])
-    outs = engine.generate(prompts_of([3, 5, 4, 6, 7]), [good, sampled] + broken_params)
-    assert [o.token_ids for o in outs[:2]] == [o.token_ids for o in alone]
-    for out in outs[2:]:
-        assert out.finish_reason == "error" and "nothing to sample" in out.error and len(out.token_ids) == 2
-    assert engine.slm.blocks.num_free_blocks == engine.slm.num_blocks
+    assert_nothing_to_sample_fails_alone(engine, prompts_of([3, 5, 4, 6, 7]))
 
 
 def test_a_bad_prompt_in_a_batch_submits_nothing(checkpoints):

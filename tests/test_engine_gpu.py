@@ -81,6 +81,12 @@ def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer
     assert run_with_random_aborts(engine, prompts, samplings, expected, rng, rate=0.01) > 5
 
 
+def test_logits_with_nothing_to_sample_fail_their_request_alone_on_gpu(slm_dir):
+    """The compiled sampler's log-prob of such logits is NaN too (GPU max/min treat NaN unlike the interpreter)."""
+    assert_nothing_to_sample_fails_alone(RelayEngine(slm_dir, slm_config=gpu_config()),
+                                         [[100 + i for i in range(n)] for n in (3, 5, 4, 6, 7)])
+
+
 def test_two_models_replay_their_graphs_at_once(tmp_path):
     """Each model's graphs are captured on its own stream. Captured on torch's one default capture stream, both
     models' cuBLAS calls kept one workspace; replayed at once on their two streams they raced on it (on an H200 the
