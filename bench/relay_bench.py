@@ -113,7 +113,7 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
                                           logits_processors=[force_tokens(schedule)])
                 return timed(lambda: engine.generate([prompt], sampling), engine.slm.device)[1]
 
-            seconds({})  # warm-up: this shape's first forwards
+            seconds({}), seconds({ahead: command})  # warm-up: this shape's first forwards
             row = {"k": k, "n": n, "slm_step_ms": slm_step, "llm_step_ms": llm_step,
                    "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
             for mode, relay in (("default", None), ("at_call", dataclasses.replace(engine.relay,
@@ -127,7 +127,8 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
         engine.relay), "relays": relays}
 
 
-RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "overlap_steps")
+RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "early_catchup_tokens",
+               "overlap_steps")
 """The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
 
 
