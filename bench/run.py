@@ -5,13 +5,13 @@
 
 In order: copy bandwidth (the roofline's yardstick); each model's decode ms/step over batch sizes against its
 roofline and one long prefill; the kernels of a batch-1 decode step; one relay's latency taken apart, and as the
-engine's loop pays it end to end; relay
-throughput on scripted workloads against the ideal mix and the SLM alone; baselines on one long-context workload
-(the official-style re-prefill mode, the official loop's rounds, the reference relay, HF generate). Each section that fails is recorded in
-``errors`` and the run goes on; the exit status is 1 if any failed. The JSON (``bench/results/<device>-<date>.json``
-by default, rewritten after every section) holds the device, commit, versions, command line, preset, model shapes,
-every figure (units in the key names: ``ms``, ``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is
-met. Plots are drawn next to it when matplotlib is installed.
+engine's loop pays it end to end; relay throughput on scripted workloads against the ideal mix and the SLM alone;
+baselines on long-context workloads (the official-style re-prefill mode, the official loop's rounds, the reference
+relay, HF generate). Each section that fails is recorded in ``errors`` and the run goes on; the exit status is 1
+if any failed. The JSON (``bench/results/<device>-<date>.json`` by default, rewritten after every section) holds the
+device, commit, versions, command line, preset, model shapes, every figure (units in the key names: ``ms``,
+``tokens_per_s``, ``gb_per_s``, ...) and each goal with whether it is met. Plots are drawn next to it when
+matplotlib is installed.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class Workload:
     samplings: list[SamplingParams]
     schedules: list[dict[int, int]]
     """Each request's forced tokens by response position (what its logits processor writes)."""
-    call_lengths: list[list[int]]
+    calls: list[list[int]]
     """Each request's scripted calls (their N)."""
 
     @property
@@ -47,12 +47,12 @@ class Workload:
 
     @property
     def target_ratio(self) -> float:
-        return sum(map(sum, self.call_lengths)) / sum(s.max_tokens for s in self.samplings)
+        return sum(map(sum, self.calls)) / sum(s.max_tokens for s in self.samplings)
 
     def head(self, count: int) -> "Workload":
         """The first ``count`` requests (same scripts)."""
         return Workload(self.name, self.prompts[:count], self.samplings[:count], self.schedules[:count],
-                        self.call_lengths[:count])
+                        self.calls[:count])
 
 
 def call_lengths(max_tokens: int, ratio: float) -> list[int]:

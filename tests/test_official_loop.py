@@ -31,7 +31,7 @@ def test_rounds_write_what_our_relay_writes(slm_dir, llm_dir, tokenizer):
     workload = make_workload(tokenizer, name="rounds", batch=5, prompt_length=20, max_tokens=90, ratio=0.1,
                              vocab_size=5000, staggered=True)
     official, rounds, llm = run_both(slm_dir, llm_dir, workload.prompts, workload.samplings, workload.schedules)
-    calls = len(workload.call_lengths[0])
+    calls = len(workload.calls[0])
     assert all(o.stats.calls == calls for o in official) and calls > 1
     assert rounds == calls + 1
     # Each call submits the whole context; the LLM's prefix cache serves what it computed at the last one.
