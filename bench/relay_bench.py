@@ -227,6 +227,8 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.llm_prefetch_tokens:
         named.append(("prefetching, aligned 1.0%", 0.01, False, prefetching(eager, preset)))
+    # The engine's default against the LLM reading at calls only (they differ where early catch-up is on: a GPU).
+    named.append(("reading at calls, aligned 1.0%", 0.01, False, dataclasses.replace(eager, early_catchup_tokens=0)))
     if preset.staggered:
         batched = dataclasses.replace(eager, llm_batch_wait_steps=preset.llm_batch_wait_steps,
                                       llm_batch_min_rows=preset.llm_batch_min_rows)

@@ -62,8 +62,9 @@ def test_workloads_did_the_scripted_work(bench_run):
     batch, max_tokens = preset["relay_batch"], preset["max_tokens"]
     assert preset["llm_prefetch_tokens"] > 0 and not preset["staggered"]
     assert [run["name"] for run in throughput["runs"]] == [f"aligned {r:.1%}" for r in preset["call_ratios"]] + [
-        "prefetching, aligned 1.0%"]
-    lazy, prefetching = throughput["runs"][1], throughput["runs"][-1]
+        "prefetching, aligned 1.0%", "reading at calls, aligned 1.0%"]
+    lazy, prefetching, at_calls = throughput["runs"][1], throughput["runs"][-2], throughput["runs"][-1]
+    assert at_calls["early_catchup_tokens"] == 0 and at_calls["llm_prefill_tokens"] == lazy["llm_prefill_tokens"]
     assert prefetching["llm_prefetch_tokens"] == preset["llm_prefetch_tokens"]
     # Reading ahead, the LLM reads what it reads at the calls without it, and the text after a request's last call.
     assert prefetching["calls"] == lazy["calls"] and prefetching["llm_prefill_tokens"] > lazy["llm_prefill_tokens"]
