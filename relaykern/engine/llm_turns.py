@@ -54,10 +54,12 @@ class ReadAhead:
         threshold = 0 if relay.llm_batch_wait_steps else self.early_catchup_tokens(relay)  # (batching saves forwards)
         if not (threshold or relay.llm_prefetch_tokens) or (self.done is not None and not self.done.query()):
             return
-        if any(s.phase is Phase.LLM for s in self.scheduler.sequences()):
-            return  # a call waits (held back, or short of blocks): its forward comes first, and may need them
         may_call = [s for s in self.scheduler.running if s.phase is Phase.SLM and s.stats.calls < relay.max_calls]
         opening = [s for s in may_call if s.scan_state >= OPENING] if threshold else []
+        if not (opening or relay.llm_prefetch_tokens):
+            return  # no command begun: most steps, which then scan the sequences no further
+        if any(s.phase is Phase.LLM for s in self.scheduler.sequences()):
+            return  # a call waits (held back, or short of blocks): its forward comes first, and may need them
         for seq in may_call if relay.llm_prefetch_tokens else opening:
             if seq.run_safe > seq.run_fed:
                 self.feed_view(seq, seq.run_safe)
