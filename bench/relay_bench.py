@@ -128,7 +128,7 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
 
 
 RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "early_catchup_tokens",
-               "overlap_steps")
+               "read_ahead_yields", "overlap_steps")
 """The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
 
 
@@ -229,6 +229,9 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
         named.append(("prefetching, aligned 1.0%", 0.01, False, prefetching(eager, preset)))
     # The engine's default against the LLM reading at calls only (they differ where early catch-up is on: a GPU).
     named.append(("reading at calls, aligned 1.0%", 0.01, False, dataclasses.replace(eager, early_catchup_tokens=0)))
+    if engine.llm.stream is not None:  # (on a CPU there are no streams to prioritize)
+        named.append(("reading early at serving priority, aligned 1.0%", 0.01, False,
+                      dataclasses.replace(eager, read_ahead_yields=False)))
     if preset.staggered:
         batched = dataclasses.replace(eager, llm_batch_wait_steps=preset.llm_batch_wait_steps,
                                       llm_batch_min_rows=preset.llm_batch_min_rows)

@@ -46,11 +46,13 @@ def load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
 
 
 @triton.jit
-def attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step: fold keys k/v into running max m, sum l and acc of rows q; visible[row, key] masks
-    keys a row may not see. A row that has seen no key yet keeps m = -inf and l = 0."""
+def attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step: fold keys k/v into running max m, sum l and acc of rows q; if MASKED,
+    visible[row, key] masks keys a row may not see (else every row sees every key: a tile below the causal
+    diagonal, where the select per score is work saved). A row that has seen no key yet keeps m = -inf and l = 0."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf = nan for such rows
     p = tl.exp2(s - m_shift[:, None])

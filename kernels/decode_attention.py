@@ -57,7 +57,7 @@ def _decode_kernel(
         pos_mask = pos < end
         k, v = load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                              stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
-        m, l, acc = attend_tile(q, k, v, pos_mask[None, :], m, l, acc, qk_scale, DOT_PRECISION)
+        m, l, acc = attend_tile(q, k, v, pos_mask[None, :], m, l, acc, qk_scale, DOT_PRECISION, True)
 
     rows = seq * (tl.num_programs(1) * GROUP) + heads
     store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, h_mask, d_mask, m, l, acc,

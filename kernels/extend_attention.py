@@ -80,13 +80,22 @@ def _extend_kernel(
     split_len = tl.cdiv(tl.cdiv(kv_end, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, kv_end)
-    for tile_start in range(start, end, TILE):
+    # Whole tiles of keys that every row sees (up to the first row's position): no causal mask. Then the tiles
+    # across the diagonal (of a long prefill, one or two of a tile's many), masked.
+    seen_by_all = tl.minimum(end, context_len + first_row + 1)
+    unmasked_end = start + tl.maximum(seen_by_all - start, 0) // TILE * TILE
+    for tile_start in range(start, unmasked_end, TILE):
+        pos = tile_start + tl.arange(0, TILE)
+        k, v = load_kv_tile(kv_ptr, table_row_ptr, pos, pos < unmasked_end, kv_head, offs_d, d_mask,
+                             stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
+        m, l, acc = attend_tile(q, k, v, None, m, l, acc, qk_scale, DOT_PRECISION, False)
+    for tile_start in range(unmasked_end, end, TILE):
         pos = tile_start + tl.arange(0, TILE)
         pos_mask = pos < end
         k, v = load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                              stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
         visible = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])
-        m, l, acc = attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
+        m, l, acc = attend_tile(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION, True)
 
     rows = tokens * (tl.num_programs(1) * GROUP) + heads
     store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, offs_d, r_mask, d_mask, m, l, acc,

@@ -74,14 +74,14 @@ class RelayConfig:
     llm_prefetch_tokens: while the LLM has no call to serve, it reads ahead what running requests have written
         (prompts, then the SLM's text up to points no later command can reach back past), in forwards of exactly
         this many tokens, launched whenever that many are waiting; a call's catch-up then covers only what came
-        after. The forwards run beside the SLM's on the LLM's own stream and the host never waits for them; they
+        after. The forwards run beside the SLM's on a stream of the LLM's and the host never waits for them; they
         take only free LLM KV blocks, and a pool under pressure takes them back first. Each reads all the LLM's
         weights, hence full chunks only (a few hundred tokens or more amortize it); text after a request's last
         call is read for nothing. 0 (default): the LLM reads at calls only, as the official code does. Outputs do
         not depend on it.
     early_catchup_tokens: once the SLM has written ``<call`` (Qwen3 writes ``<call>N</call>`` as ``<``,
         ``call``, ``>``, digits, ``</``, ``call``, ``>``), an LLM with no call to serve starts reading what the
-        request has written up to the command, in a forward on its own stream while the SLM writes the rest, if at
+        request has written up to the command, in a forward on a stream of its own while the SLM writes the rest, if at
         least this many of those tokens are unread; the call's catch-up is then only what is left: the same
         tokens, read earlier. Fewer are left for the call, whose catch-up of a few tokens costs about one decode
         step anyway (reading the weights dominates: on an H200, an 8B catch-up of 64 tokens took 1.35 decode steps,
@@ -91,6 +91,9 @@ class RelayConfig:
         0: the LLM reads at calls only. None (default): 256 where the LLM runs on a GPU, beside the SLM on a
         stream of its own; 0 on a CPU, where forwards run in turn and reading early only adds one. Outputs do not
         depend on it.
+    read_ahead_yields: the LLM reads ahead (both ways above) on a stream of lower priority than the models' steps,
+        so that the GPU hands free SMs to the SLM's kernels (and the LLM's calls') first; False: at their priority.
+        Timing only (default on).
     overlap_steps: while the GPU runs a model's step, the host launches that model's next one before it reads
         this one's tokens back: each row that samples goes on, fed on the device the token this step samples for
         it, and catch-ups, prefills and new requests join from free blocks. The host's bookkeeping then runs beside
@@ -108,6 +111,7 @@ class RelayConfig:
     llm_batch_min_rows: int = 16
     llm_prefetch_tokens: int = 0
     early_catchup_tokens: int | None = None
+    read_ahead_yields: bool = True
     overlap_steps: bool = True
 
     def __post_init__(self) -> None:

@@ -28,20 +28,21 @@ class Launched:
     the tokens that forward samples."""
 
 
-def run_forward(runner: ModelRunner, scheduler: Scheduler, seqs: list[Sequence], rows: list[Row]
-                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Runs a forward: (sampled ids, log-probs) on the device. If it fails (a broken logits processor, say), each
+def run_forward(runner: ModelRunner, scheduler: Scheduler, seqs: list[Sequence], rows: list[Row],
+                background: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Runs a forward (``background``: as ``ModelRunner.execute`` says): (sampled ids, log-probs) on the device. If
+    it fails (a broken logits processor, say), each
     row is retried alone so that only the requests that fail are finished with ``finish_reason="error"`` (their
     blocks freed, and dropped from ``seqs`` and ``rows`` in place); rewriting a row's KV is idempotent. Log-probs:
     ``None`` if no row asked for them. None if no row ran."""
     try:
-        return runner.execute(rows)
+        return runner.execute(rows, background=background)
     except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
         if len(rows) == 1:
             scheduler.release(seqs[0], keep_cached=False)
             seqs[0].finish("error", f"{type(err).__name__}: {err}")
             return None
-        results = [run_forward(runner, scheduler, [seq], [row]) for seq, row in zip(seqs, rows)]
+        results = [run_forward(runner, scheduler, [seq], [row], background) for seq, row in zip(seqs, rows)]
     kept = [i for i, result in enumerate(results) if result is not None]
     seqs[:] = [seqs[i] for i in kept]
     rows[:] = [rows[i] for i in kept]

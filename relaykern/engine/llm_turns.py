@@ -48,9 +48,9 @@ class ReadAhead:
         return EARLY_CATCHUP_TOKENS if self.llm.stream is not None else 0
 
     def launch(self, relay: RelayConfig) -> None:
-        """Launches a forward if a command has begun or a full chunk waits; the views count it as cached at once
-        (the LLM's later forwards follow on its stream), and nothing waits for it. At most one is in flight, so they
-        never pile up ahead of a call's forward on that stream."""
+        """Launches a forward if a command has begun or a full chunk waits (on the LLM's background stream if
+        ``relay.read_ahead_yields``). The views count it as cached at once (the LLM's later forwards wait for it),
+        and nothing else waits for it. At most one is in flight, so they never pile up ahead of a call's forward."""
         threshold = 0 if relay.llm_batch_wait_steps else self.early_catchup_tokens(relay)  # (batching saves forwards)
         if not (threshold or relay.llm_prefetch_tokens) or (self.done is not None and not self.done.query()):
             return
@@ -74,12 +74,13 @@ class ReadAhead:
         seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, seqs, budget)
         if not rows:
             return
-        with self.llm.scope():
-            if run_forward(self.llm, self.scheduler, seqs, rows) is None:
+        background = relay.read_ahead_yields
+        with self.llm.scope(background):
+            if run_forward(self.llm, self.scheduler, seqs, rows, background) is None:
                 return  # (each row that failed finished its request)
             if self.llm.stream is not None:
                 self.done = torch.cuda.Event()
-                self.done.record(self.llm.stream)
+                self.done.record()  # on the current stream: the one it ran on
         for seq, row in zip(seqs, rows):  # the rows that ran
             seq.llm.num_cached = row.start + len(row.tokens)
             seq.stats.llm_prefill_tokens += len(row.tokens)

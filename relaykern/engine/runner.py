@@ -36,6 +36,8 @@ FED_ON_DEVICE = -1
 """The token of a decode row whose input the forward takes from a device tensor (``execute``'s ``fed_tokens``)."""
 BATCH1_CONTEXT = 256
 """Tokens of context behind the batch-1 step timed at start-up (its attention reads them)."""
+SERVING_PRIORITY, BACKGROUND_PRIORITY = -1, 0
+"""CUDA stream priorities (lower runs first; 0 is the lowest) of a model's forwards and of its background ones."""
 
 
 def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -84,8 +86,11 @@ class ModelRunner:
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
-        # step at once (they share no memory).
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # step at once (they share no memory). Forwards nothing waits for (the LLM reading ahead) go to a second
+        # stream of lower priority, so that the GPU gives the steps' kernels the SMs first.
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device, priority=SERVING_PRIORITY) if cuda else None
+        self.background_stream = torch.cuda.Stream(self.device, priority=BACKGROUND_PRIORITY) if cuda else None
         # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
         # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here. The eager
         # variants first, while no graph would take the warm-up's forwards.
@@ -157,14 +162,14 @@ class ModelRunner:
         self.gemv, self.pdl = variants[min(timing, key=timing.get)]
         return timing
 
-    def scope(self) -> contextlib.AbstractContextManager:
-        """Makes this model's device and stream current (Triton launches on the current device, not on its
-        tensors', so a model on ``cuda:1`` runs there); a no-op off CUDA."""
+    def scope(self, background: bool = False) -> contextlib.AbstractContextManager:
+        """Makes this model's device and stream (``background``: its background stream) current (Triton launches
+        on the current device, not on its tensors', so a model on ``cuda:1`` runs there); a no-op off CUDA."""
         if self.stream is None:
             return contextlib.nullcontext()
         scope = contextlib.ExitStack()
         scope.enter_context(torch.cuda.device(self.device))
-        scope.enter_context(torch.cuda.stream(self.stream))
+        scope.enter_context(torch.cuda.stream(self.background_stream if background else self.stream))
         return scope
 
     def _wait_for_default_stream(self) -> None:
@@ -192,17 +197,25 @@ class ModelRunner:
         return -(-num_tokens // self.block_size)
 
     @torch.inference_mode()
-    def execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
+    def execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None, background: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs one forward over ``rows`` on this model's stream; returns the sampled token (and log-prob) of each
         row, on the device, ready for use on the caller's stream. ``fed_tokens``: the input tokens of the first
         ``len(fed_tokens)`` rows (one token each) as a device tensor written on this model's stream, in place of
-        their ``row.tokens``."""
-        caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        with self.scope():
+        their ``row.tokens``. ``background``: on the background stream, after this model's earlier forwards and
+        before its later ones (which read the KV it writes, and replay the same graphs), only at lower priority."""
+        if self.stream is None:
+            return self._execute(rows, fed_tokens)
+        caller = torch.cuda.current_stream(self.device)
+        stream = self.background_stream if background else self.stream
+        if background:
+            stream.wait_stream(self.stream)
+        with self.scope(background):
             result = self._execute(rows, fed_tokens)
-        if caller is not None and caller != self.stream:
-            caller.wait_stream(self.stream)
+        if background:
+            self.stream.wait_stream(stream)
+        if caller != stream:
+            caller.wait_stream(stream)
         return result
 
     def _execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
