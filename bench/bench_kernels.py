@@ -6,7 +6,7 @@ Figures: device-to-device copy bandwidth (the roofline), paged decode attention 
 that as a fraction of the copy bandwidth; batch 1 also with forced split counts), paged extend attention against
 dense SDPA on the same shapes (SDPA reads a contiguous K/V with no block-table indirection: a yardstick, not a
 like-for-like), store_kv, and the batch-1 projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the
-unfused norm/activation kernel + cuBLAS, and cuBLAS alone, and each of the autotuner's tiles; weight bytes read per
+unfused norm/activation kernel + cuBLAS, and cuBLAS alone, and each tile the runner chooses from; weight bytes read per
 second as a fraction of the copy bandwidth). Each time is the median of triton.testing.do_bench (CUDA events, after
 warm-up). The projections are timed as CUDA-graph replays, as serving runs them: timed launch by launch, a ~10 us
 kernel measures the host's launch cost instead (the autotuned GEMV's Python dispatch took ~40 us on an H200).
@@ -26,8 +26,9 @@ from torch.nn.attention.bias import causal_lower_right
 from relaykern.kernels.activation import silu_and_mul
 from relaykern.kernels.decode_attention import paged_decode_attention
 from relaykern.kernels.extend_attention import paged_extend_attention
+from relaykern.engine.cuda_graphs import graph_ms
 from relaykern.kernels import gemv as gemv_module
-from relaykern.kernels.gemv import gemv
+from relaykern.kernels.gemv import gemv, tile_name
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.rms_norm import rms_norm
 from relaykern.kernels.store_kv import store_kv
@@ -54,18 +55,6 @@ tile: 64 splits at 4096 keys, 8 at 512): whether a merge launch costs more than 
 
 def bench_ms(fn, rep_ms: int) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
-
-
-def graph_ms(call: Callable[[int], object], copies: int, rep_ms: int) -> float:
-    """ms of one ``call(i)`` replayed from a CUDA graph of ``call(0) ... call(copies - 1)``."""
-    for i in range(copies):  # compiles and autotunes outside the capture
-        call(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            call(i)
-    return bench_ms(graph.replay, rep_ms) / copies
 
 
 def git_commit() -> str:
@@ -176,10 +165,6 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
                                                 len(weights), max(1, rep_ms // 4))
                       for tile in gemv_module.GPU_CONFIGS}
     return row
-
-
-def tile_name(tile: triton.Config) -> str:
-    return f"{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} warps {tile.num_warps}"
 
 
 def gemv_reference_triton(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm: dict) -> torch.Tensor:

@@ -193,6 +193,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         # (empty on a CPU).
         "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv
                                    else "cublas"),
+        "gemv_tiles": runner.gemv_tiles,  # ms per launch of each tile by shape, from graph replays (the fastest serves)
     }
 
 

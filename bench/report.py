@@ -109,6 +109,10 @@ def format_table(report: dict) -> str:
                 with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""
                 lines.append(f"  {role} batch-1 projections: cuBLAS {choice['cublas_ms']:.3g} ms/step, fused GEMV "
                              f"{choice['gemv_ms']:.3g}{with_pdl} ms/step: {choice['chosen']} serves")
+            for shape, ms in m.get("gemv_tiles", {}).items():
+                best = min(ms, key=ms.get)
+                lines.append(f"    {shape}: {best} serves, {ms[best] * 1e3:.3g} us/launch (tiles "
+                             f"{min(ms.values()) * 1e3:.3g}-{max(ms.values()) * 1e3:.3g} us)")
     for role, k in report.get("decode_kernels", {}).items():
         top = ", ".join(f"{x['name'][:28]} {x['ms_per_step']:.3g}" for x in k["top"][:4])
         lines.append(f"  {role} bs1 step: {k['kernels_per_step']:.0f} kernels, {k['kernel_ms_per_step']:.3g} ms of "

@@ -15,12 +15,22 @@ the product, the kernel computes the input the unfused model would have handed o
 
 Roundings are the unfused ops': the prologue's result is rounded to the model dtype, then multiplied with fp32
 accumulation (and the bias added) as F.linear does; results differ from cuBLAS's by summation order only.
-On a GPU the tile shape is autotuned per (N, K, prologue), and the runner uses these kernels only if a batch-1
-decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at start-up). Launched with PDL
-(kernels/pdl.py), each program loads its first weight tile before it waits for the kernel before to finish.
+Each program loads its first weight tile before anything else (launched with PDL, kernels/pdl.py, before it waits
+for the kernel before to finish: no step writes weights). Triton pipelines the loads of a ``tl.dot`` loop, not of
+this elementwise one, so a tile may ask (``PREFETCH``) for each weight tile's load to go out before the product
+of the one before: two in flight per program instead of one.
+
+On a GPU the runner chooses the tile of each (N, K, prologue) by timing its step's own launches replayed from CUDA
+graphs (engine/gemv_tiles.py, through ``recording`` and ``serve_tile``); shapes without one are autotuned launch by
+launch. The runner uses these
+kernels only if a batch-1 decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at
+start-up).
 """
+import contextlib
+import dataclasses
 import functools
 import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +43,15 @@ from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.rope import round_to
 
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_and_mul": 2}
-INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32})
-GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=3)
-               for n, k, warps in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8),
-                                   (32, 256, 8))]
-"""The tiles the autotuner tries on a GPU: 2-4K weights in flight per program step, 32 fp32 accumulators and 32
-weights per thread (tests/test_kernels_compile.py compiles each for sm_90 and checks that none spills)."""
+PROLOGUE_NAMES = {code: name for name, code in PROLOGUES.items()}
+INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0})
+GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch}, num_warps=warps, num_stages=3)
+               for n, k, warps, prefetch in ((4, 512, 4, 0), (8, 256, 4, 0), (8, 512, 4, 0), (16, 256, 4, 0),
+                                             (32, 128, 4, 0), (16, 512, 8, 0), (32, 256, 8, 0), (4, 512, 4, 1),
+                                             (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1))]
+"""The tiles tried on a GPU: 2-4K weights per program step, 32 fp32 accumulators and up to 32 weights per thread
+(64 with PREFETCH: two tiles in registers; tests/test_kernels_compile.py compiles each for sm_90 and checks that
+none spills)."""
 
 
 @triton.jit
@@ -70,14 +83,14 @@ def _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K: tl.constexpr,
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_weight_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, eps, N, stride_w,
     K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if PDL:  # weights are never written by a step: the first tile is read while the kernel before finishes
-        first_weights = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, 0, K, BLOCK_K)
+    w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, 0, K, BLOCK_K)  # (with PDL: while the kernel before ends)
     wait_for_earlier_kernels(PDL)
     inv_rms = 0.0
     if PROLOGUE == 1:  # the row's norm (and residual sum), as kernels/rms_norm.py computes it
@@ -89,15 +102,16 @@ def _gemv_kernel(
                 tl.store(residual_out_ptr + offs, row.to(dtype), mask=offs < K)
         inv_rms = tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if PDL:
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, 0, K, dtype, PROLOGUE, HAS_RESIDUAL,
-                        BLOCK_K)
-        acc += first_weights.to(tl.float32) * x[None, :]
-    for k_start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
+    for k_start in range(0, K, BLOCK_K):
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, inv_rms, k_start, K, dtype, PROLOGUE,
                         HAS_RESIDUAL, BLOCK_K)
-        w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start, K, BLOCK_K)
-        acc += w.to(tl.float32) * x[None, :]
+        if PREFETCH:  # (past K the load is masked off: no memory traffic)
+            next_w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start + BLOCK_K, K, BLOCK_K)
+            acc += w.to(tl.float32) * x[None, :]
+            w = next_w
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+            w = _weight_tile(weight_ptr, offs_n, n_mask, stride_w, k_start + BLOCK_K, K, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -105,10 +119,61 @@ def _gemv_kernel(
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Tuned once per shape at start-up (a runner's warm-up): short timings keep the start quick (~7 configs x 5 shapes).
+# Shapes without a served tile, tuned on first use: short timings keep it quick (~11 configs per shape).
 _gemv = (triton.autotune([INTERPRETED_CONFIG], key=[]) if _INTERPRETED else
          triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
                          do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25)))(_gemv_kernel)
+
+ShapeKey = tuple[int, int, int]
+"""(N, K, prologue): what a served tile is chosen for."""
+_served_tiles: dict[ShapeKey, triton.Config] = {}
+_recorded: list["Launch"] | None = None
+
+
+@dataclasses.dataclass
+class Launch:
+    """One ``gemv`` call's kernel arguments (its tensors kept alive), to launch again with any tile."""
+
+    args: tuple
+    constexprs: dict
+
+    @property
+    def key(self) -> ShapeKey:
+        return self.args[8], self.constexprs["K"], self.constexprs["PROLOGUE"]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.args[3]
+
+    def run(self, tile: triton.Config | None) -> None:
+        """Launches with ``tile``; None: the autotuner's."""
+        n = self.args[8]
+        if tile is None:
+            _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*self.args, **self.constexprs)
+        else:
+            _gemv_kernel[(triton.cdiv(n, tile.kwargs["BLOCK_N"]),)](
+                *self.args, **self.constexprs, **tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Collects the launches of the ``gemv`` calls made inside, each run with ``GPU_CONFIGS[0]`` (no autotuning)."""
+    global _recorded
+    _recorded = launches = []
+    try:
+        yield launches
+    finally:
+        _recorded = None
+
+
+def tile_name(tile: triton.Config) -> str:
+    name = f"{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} warps {tile.num_warps}"
+    return name + " prefetch" if tile.kwargs["PREFETCH"] else name
+
+
+def serve_tile(key: ShapeKey, tile: triton.Config) -> None:
+    """Later ``gemv`` calls of shape ``key`` launch ``tile``."""
+    _served_tiles[key] = tile
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: str,
@@ -152,16 +217,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """``prologue(x) @ weight.T + bias`` for one row ``x`` [1, K] ([1, 2K] for silu_and_mul) → [1, N]; with the
     rms_norm prologue, (that, the residual stream: ``residual + x``, or ``x`` itself without ``residual``), as
     ``RMSNorm.forward`` returns them. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py).
-    ``tile``: one of ``GPU_CONFIGS`` instead of the autotuner's pick (the benchmarks' tile sweep)."""
-    n = weight.shape[0]
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    ``tile``: one of ``GPU_CONFIGS`` instead of the served or autotuned one (the benchmarks' tile sweep)."""
+    out = torch.empty((1, weight.shape[0]), dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else x
-    args, constexprs = launch_arguments(x, weight, bias, prologue, residual, norm_weight, eps, out, residual_out, pdl)
-    if tile is None:
-        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constexprs)
-    else:
-        _gemv_kernel[(triton.cdiv(n, tile.kwargs["BLOCK_N"]),)](
-            *args, **constexprs, **tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    launch = Launch(*launch_arguments(x, weight, bias, prologue, residual, norm_weight, eps, out, residual_out, pdl))
+    if _recorded is not None:
+        _recorded.append(launch)
+        tile = tile or GPU_CONFIGS[0]
+    launch.run(tile or _served_tiles.get(launch.key))
     return (out, residual_out) if prologue == "rms_norm" else out
 
 

@@ -41,6 +41,7 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         assert all(d["ms"] > 0 and d["synced_ms"] > 0 and 0 < d["fraction_of_roofline"] for d in model["decode"])
         assert model["prefill"]["tokens_per_s"] > 0
         assert model["batch1_projections"] == {"chosen": "cublas"}  # measured only with CUDA graphs on a GPU
+        assert model["gemv_tiles"] == {}
     for role, kernels in report["decode_kernels"].items():
         assert kernels["batch"] == 1 and kernels["kernels_per_step"] > 0 and kernels["top"]
         assert 0 < sum(k["ms_per_step"] for k in kernels["top"]) <= kernels["kernel_ms_per_step"]

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayEngine, SamplingParams
-from relaykern.engine import runner as runner_module
+from relaykern.engine import gemv_tiles, runner as runner_module
 from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.kernels import gemv as gemv_module
 from relaykern.tiny import save_tiny_checkpoint
 
 PROMPT_LENGTHS = (5, 17, 33)  # none a multiple of the block size
@@ -71,8 +72,9 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
 
 
 def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
-    """The GPU start-up times a batch-1 step per projection path and serves the fastest; a PDL variant that cannot
-    be captured is skipped with a warning. Run here by hand with eager "replays" and made-up timings."""
+    """The GPU start-up chooses each projection shape's GEMV tile from graph replays of the step's own launches,
+    then times a batch-1 step per projection path and serves the fastest; a PDL variant that cannot be captured is
+    skipped with a warning. Run here by hand with eager "replays" and made-up timings."""
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=64,
                                                                        attention_backend="triton"))
     prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -80,7 +82,7 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     replay_ms = {(False, False): 2.0, (True, False): 1.0}
 
     class EagerGraphs(StepGraphs):
-        def __init__(self, runner, shapes):
+        def __init__(self, runner, capture=True, shapes=None):
             if runner.pdl:
                 raise RuntimeError("operation not permitted when stream is capturing")
             super().__init__(runner, capture=False, shapes=shapes)
@@ -88,7 +90,16 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
         def replay_ms(self, shape):
             return replay_ms[(self.gemv, self.pdl)]
 
+    fastest = gemv_module.GPU_CONFIGS[3]
+
+    def tile_replay_ms(call, copies, rep_ms):  # made up: one tile fastest; its launch run for real (the first)
+        call(0)
+        return 1e-3 if call.args[1] is fastest else 2e-3
+
     monkeypatch.setattr(runner_module, "StepGraphs", EagerGraphs)
+    monkeypatch.setattr(gemv_tiles, "graph_ms", tile_replay_ms)
+    monkeypatch.setattr(gemv_tiles, "_timed", {})
+    monkeypatch.setattr(gemv_module, "_served_tiles", {})
     monkeypatch.setattr(runner_module, "pdl_supported", lambda device: True)
     monkeypatch.setattr(runner_module, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
     runner = engine.slm
@@ -96,6 +107,12 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
         assert runner._choose_batch1_step() == {"cublas_ms": 2.0, "gemv_ms": 1.0}
     assert (runner.gemv, runner.pdl) == (True, False)
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
+    # One recorded shape per projection kind (q/k/v and gate/up with the norm, o, down with SiLU-and-mul): each
+    # serves the fastest tile.
+    prologues = sorted(shape.split()[-1] for shape in runner.gemv_tiles)
+    assert prologues == ["none", "rms_norm", "rms_norm", "silu_and_mul"]
+    assert all(len(ms) == len(gemv_module.GPU_CONFIGS) for ms in runner.gemv_tiles.values())
+    assert all(tile is fastest for tile in gemv_module._served_tiles.values())
     runner.gemv = False
     assert engine.generate(prompts, sampling)[0].token_ids == before
 

@@ -3,7 +3,8 @@ model's one-row steps give the same tokens with the fused GEMV path as without i
 import pytest
 import torch
 
-from relaykern.kernels.gemv import GPU_CONFIGS, gemv, gemv_reference
+from relaykern.kernels import gemv as gemv_module
+from relaykern.kernels.gemv import GPU_CONFIGS, gemv, gemv_reference, tile_name
 
 from test_kernels_norms import BF16_TOLERANCE, DEVICE, randn
 
@@ -38,11 +39,33 @@ def test_gemv(k, n, prologue, with_residual, with_bias, dtype):
         assert_close(got, want, dtype)  # with the rms_norm prologue, the residual stream too
 
 
-@pytest.mark.parametrize("tile", GPU_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}")
+@pytest.mark.parametrize("tile", GPU_CONFIGS, ids=tile_name)
 def test_every_gpu_tile_computes_the_reference(tile):
-    """``gemv(..., tile=...)`` (the benchmarks' tile sweep) launches that tile, bypassing the autotuner."""
-    x, weight, kwargs = inputs("silu_and_mul", 100, 40, torch.float32, False, True)
+    """``gemv(..., tile=...)`` (the benchmarks' tile sweep) launches that tile, bypassing the autotuner. K spans
+    several K steps of every tile (a prefetching one loads past K at its last step: masked off)."""
+    x, weight, kwargs = inputs("silu_and_mul", 600, 40, torch.float32, False, True)
     assert_close(gemv(x, weight, tile=tile, **kwargs), gemv_reference(x, weight, **kwargs), torch.float32)
+
+
+def test_recorded_launches_rerun_with_any_tile_and_a_served_tile_serves(monkeypatch):
+    """What the runner's tile choice (engine/gemv_tiles.py) relies on: recorded launches keep their arguments, and
+    ``serve_tile`` decides the tile of later calls of that shape (N, K, prologue) only."""
+    monkeypatch.setattr(gemv_module, "_served_tiles", {})
+    x, weight, kwargs = inputs("rms_norm", 64, 40, torch.float32, True, False)
+    with gemv_module.recording() as launches:
+        out, _ = gemv(x, weight, **kwargs)
+        gemv(x[:, :32], weight[:, :32].contiguous())
+    assert [launch.key for launch in launches] == [(40, 64, 1), (40, 32, 0)]
+    expected = out.clone()
+    out.zero_()
+    launches[0].run(GPU_CONFIGS[-1])
+    assert_close(out, expected, torch.float32)
+    ran = []
+    monkeypatch.setattr(gemv_module.Launch, "run", lambda launch, tile: ran.append((launch.key, tile)))
+    gemv_module.serve_tile((40, 64, 1), GPU_CONFIGS[2])
+    gemv(x, weight, **kwargs)
+    gemv(x[:, :32], weight[:, :32].contiguous())
+    assert ran == [((40, 64, 1), GPU_CONFIGS[2]), ((40, 32, 0), None)]  # (None: autotuned)
 
 
 def test_gemv_bad_input():

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import triton
 
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.models.attention import AttentionContext
@@ -57,6 +58,19 @@ class GraphShape:
     def batch(self) -> int:
         """The most real rows it serves."""
         return self.rows if self.decode else self.rows - 1
+
+
+def graph_ms(call: Callable[[int], object], copies: int, rep_ms: int) -> float:
+    """ms of one ``call(i)`` replayed from a CUDA graph of ``call(0) ... call(copies - 1)`` (median; the calls run
+    once outside the capture first: compiles, autotuning)."""
+    for i in range(copies):
+        call(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            call(i)
+    return triton.testing.do_bench(graph.replay, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / copies
 
 
 def capture_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[GraphShape]:

@@ -18,6 +18,7 @@ import torch
 from relaykern import _C
 from relaykern.config import EngineConfig, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
+from relaykern.engine.gemv_tiles import choose_tiles
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.kernels.extend_attention import choose_extend_tile
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
@@ -99,6 +100,8 @@ class ModelRunner:
         self.gemv = False
         self.pdl = False
         self.gemv_timing: dict[str, float] = {}
+        self.gemv_tiles: dict[str, dict[str, float]] = {}
+        """ms per launch of each GEMV tile, by projection shape (``engine/gemv_tiles.py``; empty off CUDA graphs)."""
         with self.scope():
             if triton_on_gpu:
                 self._compile_forward_variants()
@@ -128,13 +131,16 @@ class ModelRunner:
 
     def _choose_batch1_step(self) -> dict[str, float]:
         """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
-        kernels (kernels/gemv.py), and (on Hopper and later) as those with every Triton kernel launched with PDL
-        (kernels/pdl.py). The fastest serves: sets ``gemv`` and ``pdl``. Which wins depends on the GPU and the
+        kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as
+        those with every Triton kernel launched with PDL (kernels/pdl.py). The fastest serves: sets ``gemv`` and
+        ``pdl``. Which wins depends on the GPU and the
         shapes. PDL must give exactly the plain GEMV step's logits (the same kernels in the same order), or it is
         dropped with a warning."""
         variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
         if pdl_supported(self.device):
             variants["gemv_pdl_ms"] = (True, True)
+        self.gemv, self.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
+        self.gemv_tiles = choose_tiles(lambda: StepGraphs(self, capture=False, shapes=[BATCH1]))
         context = min(BATCH1_CONTEXT, self.max_model_len - 1)
         timing, logits = {}, {}
         self.blocks.allocate(WARMUP_SEQ_ID, [0] * context)

@@ -1,0 +1,56 @@
+"""Each one-row projection's GEMV tile, chosen by timing the step's own launches replayed from CUDA graphs.
+
+Triton's autotuner times a tile launch by launch: for kernels of 5-40 us the host's launch cost blurs the ranking
+(on an H200 it picked tiles that replayed slower in a step), and a lone 1.7B weight matrix stays in the L2 from one
+timing to the next. A served step replays its kernels from a graph and reads each layer's weights once. So the
+runner records the GEMV launches of one batch-1 step, groups them by shape (N, K, prologue: one launch per layer,
+e.g. a model's 28 o projections, whose weights together outgrow the L2), replays each group from a graph with every
+tile, and serves the fastest (``kernels.gemv.serve_tile``).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Callable
+
+import torch
+
+from relaykern.engine.cuda_graphs import graph_ms
+from relaykern.kernels import gemv
+
+REPLAY_MS = 10
+"""Timing per tile and shape (a few dozen replays): the choice costs about a second per model."""
+_timed: dict[gemv.ShapeKey, list[float]] = {}
+"""ms per launch of each tile, by shape, for this process: a later runner with the same shapes (another engine of
+the same model) serves the same tiles without timing them again."""
+
+
+def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None) -> dict[str, dict[str, float]]:
+    """Runs ``step`` (a batch-1 forward whose projections run as GEMV kernels) once, recording its launches, and
+    serves each shape the tile whose replays are fastest. Returns the ms per launch of every tile, by shape.
+    A shape whose weights in the step total less than ``min_group_bytes`` (default: the device's L2) is left to the
+    autotuner: replayed, they would be read from the L2, which a served step has long since filled with others."""
+    with gemv.recording() as launches:
+        step()
+    groups: dict[gemv.ShapeKey, list[gemv.Launch]] = collections.defaultdict(list)
+    for launch in launches:
+        groups[launch.key].append(launch)
+    if min_group_bytes is None and launches:
+        device = launches[0].weight.device
+        min_group_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    timing = {}
+    for key, group in groups.items():
+        if sum(launch.weight.nbytes for launch in group) < min_group_bytes:
+            continue
+        if key not in _timed:
+            _timed[key] = [graph_ms(functools.partial(_launch, group, tile), len(group), REPLAY_MS)
+                           for tile in gemv.GPU_CONFIGS]
+        ms = _timed[key]
+        gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
+        n, k, prologue = key
+        timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}"] = dict(zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
+    return timing
+
+
+def _launch(group: list[gemv.Launch], tile, index: int) -> None:
+    group[index].run(tile)
