@@ -41,12 +41,12 @@ def test_host_work_per_decode_step(benchmark, tmp_path_factory, batch):
     engine = RelayEngine(slm, llm, slm_config=config, llm_config=config)
     plain = engine.tokenizer.encode(" the", add_special_tokens=False)[0]  # no command can start in it
     for runner in (engine.slm, engine.llm):
-        runner.execute = lambda rows, fed_tokens=None: (torch.full((len(rows),), plain), None)
+        runner.execute = lambda rows, fed_tokens=None, background=False: (torch.full((len(rows),), plain), None)
     sampling = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
-    for index in range(batch):
-        engine.add_request([1000 + index] * 32, sampling)
+    seqs = [engine.add_request([1000 + index] * 32, sampling) for index in range(batch)]
     engine.step()  # the prefill
     benchmark.pedantic(engine.step, rounds=60, warmup_rounds=5)
+    assert not any(seq.finished for seq in seqs), "the steps timed must be decoding every request"
 
 
 @pytest.mark.parametrize("k", [16, 256])
