@@ -133,9 +133,8 @@ class ModelRunner:
         """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
         kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as
         those with every Triton kernel launched with PDL (kernels/pdl.py). The fastest serves: sets ``gemv`` and
-        ``pdl``. Which wins depends on the GPU and the
-        shapes. PDL must give exactly the plain GEMV step's logits (the same kernels in the same order), or it is
-        dropped with a warning."""
+        ``pdl``. Which wins depends on the GPU and the shapes. PDL must give exactly the plain GEMV step's logits
+        (the same kernels in the same order), or it is dropped with a warning."""
         variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
         if pdl_supported(self.device):
             variants["gemv_pdl_ms"] = (True, True)
