@@ -22,9 +22,8 @@ of the one before: two in flight per program instead of one.
 
 On a GPU the runner chooses the tile of each (N, K, prologue) by timing its step's own launches replayed from CUDA
 graphs (engine/gemv_tiles.py, through ``recording`` and ``serve_tile``); shapes without one are autotuned launch by
-launch. The runner uses these
-kernels only if a batch-1 decode step replays faster with them than with cuBLAS (``ModelRunner`` times both at
-start-up).
+launch. The runner uses these kernels only if a batch-1 decode step replays faster with them than with cuBLAS
+(``ModelRunner`` times both at start-up).
 """
 import contextlib
 import dataclasses
