@@ -90,9 +90,11 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
         def replay_ms(self, shape):
             return replay_ms[(self.gemv, self.pdl)]
 
-    fastest = gemv_module.GPU_CONFIGS[3]
+    fastest, broken = gemv_module.GPU_CONFIGS[3], gemv_module.GPU_CONFIGS[0]
 
-    def tile_replay_ms(call, copies, rep_ms):  # made up: one tile fastest; its launch run for real (the first)
+    def tile_replay_ms(call, copies, rep_ms):  # made up: one tile fastest, one failing; launches run for real
+        if call.args[1] is broken:
+            raise RuntimeError("out of resources")
         call(0)
         return 1e-3 if call.args[1] is fastest else 2e-3
 
@@ -103,15 +105,18 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     monkeypatch.setattr(runner_module, "pdl_supported", lambda device: True)
     monkeypatch.setattr(runner_module, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
     runner = engine.slm
-    with pytest.warns(UserWarning, match="not captured"):
+    with pytest.warns(UserWarning) as warned:
         assert runner._choose_batch1_step() == {"cublas_ms": 2.0, "gemv_ms": 1.0}
+    assert any("not captured" in str(w.message) for w in warned)
+    assert any("left out" in str(w.message) for w in warned)
     assert (runner.gemv, runner.pdl) == (True, False)
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     # One recorded shape per projection kind (q/k/v and gate/up with the norm, o, down with SiLU-and-mul): each
     # serves the fastest tile.
     prologues = sorted(shape.split()[-1] for shape in runner.gemv_tiles)
     assert prologues == ["none", "rms_norm", "rms_norm", "silu_and_mul"]
-    assert all(len(ms) == len(gemv_module.GPU_CONFIGS) for ms in runner.gemv_tiles.values())
+    assert all(len(ms) == len(gemv_module.GPU_CONFIGS) and ms[gemv_module.tile_name(broken)] == float("inf")
+               for ms in runner.gemv_tiles.values())
     assert all(tile is fastest for tile in gemv_module._served_tiles.values())
     runner.gemv = False
     assert engine.generate(prompts, sampling)[0].token_ids == before

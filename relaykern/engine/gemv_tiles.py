@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
+import warnings
 from typing import Callable
 
 import torch
+import triton
 
 from relaykern.engine.cuda_graphs import graph_ms
 from relaykern.kernels import gemv
@@ -43,14 +46,24 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
         if sum(launch.weight.nbytes for launch in group) < min_group_bytes:
             continue
         if key not in _timed:
-            _timed[key] = [graph_ms(functools.partial(_launch, group, tile), len(group), REPLAY_MS)
-                           for tile in gemv.GPU_CONFIGS]
+            _timed[key] = [_replay_ms(group, tile) for tile in gemv.GPU_CONFIGS]
         ms = _timed[key]
-        gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
+        if min(ms) < math.inf:
+            gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
         n, k, prologue = key
         timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}"] = dict(zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
     return timing
 
 
-def _launch(group: list[gemv.Launch], tile, index: int) -> None:
+def _replay_ms(group: list[gemv.Launch], tile: triton.Config) -> float:
+    """ms per launch of ``group`` replayed with ``tile``; inf if the tile does not compile or launch for this shape
+    (the launches run once before the capture: a failure leaves no capture open)."""
+    try:
+        return graph_ms(functools.partial(_launch, group, tile), len(group), REPLAY_MS)
+    except Exception as err:  # noqa: BLE001 - e.g. out of registers or shared memory for this shape: not served
+        warnings.warn(f"GEMV tile {gemv.tile_name(tile)} left out for N={group[0].key[0]} K={group[0].key[1]}: {err}")
+        return math.inf
+
+
+def _launch(group: list[gemv.Launch], tile: triton.Config, index: int) -> None:
     group[index].run(tile)
