@@ -6,7 +6,7 @@ import torch
 from relaykern.kernels import gemv as gemv_module
 from relaykern.kernels.gemv import GPU_CONFIGS, gemv, gemv_reference, tile_name
 
-from test_kernels_norms import BF16_TOLERANCE, DEVICE, randn
+from test_kernels_norms import BF16_TOLERANCE, randn
 
 
 def assert_close(actual, expected, dtype):
