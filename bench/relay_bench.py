@@ -86,7 +86,8 @@ END_TO_END_SEED = 7
 def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     """One request at a time through ``generate``, as the engine's own loop serves a relay: its overhead with the
     engine's settings (the LLM reading from the command's first tokens on when at least
-    ``RelayConfig.early_catchup_tokens`` wait) and with the LLM reading at the call only.
+    ``RelayConfig.early_catchup_tokens`` wait), with the LLM reading at the call only, and (on a GPU) reading early
+    at the priority of the models' steps (``read_ahead_yields=False``).
 
     The relay request reads k tokens into the LLM at its call (a prompt of k - 4 tokens, then 4 SLM tokens; the
     command's are stripped), the LLM writes n, the SLM 4 more. A request of as many tokens that never calls is timed
@@ -99,6 +100,9 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     rng = random.Random(END_TO_END_SEED)
     top = min(engine.slm.model_config.vocab_size, 150000)
     ahead = END_TO_END_SLM_TOKENS
+    modes = [("default", None), ("at_call", dataclasses.replace(engine.relay, early_catchup_tokens=0))]
+    if engine.llm.stream is not None:  # reading early at the steps' priority (a CPU has no streams to prioritize)
+        modes.append(("same_priority", dataclasses.replace(engine.relay, read_ahead_yields=False)))
     relays = []
     for k in [k for k in preset.catchup_lengths if k <= max_k]:
         slm_step = Probe(engine.slm, preset.repeats).pipelined_decode_ms(1, k)
@@ -116,8 +120,7 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
             seconds({}), seconds({ahead: command})  # warm-up: this shape's first forwards
             row = {"k": k, "n": n, "slm_step_ms": slm_step, "llm_step_ms": llm_step,
                    "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
-            for mode, relay in (("default", None), ("at_call", dataclasses.replace(engine.relay,
-                                                                                 early_catchup_tokens=0))):
+            for mode, relay in modes:
                 with using_relay(engine, relay):
                     relay_ms = statistics.median(seconds({ahead: command}) for _ in range(preset.repeats)) * 1e3
                 overhead = relay_ms - row["alone_ms"] - n * (llm_step - slm_step)

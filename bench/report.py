@@ -133,11 +133,13 @@ def format_table(report: dict) -> str:
     if "relay_end_to_end" in report:
         e2e = report["relay_end_to_end"]
         lines.append(f"relay end to end (batch 1, generate): overhead in LLM decode steps, engine defaults (LLM "
-                     f"reading from <call when >= {e2e['early_catchup_tokens']} tokens wait) and reading at calls")
-        lines += _rows(["k", "N", "alone_ms", "default_ms", "steps", "at_call_ms", "steps"],
-                       [[x["k"], x["n"], x["alone_ms"], x["default"]["relay_ms"],
-                         x["default"]["overhead_llm_steps"], x["at_call"]["relay_ms"],
-                         x["at_call"]["overhead_llm_steps"]] for x in e2e["relays"]])
+                     f"reading from <call when >= {e2e['early_catchup_tokens']} tokens wait), reading at calls, "
+                     "and (GPU) reading early at the steps' stream priority")
+        modes = [m for m in ("default", "at_call", "same_priority") if e2e["relays"] and m in e2e["relays"][0]]
+        lines += _rows(["k", "N", "alone_ms"] + [name for m in modes for name in (f"{m}_ms", "steps")],
+                       [[x["k"], x["n"], x["alone_ms"]] + [v for m in modes for v in (x[m]["relay_ms"],
+                                                                                   x[m]["overhead_llm_steps"])]
+                        for x in e2e["relays"]])
     if "relay_throughput" in report:
         thr = report["relay_throughput"]
         s = thr["slm_only"]
