@@ -20,9 +20,9 @@ for the kernel before to finish: no step writes weights). Triton pipelines the l
 this elementwise one, so a tile may ask (``PREFETCH``) for each weight tile's load to go out before the product
 of the one before: two in flight per program instead of one.
 
-On a GPU the runner chooses the tile of each (N, K, prologue) by timing its step's own launches replayed from CUDA
-graphs (engine/gemv_tiles.py, through ``recording`` and ``serve_tile``); shapes without one are autotuned launch by
-launch. The runner uses these kernels only if a batch-1 decode step replays faster with them than with cuBLAS
+On a GPU the runner chooses the tile of each (N, K, prologue, dtype) by timing its step's own launches replayed from
+CUDA graphs (engine/gemv_tiles.py, through ``recording`` and ``serve_tile``); shapes without one are autotuned launch
+by launch. The runner uses these kernels only if a batch-1 decode step replays faster with them than with cuBLAS
 (``ModelRunner`` times both at start-up).
 """
 import contextlib
@@ -123,8 +123,8 @@ _gemv = (triton.autotune([INTERPRETED_CONFIG], key=[]) if _INTERPRETED else
          triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
                          do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25)))(_gemv_kernel)
 
-ShapeKey = tuple[int, int, int]
-"""(N, K, prologue): what a served tile is chosen for."""
+ShapeKey = tuple[int, int, int, torch.dtype]
+"""(N, K, prologue, weight dtype): what a served tile is chosen for."""
 _served_tiles: dict[ShapeKey, triton.Config] = {}
 _recorded: list["Launch"] | None = None
 
@@ -138,7 +138,7 @@ class Launch:
 
     @property
     def key(self) -> ShapeKey:
-        return self.args[8], self.constexprs["K"], self.constexprs["PROLOGUE"]
+        return self.args[8], self.constexprs["K"], self.constexprs["PROLOGUE"], self.weight.dtype
 
     @property
     def weight(self) -> torch.Tensor:

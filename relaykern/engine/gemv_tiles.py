@@ -1,11 +1,11 @@
 """Each one-row projection's GEMV tile, chosen by timing the step's own launches replayed from CUDA graphs.
 
 Triton's autotuner times a tile launch by launch: for kernels of 5-40 us the host's launch cost blurs the ranking
-(on an H200 it picked tiles that replayed slower in a step), and a lone 1.7B weight matrix stays in the L2 from one
-timing to the next. A served step replays its kernels from a graph and reads each layer's weights once. So the
-runner records the GEMV launches of one batch-1 step, groups them by shape (N, K, prologue: one launch per layer,
-e.g. a model's 28 o projections, whose weights together outgrow the L2), replays each group from a graph with every
-tile, and serves the fastest (``kernels.gemv.serve_tile``).
+(on an H200 it picked tiles that replayed slower in a step). A served step replays its kernels from a graph, one
+after another, and reads each layer's weights once. So the runner records the GEMV launches of one batch-1 step,
+groups them by shape (N, K, prologue, dtype: one launch per layer, e.g. a model's 28 o projections, whose weights
+together outgrow the L2), replays each group from a graph with every tile, and serves the fastest
+(``kernels.gemv.serve_tile``).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
         ms = _timed[key]
         if min(ms) < math.inf:
             gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
-        n, k, prologue = key
+        n, k, prologue, _ = key
         timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}"] = dict(zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
     return timing
 
