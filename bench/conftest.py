@@ -16,7 +16,8 @@ BENCHMARK_FILES = {"bench_relay.py"}
 
 
 def pytest_collect_file(file_path: Path, parent):
-    if file_path.parent == HERE and file_path.name in BENCHMARK_FILES:
+    # A file named on the command line pytest collects itself, whatever its name.
+    if file_path.parent == HERE and file_path.name in BENCHMARK_FILES and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
