@@ -31,10 +31,9 @@ class Launched:
 def run_forward(runner: ModelRunner, scheduler: Scheduler, seqs: list[Sequence], rows: list[Row],
                 background: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Runs a forward (``background``: as ``ModelRunner.execute`` says): (sampled ids, log-probs) on the device. If
-    it fails (a broken logits processor, say), each
-    row is retried alone so that only the requests that fail are finished with ``finish_reason="error"`` (their
-    blocks freed, and dropped from ``seqs`` and ``rows`` in place); rewriting a row's KV is idempotent. Log-probs:
-    ``None`` if no row asked for them. None if no row ran."""
+    it fails (a broken logits processor, say), each row is retried alone so that only the requests that fail are
+    finished with ``finish_reason="error"`` (their blocks freed, and dropped from ``seqs`` and ``rows`` in place);
+    rewriting a row's KV is idempotent. Log-probs: ``None`` if no row asked for them. None if no row ran."""
     try:
         return runner.execute(rows, background=background)
     except Exception as err:  # noqa: BLE001 - reported on the affected requests; the engine goes on
