@@ -368,6 +368,25 @@ def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, 
     assert tight == expected and largest <= 8
 
 
+def test_overlapped_steps_feed_the_next_chunk_at_once(slm_dir, llm_dir, tokenizer):
+    """A long prompt arriving while another request decodes: with overlapped steps, each of its chunks rides in the
+    step right after the one before (the host knows its tokens), not a step later."""
+    config = EngineConfig(device="cpu", block_size=4, max_num_batched_tokens=8)
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
+    decoding = engine.add_request([101, 102, 103], scripted({}, max_tokens=20))
+    engine.step()
+    forwards = record_calls(engine.slm)
+    long = engine.add_request(list(range(1000, 1030)), scripted({}, max_tokens=3))
+    while not (decoding.finished and long.finished):
+        engine.step()
+    with_long = [i for i, (rows,) in enumerate(forwards) if any(row.seq_id == long.request_id for row in rows)]
+    chunks = [row for (rows,) in forwards for row in rows if row.seq_id == long.request_id and not row.samples]
+    assert len(chunks) >= 4 and with_long[:len(chunks) + 1] == list(range(with_long[0], with_long[0] + len(chunks) + 1))
+    assert [row.start for row in chunks] == [sum(len(row.tokens) for row in chunks[:i]) for i in range(len(chunks))]
+    assert engine.overlapped_steps["slm"] >= len(chunks)
+    assert_no_blocks_held(engine)
+
+
 def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
     # A command with no LLM configured stays text and is counted as unserved.
     alone = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))

@@ -60,32 +60,36 @@ class Scheduler:
         return self.running + list(self.waiting)
 
     def schedule(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, busy: list[Sequence] = (), *,
-                 in_flight: frozenset[int] = frozenset(), taken: int = 0) -> tuple[list[Sequence], list[Row]]:
+                 in_flight: frozenset[int] = frozenset(), chunk_ends: dict[int, int] | None = None, taken: int = 0
+                 ) -> tuple[list[Sequence], list[Row]]:
         """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it.
         ``busy``: sequences in the other model's forward of this step, never preempted. For an overlapped step
         (``schedule_overlapped``): ``in_flight``, ids of sequences this model's launched forward computes (their
-        views are not up to date yet: left out), ``taken`` rows of one token each already in the step; free blocks
+        views are not up to date yet: left out, except those in ``chunk_ends``, whose launched row is a chunk and
+        whose next chunk starts where it ends), ``taken`` rows of one token each already in the step; free blocks
         only, never making room."""
         batch: list[Sequence] = []
         rows: list[Row] = []
         in_batch: set[int] = set()
         busy_ids = {s.request_id for s in busy}
+        chunk_ends = chunk_ends or {}
         num_tokens = taken
         for seq in self._candidates(phase, view_of):
-            if seq.request_id in in_flight:
+            if seq.request_id in in_flight and seq.request_id not in chunk_ends:
                 continue
             view = view_of(seq)
+            start = chunk_ends.get(seq.request_id, view.num_cached)
             room = self.config.max_num_batched_tokens - num_tokens
             if taken + len(rows) >= self.config.max_num_seqs or room <= 0:
                 break
             in_batch.add(seq.request_id)  # (making room for it never takes its own blocks)
             make_room = None if in_flight else \
                 lambda: self._make_room(runner, view_of, phase, in_batch, busy_ids)  # noqa: E731
-            if not self._reserve(seq, view, runner, view.num_cached + min(view.num_pending, room), make_room):
+            if not self._reserve(seq, view, runner, start + min(len(view.tokens) - start, room), make_room):
                 in_batch.discard(seq.request_id)
                 break
             batch.append(seq)
-            rows.append(self._row(seq, view, phase))
+            rows.append(self._row(seq, view, phase, start))
             num_tokens += len(rows[-1].tokens)
         self._start_running(in_batch)
         return batch, rows
@@ -111,7 +115,7 @@ class Scheduler:
             if view.reserved == view.num_cached:  # all of it found in the prefix cache
                 continue
             batch.append(seq)
-            rows.append(dataclasses.replace(self._row(seq, view, Phase.LLM), samples=False))
+            rows.append(dataclasses.replace(self._row(seq, view, Phase.LLM, view.num_cached), samples=False))
             num_tokens += len(rows[-1].tokens)
         return batch, rows
 
@@ -122,16 +126,21 @@ class Scheduler:
         samples is carried on (first, in order), fed the token sampled on it (``FED_ON_DEVICE`` until then) at the
         next position, unless that token ends the request or the LLM's call, or its request is known to have left
         ``phase`` (its row's token will be dropped). Rows for the other sequences in ``phase`` follow, scheduled as
-        usual from free blocks (catch-ups, prefills, admissions; the launched step's chunks come back a step later).
-        None if the next step must be scheduled in turn: no row is carried on (a step of new rows alone is the usual
-        schedule's, which also keeps the LLM's batching wait), a row to carry has a logits processor that needs the
-        tokens on the host (``LogitsProcessor``), or free blocks are short for the carried rows."""
+        usual from free blocks (catch-ups, prefills, admissions, and the next chunks of the launched step's chunked
+        rows, whose tokens the host knows). None if the next step must be scheduled in turn: no row is carried on (a
+        step of new rows alone is the usual schedule's, which also keeps the LLM's batching wait), a row to carry has
+        a logits processor that needs the tokens on the host (``LogitsProcessor``), or free blocks are short for the
+        carried rows."""
         carried: list[int] = []
         carried_rows: list[Row] = []
         in_flight = frozenset(seq.request_id for seq in seqs)
+        chunk_ends: dict[int, int] = {}
         for i, (seq, row) in enumerate(zip(seqs, rows)):
             start = row.start + len(row.tokens)
-            if not (row.samples and seq.goes_on(phase, view_of(seq), start)):
+            view = view_of(seq)
+            if not row.samples and seq.phase is phase and view.allocated and view.reserved == start:
+                chunk_ends[seq.request_id] = start
+            if not (row.samples and seq.goes_on(phase, view, start)):
                 continue
             if not all(getattr(p, "position_only", False) for p in row.sampling.logits_processors):
                 return None
@@ -143,7 +152,8 @@ class Scheduler:
             carried_rows.append(dataclasses.replace(row, tokens=[FED_ON_DEVICE], start=start, step=row.step + 1))
         if not carried:
             return None
-        more_seqs, more_rows = self.schedule(phase, runner, view_of, in_flight=in_flight, taken=len(carried))
+        more_seqs, more_rows = self.schedule(phase, runner, view_of, in_flight=in_flight, chunk_ends=chunk_ends,
+                                             taken=len(carried))
         return carried, [seqs[i] for i in carried] + more_seqs, carried_rows + more_rows
 
     @staticmethod
@@ -240,12 +250,14 @@ class Scheduler:
             self.waiting.remove(seq)
 
     @staticmethod
-    def _row(seq: Sequence, view: ModelView, phase: Phase) -> Row:
+    def _row(seq: Sequence, view: ModelView, phase: Phase, start: int) -> Row:
+        """The row feeding ``view.tokens[start:view.reserved]`` (``start``: the cached length, or where the launched
+        chunk before it ends)."""
         is_slm = phase is Phase.SLM
         return Row(
             seq_id=seq.request_id,
-            tokens=view.tokens[view.num_cached:view.reserved],
-            start=view.num_cached,
+            tokens=view.tokens[start:view.reserved],
+            start=start,
             samples=view.reserved == len(view.tokens),
             sampling=seq.sampling if is_slm else seq.llm_sampling,
             seed=seq.seed if is_slm else seq.seed ^ 0x5EED,
