@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import torch
 
 from relaykern.config import SamplingParams
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.row import Row
+from relaykern.engine.runner import ModelRunner
 from relaykern.bench.timing import median_ms, timed
 
 GREEDY = SamplingParams(temperature=0)

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayEngine, SamplingParams
-from relaykern.engine import gemv_tiles, runner as runner_module
+from relaykern.engine import gemv_tiles, startup
 from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
 from relaykern.kernels import gemv as gemv_module
 from relaykern.tiny import save_tiny_checkpoint
 
@@ -64,7 +65,7 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
     prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     before = engine.generate(prompts, sampling)[0].token_ids
     runner = engine.slm
-    runner._compile_forward_variants()
+    compile_forward_variants(runner)
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     assert runner.blocks.can_allocate([0] * 64) and runner.blocks.allocate(0, [0] * 64) == 0  # no prefix hit
     runner.blocks.free(0, keep_cached=False)
@@ -98,15 +99,15 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
         call(0)
         return 1e-3 if call.args[1] is fastest else 2e-3
 
-    monkeypatch.setattr(runner_module, "StepGraphs", EagerGraphs)
+    monkeypatch.setattr(startup, "StepGraphs", EagerGraphs)
     monkeypatch.setattr(gemv_tiles, "graph_ms", tile_replay_ms)
     monkeypatch.setattr(gemv_tiles, "_timed", {})
     monkeypatch.setattr(gemv_module, "_served_tiles", {})
-    monkeypatch.setattr(runner_module, "pdl_supported", lambda device: True)
-    monkeypatch.setattr(runner_module, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
+    monkeypatch.setattr(startup, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(startup, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
     runner = engine.slm
     with pytest.warns(UserWarning) as warned:
-        assert runner._choose_batch1_step() == {"cublas_ms": 2.0, "gemv_ms": 1.0}
+        assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0}
     assert any("not captured" in str(w.message) for w in warned)
     assert any("left out" in str(w.message) for w in warned)
     assert (runner.gemv, runner.pdl) == (True, False)

@@ -9,7 +9,8 @@ from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.gemv_tiles import choose_tiles
-from relaykern.engine.runner import BATCH1, ModelRunner
+from relaykern.engine.runner import ModelRunner
+from relaykern.engine.startup import BATCH1
 from relaykern.kernels.gemv import GPU_CONFIGS
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.reference import reference_generate

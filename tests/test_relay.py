@@ -10,7 +10,8 @@ import torch
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import StepGraphs
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.row import Row
+from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Phase
 from relaykern.reference import reference_generate
 

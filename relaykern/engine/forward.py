@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from relaykern.engine.readback import Readback
-from relaykern.engine.runner import ModelRunner, Row
+from relaykern.engine.row import Row
+from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Sequence
 

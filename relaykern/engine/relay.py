@@ -45,7 +45,8 @@ from relaykern.engine.forward import Launched, run_forward
 from relaykern.engine.llm_turns import ReadAhead, llm_runs_now
 from relaykern.engine.llm_view import feed_llm_view, note_safe_point
 from relaykern.engine.readback import Readback
-from relaykern.engine.runner import ModelRunner, Row, host_to_device
+from relaykern.engine.row import Row
+from relaykern.engine.runner import ModelRunner, host_to_device
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source

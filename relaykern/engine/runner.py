@@ -8,21 +8,18 @@ the injection kernel from the block tables, which the C++ block manager exports 
 from __future__ import annotations
 
 import contextlib
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from relaykern import _C
-from relaykern.config import EngineConfig, SamplingParams
-from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
-from relaykern.engine.gemv_tiles import choose_tiles
+from relaykern.config import EngineConfig
+from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.row import FED_ON_DEVICE, Row
 from relaykern.engine.sampler import SamplingBatch, sample
-from relaykern.kernels.extend_attention import choose_extend_tile
+from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
-from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.sample import row_keys
 from relaykern.loader import load_model, load_state_dict_into
 from relaykern.models.attention import AttentionContext
@@ -30,13 +27,6 @@ from relaykern.models.attention import AttentionContext
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
-BATCH1 = GraphShape(rows=1, tokens=1, decode=True)
-WARMUP_SEQ_ID = -1
-"""The scratch sequence of the start-up warm-up (request ids are >= 0)."""
-FED_ON_DEVICE = -1
-"""The token of a decode row whose input the forward takes from a device tensor (``execute``'s ``fed_tokens``)."""
-BATCH1_CONTEXT = 256
-"""Tokens of context behind the batch-1 step timed at start-up (its attention reads them)."""
 SERVING_PRIORITY, BACKGROUND_PRIORITY = -1, 0
 """CUDA stream priorities (lower runs first; 0 is the lowest) of a model's forwards and of its background ones."""
 
@@ -47,25 +37,6 @@ def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> to
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host
-
-
-@dataclass
-class Row:
-    """What one sequence feeds a forward: ``tokens`` at positions ``start...``; the next token is sampled after them."""
-
-    seq_id: int
-    tokens: list[int]
-    start: int
-    samples: bool
-    """Whether the row ends its view, so that its sampled token is the model's next one (a prefill or catch-up
-    chunk that does not end it is computed for its KV alone; what it samples is ignored)."""
-    sampling: SamplingParams
-    seed: int
-    step: int
-    """Index in the response of the token to sample (the noise counter; also what logits processors see)."""
-    history: list[int]
-    """The response so far (logits processors get it)."""
-    want_logprobs: bool
 
 
 class ModelRunner:
@@ -93,8 +64,8 @@ class ModelRunner:
         self.stream = torch.cuda.Stream(self.device, priority=SERVING_PRIORITY) if cuda else None
         self.background_stream = torch.cuda.Stream(self.device, priority=BACKGROUND_PRIORITY) if cuda else None
         # Compiled Triton kernels: graph-capturable (the torch backend's references read sequence lengths on the
-        # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here. The eager
-        # variants first, while no graph would take the warm-up's forwards.
+        # host, which a CUDA graph cannot capture), and compiled on first use unless compiled here (startup.py).
+        # The eager variants first, while no graph would take the warm-up's forwards.
         triton_on_gpu = self.device.type == "cuda" and self.backend == "triton"
         self.graphs: StepGraphs | None = None
         self.gemv = False
@@ -104,68 +75,11 @@ class ModelRunner:
         """ms per launch of each GEMV tile, by projection shape (``engine/gemv_tiles.py``; empty off CUDA graphs)."""
         with self.scope():
             if triton_on_gpu:
-                self._compile_forward_variants()
+                compile_forward_variants(self)
                 if config.cuda_graphs:
-                    self.gemv_timing = self._choose_batch1_step()
+                    self.gemv_timing = choose_batch1_step(self)
                     self.graphs = StepGraphs(self)
         self._wait_for_default_stream()
-
-    def _compile_forward_variants(self) -> None:
-        """Runs one forward per tile size of the extend kernel (prefill and catch-up rows) and samples with and
-        without temperature and log-probs, so that Triton compiles those variants now: compiled on first use, each
-        would stall serving for a second or more at some later step. The scratch sequence's KV is forgotten."""
-        mc = self.model_config
-        group = mc.num_heads // mc.num_kv_heads
-        lengths = {}
-        for q_len in (2, 4, 8, 16, 32, 64, 128):
-            lengths.setdefault(choose_extend_tile(q_len, group, self.dtype), q_len)
-        sampled = [SamplingParams(temperature=0), SamplingParams(temperature=1),
-                   SamplingParams(temperature=1, top_p=0.9, logprobs=True)]
-        for index, q_len in enumerate(lengths.values()):
-            sampling = sampled[index % len(sampled)]
-            self.blocks.allocate(WARMUP_SEQ_ID, [0] * q_len)
-            try:
-                self._execute([Row(WARMUP_SEQ_ID, [0] * q_len, 0, True, sampling, 0, 0, [], sampling.logprobs)])
-            finally:
-                self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
-
-    def _choose_batch1_step(self) -> dict[str, float]:
-        """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
-        kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as
-        those with every Triton kernel launched with PDL (kernels/pdl.py). The fastest serves: sets ``gemv`` and
-        ``pdl``. Which wins depends on the GPU and the shapes. PDL must give exactly the plain GEMV step's logits
-        (the same kernels in the same order), or it is dropped with a warning."""
-        variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
-        if pdl_supported(self.device):
-            variants["gemv_pdl_ms"] = (True, True)
-        self.gemv, self.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
-        self.gemv_tiles = choose_tiles(lambda: StepGraphs(self, capture=False, shapes=[BATCH1]))
-        context = min(BATCH1_CONTEXT, self.max_model_len - 1)
-        timing, logits = {}, {}
-        self.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
-        try:  # K/V for the timed step to attend to, then the step at the position after them
-            greedy = SamplingParams(temperature=0)
-            self._execute([Row(WARMUP_SEQ_ID, [0] * context, 0, True, greedy, 0, 0, [], False)])
-            self.blocks.append(WARMUP_SEQ_ID, [0])
-            tables = self.blocks.block_tables([WARMUP_SEQ_ID], self.blocks_needed(context + 1))
-            for name, (gemv, pdl) in variants.items():
-                self.gemv, self.pdl = gemv, pdl
-                try:
-                    graphs = StepGraphs(self, shapes=[BATCH1])
-                except Exception as err:  # noqa: BLE001 - a driver that cannot capture PDL launches: serve without
-                    if not pdl:
-                        raise
-                    warnings.warn(f"batch-1 step with PDL launches not captured, served without: {err}")
-                    continue
-                logits[name] = graphs.run(BATCH1, [[0]], [context], tables).clone()
-                timing[name] = graphs.replay_ms(BATCH1)
-        finally:
-            self.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
-        if "gemv_pdl_ms" in timing and not torch.equal(logits["gemv_pdl_ms"], logits["gemv_ms"]):
-            warnings.warn("the batch-1 step with PDL launches gave other logits than without: served without")
-            del timing["gemv_pdl_ms"]
-        self.gemv, self.pdl = variants[min(timing, key=timing.get)]
-        return timing
 
     def scope(self, background: bool = False) -> contextlib.AbstractContextManager:
         """Makes this model's device and stream (``background``: its background stream) current (Triton launches

@@ -30,7 +30,8 @@ from typing import Callable, Iterator
 
 from relaykern.config import EngineConfig
 from relaykern._C import OutOfBlocks
-from relaykern.engine.runner import FED_ON_DEVICE, ModelRunner, Row
+from relaykern.engine.row import FED_ON_DEVICE, Row
+from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import ModelView, Phase, Sequence
 
 
