@@ -387,6 +387,26 @@ def test_overlapped_steps_feed_the_next_chunk_at_once(slm_dir, llm_dir, tokenize
     assert engine.overlapped_steps["slm"] >= len(chunks)
     assert_no_blocks_held(engine)
 
+    # An overlapped step carrying a chunk fails (another request's processor raises in it): that request fails
+    # alone; the chunked prompt, its blocks given back, is recomputed and writes what it writes alone.
+    def raising(generated, logits):
+        if len(generated) == 2:
+            raise RuntimeError("processor fell over")
+        return logits
+
+    raising.position_only = True
+    prompt = list(range(2000, 2027))
+    broken = engine.add_request([101, 102, 103, 104, 105], SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[raising]))
+    long = engine.add_request(prompt, scripted({}, max_tokens=2))
+    with pytest.warns(UserWarning, match="overlapped SLM step failed"):
+        while not (broken.finished and long.finished):
+            engine.step()
+    assert broken.finish_reason == "error" and "fell over" in broken.error
+    assert engine.output(long).token_ids == engine.generate([prompt], scripted({}, max_tokens=2))[0].token_ids
+    assert max(sum(len(row.tokens) for row in rows) for (rows,) in forwards) <= 8  # the recompute too
+    assert_no_blocks_held(engine)
+
 
 def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
     # A command with no LLM configured stays text and is counted as unserved.

@@ -203,6 +203,9 @@ class RelayEngine:
                 self.dropped_rows += 1
                 continue
             view = seq.slm if is_slm else seq.llm
+            if not view.allocated:  # released since (a failed overlapped step's chunk): recomputed, as preempted
+                self.dropped_rows += 1
+                continue
             if i < launched.fed:
                 self.scheduler.take_fed_tokens(seq, runner, view, row.start + 1)
             view.num_cached = row.start + len(row.tokens)

@@ -90,7 +90,7 @@ class Scheduler:
                 in_batch.discard(seq.request_id)
                 break
             batch.append(seq)
-            rows.append(self._row(seq, view, phase, start))
+            rows.append(self._row(seq, view, phase, chunk_ends.get(seq.request_id, view.num_cached)))
             num_tokens += len(rows[-1].tokens)
         self._start_running(in_batch)
         return batch, rows
