@@ -369,6 +369,29 @@ def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, 
     assert tight == expected and largest <= 8
 
 
+def test_each_model_keeps_to_its_own_batch_limits(slm_dir, llm_dir, tokenizer):
+    """``max_num_seqs`` and ``max_num_batched_tokens`` of each model's EngineConfig bound that model's forwards
+    (here the LLM's far below the SLM's: calls wait for rows, catch-ups come in chunks), also when the LLM reads
+    ahead; the outputs are unchanged."""
+    prompts = [text_tokens(tokenizer, f"Q{i}: what is {i} * {i + 3}?") for i in range(8)]
+    samplings = [scripted({2 + i % 3: command_tokens(tokenizer, 4)}, max_tokens=16) for i in range(8)]
+    expected = [comparable(o) for o in RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
+                                                  llm_config=EngineConfig(device="cpu")).generate(prompts, samplings)]
+    for relay in (RelayConfig(), RelayConfig(llm_prefetch_tokens=4)):
+        engine = RelayEngine(slm_dir, llm_dir, relay=relay,
+                             slm_config=EngineConfig(device="cpu", block_size=4, max_num_seqs=16,
+                                                     max_num_batched_tokens=64),
+                             llm_config=EngineConfig(device="cpu", block_size=4, max_num_seqs=2,
+                                                     max_num_batched_tokens=5))
+        forwards = {"slm": record_calls(engine.slm), "llm": record_calls(engine.llm)}
+        assert [comparable(o) for o in engine.generate(prompts, samplings)] == expected
+        sizes = {name: [(len(rows), sum(len(row.tokens) for row in rows)) for (rows,) in calls]
+                 for name, calls in forwards.items()}
+        assert max(rows for rows, _ in sizes["llm"]) == 2 and max(tokens for _, tokens in sizes["llm"]) <= 5
+        assert max(rows for rows, _ in sizes["slm"]) == 8 and max(tokens for _, tokens in sizes["slm"]) <= 64
+        assert_no_blocks_held(engine)
+
+
 def test_overlapped_steps_feed_the_next_chunk_at_once(slm_dir, llm_dir, tokenizer):
     """A long prompt arriving while another request decodes: with overlapped steps, each of its chunks rides in the
     step right after the one before (the host knows its tokens), not a step later."""

@@ -82,7 +82,7 @@ class RelayEngine:
         with self.slm.scope():  # the table is copied on the stream that will read it
             self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
         models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
-        self.scheduler = Scheduler(slm_config, models)
+        self.scheduler = Scheduler(models)
         self.steps = 0
         self.next_slm: Launched | None = None
         self.next_llm: Launched | None = None

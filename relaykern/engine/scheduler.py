@@ -2,9 +2,10 @@
 
 Both models are scheduled by the same policy over the sequences in their phase: running sequences that feed one
 token (decode) first, then the other running ones (catch-ups, prefills), oldest first, then waiting ones, until
-``max_num_seqs`` rows or ``max_num_batched_tokens`` tokens. A row feeds its view's uncached tokens; when they do
-not fit in what is left of the token budget, it feeds a chunk (chunked prefill: a long prompt or catch-up spreads
-over several steps and never stalls the decode rows), and only its last chunk samples. Blocks are taken from the
+that model's ``max_num_seqs`` rows or ``max_num_batched_tokens`` tokens (its ``EngineConfig``). A row feeds its
+view's uncached tokens; when they do not fit in what is left of the token budget, it feeds a chunk (chunked
+prefill: a long prompt or catch-up spreads over several steps and never stalls the decode rows), and only its
+last chunk samples. Blocks are taken from the
 model's C++ block manager just before the forward, for the tokens that forward computes and no more.
 
 When blocks run out, the pool makes room in two stages. First the newest running sequence that is in the other
@@ -28,7 +29,6 @@ import dataclasses
 from collections import deque
 from typing import Callable, Iterator
 
-from relaykern.config import EngineConfig
 from relaykern._C import OutOfBlocks
 from relaykern.engine.row import FED_ON_DEVICE, Row
 from relaykern.engine.runner import ModelRunner
@@ -43,9 +43,9 @@ ViewOf = Callable[[Sequence], "ModelView | None"]
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, models: list[tuple[ModelRunner, ViewOf]]) -> None:
-        """``models``: each model's runner with the function giving a sequence's view for it."""
-        self.config = config
+    def __init__(self, models: list[tuple[ModelRunner, ViewOf]]) -> None:
+        """``models``: each model's runner with the function giving a sequence's view for it. Each model's forwards
+        keep to its own ``EngineConfig.max_num_seqs`` and ``max_num_batched_tokens``."""
         self.models = models
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -74,14 +74,15 @@ class Scheduler:
         in_batch: set[int] = set()
         busy_ids = {s.request_id for s in busy}
         chunk_ends = chunk_ends or {}
+        limits = runner.config
         num_tokens = taken
         for seq in self._candidates(phase, view_of):
             if seq.request_id in in_flight and seq.request_id not in chunk_ends:
                 continue
             view = view_of(seq)
             start = chunk_ends.get(seq.request_id, view.num_cached)
-            room = self.config.max_num_batched_tokens - num_tokens
-            if taken + len(rows) >= self.config.max_num_seqs or room <= 0:
+            room = limits.max_num_batched_tokens - num_tokens
+            if taken + len(rows) >= limits.max_num_seqs or room <= 0:
                 break
             in_batch.add(seq.request_id)  # (making room for it never takes its own blocks)
             make_room = None if in_flight else \
@@ -108,8 +109,8 @@ class Scheduler:
             ahead = len(view.tokens) - 1
             if view.num_cached >= ahead:
                 continue
-            room = min(max_tokens, self.config.max_num_batched_tokens) - num_tokens
-            if len(rows) >= self.config.max_num_seqs or room <= 0:
+            room = min(max_tokens, runner.config.max_num_batched_tokens) - num_tokens
+            if len(rows) >= runner.config.max_num_seqs or room <= 0:
                 break
             if not self._reserve(seq, view, runner, min(ahead, view.num_cached + room), None):
                 break
