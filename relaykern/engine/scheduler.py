@@ -5,8 +5,8 @@ token (decode) first, then the other running ones (catch-ups, prefills), oldest 
 that model's ``max_num_seqs`` rows or ``max_num_batched_tokens`` tokens (its ``EngineConfig``). A row feeds its
 view's uncached tokens; when they do not fit in what is left of the token budget, it feeds a chunk (chunked
 prefill: a long prompt or catch-up spreads over several steps and never stalls the decode rows), and only its
-last chunk samples. Blocks are taken from the
-model's C++ block manager just before the forward, for the tokens that forward computes and no more.
+last chunk samples. Blocks are taken from the model's C++ block manager just before the forward, for the tokens
+that forward computes and no more.
 
 When blocks run out, the pool makes room in two stages. First the newest running sequence that is in the other
 model's phase gives back its cache in this pool alone (a sequence the SLM is serving does not need the LLM's KV
@@ -80,7 +80,7 @@ class Scheduler:
             if seq.request_id in in_flight and seq.request_id not in chunk_ends:
                 continue
             view = view_of(seq)
-            start = chunk_ends.get(seq.request_id, view.num_cached)
+            start = chunk_ends.get(seq.request_id, view.num_cached)  # (allocating may then find a cached prefix)
             room = limits.max_num_batched_tokens - num_tokens
             if taken + len(rows) >= limits.max_num_seqs or room <= 0:
                 break
