@@ -81,14 +81,12 @@ def watch(engine: RelayEngine, variant: dict, outcome: Outcome) -> None:
     scheduler.preempt, scheduler.release_view = counted_preempt, counted_release_view
 
 
-def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
-    engine = make_engine(case, variant, checkpoints)
-    outcome = Outcome([], [], [], set())
-    watch(engine, variant, outcome)
-    requests = case["requests"]
+def serve(engine: RelayEngine, case: dict, variant: dict, aborts: random.Random) -> list[RelayOutput]:
+    """Serves every request of the case once, arriving over steps when ``staggered``; checks the pools after."""
+    requests, scheduler = case["requests"], engine.scheduler
     order = sorted(range(len(requests)),
                    key=lambda i: (requests[i]["arrives_at_step"] if variant["staggered"] else 0, i))
-    scheduler, seqs, aborts = engine.scheduler, [None] * len(requests), random.Random(variant["abort_seed"])
+    seqs = [None] * len(requests)
     added = steps = 0
     while True:
         while added < len(order) and (not variant["staggered"] or not scheduler.has_work
@@ -115,7 +113,17 @@ def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
         if runner.blocks.num_seqs or runner.blocks.num_free_blocks != runner.num_blocks:
             raise Failure(f"{name} pool leaked: {runner.blocks.num_seqs} sequences, "
                           f"{runner.blocks.num_free_blocks}/{runner.num_blocks} blocks free")
-    outputs = [engine.output(seq) for seq in seqs]
+    return [engine.output(seq) for seq in seqs]
+
+
+def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
+    """Serves the case ``1 + variant["repeats"]`` times on one engine (later passes hit the prefix caches the
+    earlier ones left); the outputs of all passes, one after another."""
+    engine = make_engine(case, variant, checkpoints)
+    outcome = Outcome([], [], [], set())
+    watch(engine, variant, outcome)
+    aborts = random.Random(variant["abort_seed"])
+    outputs = [out for _ in range(1 + variant["repeats"]) for out in serve(engine, case, variant, aborts)]
     outcome.outputs = [comparable(o) for o in outputs]
     outcome.logprobs = [o.logprobs for o in outputs]
     outcome.llm_reads = [(o.stats.llm_prefill_tokens, [r.llm_catchup for r in o.stats.call_records])
@@ -143,7 +151,9 @@ def same_logprobs(a: list[float] | None, b: list[float] | None) -> bool:
 
 def differences(variant: dict, base: Outcome, got: Outcome) -> list[str]:
     problems = []
-    for i, (want, have) in enumerate(zip(base.outputs, got.outputs)):
+    requests = len(base.outputs)
+    for i, have in enumerate(got.outputs):
+        want = base.outputs[i % requests]  # request i of a repeated pass is the baseline's i % requests
         if i in got.aborted:
             if have["token_ids"] != want["token_ids"][:len(have["token_ids"])]:
                 problems.append(f"request {i} (aborted): {have['token_ids']} is no prefix of {want['token_ids']}")
@@ -152,15 +162,16 @@ def differences(variant: dict, base: Outcome, got: Outcome) -> list[str]:
         if changed:
             problems.append(f"request {i}: " + "; ".join(f"{key}: baseline {a!r}, got {b!r}"
                                                          for key, (a, b) in changed.items()))
-        elif not same_logprobs(base.logprobs[i], got.logprobs[i]):
-            problems.append(f"request {i}: log-probs {base.logprobs[i]} vs {got.logprobs[i]}")
+        elif not same_logprobs(base.logprobs[i % requests], got.logprobs[i]):
+            problems.append(f"request {i}: log-probs {base.logprobs[i % requests]} vs {got.logprobs[i]}")
     reads_may_change = (variant["relay"]["llm_prefetch_tokens"] or variant["relay"]["early_catchup_tokens"]
                         or variant["llm_cache"] != "persistent" or got.llm_prefix_hits or got.preemptions
                         or got.llm_views_released or got.aborted)
     if not problems and not reads_may_change:
-        problems += [f"request {i}: LLM prefill / catch-ups baseline {a}, got {b}"
-                     for i, (a, b) in enumerate(zip(base.llm_reads, got.llm_reads))
-                     if a != b and base.outputs[i]["finish"] != "error"]
+        problems += [f"request {i}: LLM prefill / catch-ups baseline {want}, got {have}"
+                     for i, have in enumerate(got.llm_reads)
+                     if (want := base.llm_reads[i % requests]) != have
+                     and base.outputs[i % requests]["finish"] != "error"]
     if got.over_limits:
         problems.append(f"forwards over their model's batch limits (model, rows, tokens): {got.over_limits[:5]}")
     return problems
