@@ -2,12 +2,12 @@
 
 A *case* is what users ask: prompts (some sharing prefixes), sampling, scripted SLM commands (well-formed, N=0,
 huge N, malformed, split, near ``max_tokens``, back to back), LLM EOS inside a call, stop strings, processors that
-read the history, raise or return logits with nothing to sample, and the relay semantics (``max_calls``,
-``after_max_calls``, ``max_call_tokens``). A *variant* is how the engine serves it: block sizes, pool sizes down to
-one request's worth (preemption), batch limits down to 3 tokens (chunked prefill and catch-up), prefix caching,
-overlapped steps, early catch-up, prefetch, LLM batching waits, the re-prefill LLM cache, requests arriving over
-time, random aborts, the requests served again by the same engine (its prefix caches warm), the attention backend.
-Outputs must not depend on the variant.
+read the history, raise or return logits with nothing to sample, the relay semantics (``max_calls``,
+``after_max_calls``, ``max_call_tokens``), and whether an LLM is configured at all. A *variant* is how the engine
+serves it: block sizes, pool sizes down to one request's worth (preemption), batch limits down to 3 tokens (chunked
+prefill and catch-up), prefix caching, overlapped steps, early catch-up, prefetch, LLM batching waits, the
+re-prefill LLM cache, requests arriving over time, random aborts, the requests served again by the same engine (its
+prefix caches warm), the attention backend. Outputs must not depend on the variant.
 """
 from __future__ import annotations
 
@@ -174,10 +174,12 @@ def random_request(rng: random.Random, prompt: list[int]) -> dict:
 
 
 def random_case(rng: random.Random) -> dict:
+    """``with_llm`` False: the SLM is served alone (commands stay text, counted as unserved)."""
     return dict(relay=dict(max_calls=rng.choice([5, 5, 5, 0, 1, 2]),
                            after_max_calls=rng.choice(["continue", "finish"]),
                            max_call_tokens=rng.choice([4096, 4096, 1, 2, 3, 6])),
-                requests=[random_request(rng, prompt) for prompt in random_prompts(rng)])
+                requests=[random_request(rng, prompt) for prompt in random_prompts(rng)],
+                with_llm=rng.random() < 0.9)
 
 
 def shrink(case: dict, requests: int, prompt_tokens: int, max_tokens: int) -> dict:

@@ -52,13 +52,18 @@ def comparable(output: RelayOutput) -> dict:
 def make_engine(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> RelayEngine:
     def config(model: str) -> EngineConfig:
         return EngineConfig(device="cpu", attention_backend=variant["backend"], **variant[model])
-    return RelayEngine(*checkpoints, relay=RelayConfig(**case["relay"], **variant["relay"]),
+    slm, llm = checkpoints
+    return RelayEngine(slm, llm if case["with_llm"] else None, relay=RelayConfig(**case["relay"], **variant["relay"]),
                        slm_config=config("slm"), llm_config=config("llm"), llm_cache=variant["llm_cache"])
+
+
+def runners(engine: RelayEngine) -> list[tuple[str, object]]:
+    return [(name, runner) for name, runner in (("slm", engine.slm), ("llm", engine.llm)) if runner is not None]
 
 
 def watch(engine: RelayEngine, variant: dict, outcome: Outcome) -> None:
     """Wraps the engine's forwards and releases to record limits broken, preemptions and LLM views released."""
-    for name, runner in (("slm", engine.slm), ("llm", engine.llm)):
+    for name, runner in runners(engine):
         limits, execute = variant[name], runner.execute
 
         def checked_execute(rows, *args, name=name, limits=limits, execute=execute, **kwargs):
@@ -109,7 +114,7 @@ def serve(engine: RelayEngine, case: dict, variant: dict, aborts: random.Random)
     unfinished = [i for i, seq in enumerate(seqs) if not seq.finished]
     if unfinished:
         raise Failure(f"requests {unfinished} never finished")
-    for name, runner in (("slm", engine.slm), ("llm", engine.llm)):
+    for name, runner in runners(engine):
         if runner.blocks.num_seqs or runner.blocks.num_free_blocks != runner.num_blocks:
             raise Failure(f"{name} pool leaked: {runner.blocks.num_seqs} sequences, "
                           f"{runner.blocks.num_free_blocks}/{runner.num_blocks} blocks free")
@@ -129,7 +134,7 @@ def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
     outcome.llm_reads = [(o.stats.llm_prefill_tokens, [r.llm_catchup for r in o.stats.call_records])
                          for o in outputs]
     outcome.aborted = {i for i, o in enumerate(outputs) if o.finish_reason == "abort"}
-    outcome.llm_prefix_hits = engine.llm.prefix_hit_tokens
+    outcome.llm_prefix_hits = engine.llm.prefix_hit_tokens if engine.llm else 0
     return outcome
 
 
@@ -204,8 +209,10 @@ def reference_problems(case: dict, outcome: Outcome, models: tuple) -> list[str]
         deterministic = [spec[0] == "history" for spec in request["processors"]]
         if request["temperature"] or not all(deterministic) or (llm and (llm["temperature"] or llm["processors"])):
             continue
-        want = comparable(reference_generate([request["prompt"]], *models, tokenizer(), slm_sampling(request),
-                                             llm_sampling(request), RelayConfig(**case["relay"]))[0])
+        slm, llm = models
+        want = comparable(reference_generate([request["prompt"]], slm, llm if case["with_llm"] else None,
+                                             tokenizer(), slm_sampling(request), llm_sampling(request),
+                                             RelayConfig(**case["relay"]))[0])
         changed = {key: (want[key], outcome.outputs[i][key]) for key in want
                    if key != "error" and want[key] != outcome.outputs[i][key]}
         if changed:
