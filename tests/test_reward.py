@@ -21,7 +21,9 @@ def test_call_ratio_is_capped_and_safe():
 def test_command_summary_sums_complete_commands_and_caps_n():
     assert command_summary("a <call>12</call> b <call> 3 </call>") == (True, 15)
     assert command_summary("no tags") == (False, 0)
-    assert command_summary("<call></call>") == (True, 0)  # an empty tag is a call for the reward, with ΣN = 0
+    assert command_summary("<call>0</call> <call>x") == (False, 0)  # N = 0 and a malformed tag: no call
+    for text in ("<call></call>", "<call>0</call>", "<call>x"):  # the official rule: any tag is a call
+        assert command_summary(text, called_if="tag") == (True, 0)
     assert command_summary("<call>99999</call>", max_n=4096) == (True, 4096)
     assert command_summary("< call >5</call>") == (False, 0)  # not the strict grammar: plain text
 

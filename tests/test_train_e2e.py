@@ -58,7 +58,8 @@ def torchrun(stage: str, overrides: list[str]) -> None:
 
 
 def test_ddp_two_gloo_processes(tmp_path):
-    """SFT on 2 ranks gives the single-process weights (one global token mean); GRPO runs with batch-mode reward."""
+    """SFT on 2 ranks gives the single-process weights (one global token mean); GRPO runs with batch-mode reward and
+    mini-batches counted over both ranks."""
     data = tmp_path / "data.jsonl"
     prompts = [{"prompt_ids": [1, 2, 3], "response_ids": [10 + i, 11, 12, 13], "loss_mask": [1, 0, 1, i % 2]}
                for i in range(8)]  # uneven target counts per rank: the global mean must still be exact
@@ -73,6 +74,7 @@ def test_ddp_two_gloo_processes(tmp_path):
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
 
     torchrun("grpo", [f"output_dir={tmp_path / 'grpo'}", f"slm={SMALL}", f"llm={SMALL}", "steps=1",
-                      "prompts_per_step=2", "group_size=2", "max_tokens=4", "reward_mode=batch"])
+                      "prompts_per_step=2", "group_size=2", "mini_batch_size=2", "max_tokens=4", "reward_mode=batch"])
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["updates"] == 2  # 4 samples over both ranks in mini-batches of 2 (one sample per rank each)
     assert len(rows) == 1 and (tmp_path / "grpo" / "checkpoints" / "step_00000001" / "model.safetensors").is_file()

@@ -1,5 +1,6 @@
 """GRPO for the relay: G sampled relay responses per prompt, difficulty-aware rewards, group-normalised
-advantages, dual-clip PPO loss with a k3 KL to the frozen initial SLM, and LLM-written tokens masked out.
+advantages, dual-clip PPO loss with a k3 KL to the frozen initial SLM, and LLM-written tokens masked out of both
+(as the paper says; the official RL code keeps them in: its masking line is commented out).
 
 One step: rollout (through a ``RolloutBackend``) → rewards → advantages → old and reference log-probs recomputed
 by the trainer in the training precision → one or more optimizer updates over mini-batches → weight sync. The
@@ -36,10 +37,14 @@ from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_r
 
 @dataclass
 class GRPOConfig(FileConfig):
-    """Defaults are the paper's (lr 1e-6, G 8, 128 prompts, clip 0.2/0.3, dual clip 3, KL 0.01, T 1.0).
+    """Defaults are the paper's (lr 1e-6, G 8, 128 prompts, clip 0.2/0.3, dual clip 3, KL 0.01, T 1.0) and the
+    official config's mini-batches (32 prompts x 8 samples: four updates a step).
 
     ``slm``/``llm``/``ref``: HF dirs or ``"tiny"``; ``ref`` defaults to the initial SLM; ``llm: null`` serves no
-    calls. ``mini_batch_size``: samples per optimizer update (0: the whole step's samples, one update).
+    calls. ``mini_batch_size``: samples per optimizer update over all ranks (0: the whole step's samples in one
+    update, where the policy ratio is 1 and the clips never act). ``called_if``: what counts as calling the teacher
+    for the reward, ``"call"`` (a command with N >= 1) or ``"tag"`` (any ``<call>`` text, the official reward
+    function's rule; see ``reward.command_summary``).
     ``grader``: ``"math"`` (symbolic, eval/grading.py) or ``"exact"`` (boxed string equality).
     ``rollout``: ``"engine"`` (relaykern's relay engine, weights synced in process) or ``"reference"`` (the HF
     reference relay on the live policy: slow, exact, for checks). ``rollout_kv_cache_gb``: the engine's KV budget
@@ -54,10 +59,11 @@ class GRPOConfig(FileConfig):
     prompts: PromptSource = field(default_factory=PromptSource)
     grader: str = "math"
     reward_mode: str = "group"
+    called_if: str = "call"
     steps: int = 100
     prompts_per_step: int = 128
     group_size: int = 8
-    mini_batch_size: int = 0
+    mini_batch_size: int = 256
     micro_batch_size: int = 4
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -90,11 +96,14 @@ class GRPOConfig(FileConfig):
     resume: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "precision": ("fp32", "bf16"),
-                   "rollout": ("engine", "reference")}
+        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "called_if": ("call", "tag"),
+                   "precision": ("fp32", "bf16"), "rollout": ("engine", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.mini_batch_size < 0:
+            raise ValueError(f"GRPOConfig.mini_batch_size must be >= 0 (0: one update a step), got "
+                             f"{self.mini_batch_size}")
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size must be >= 2 (advantages are relative), got {self.group_size}")
 
@@ -120,6 +129,9 @@ class GRPOTrainer:
         self.runtime = runtime = init_runtime(config.device)
         if config.prompts_per_step % runtime.world_size:
             raise ValueError(f"prompts_per_step {config.prompts_per_step} must be a multiple of the world size "
+                             f"{runtime.world_size}")
+        if config.mini_batch_size % runtime.world_size:
+            raise ValueError(f"mini_batch_size {config.mini_batch_size} must be a multiple of the world size "
                              f"{runtime.world_size}")
         self.out_dir = Path(config.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +201,7 @@ class GRPOTrainer:
         """Fills ``samples`` and ``rewards`` (the batch-mode case is decided over all ranks)."""
         c = self.config
         for output, answer in zip(rollouts.outputs, rollouts.answers):
-            called, sum_n = command_summary(output.text, c.max_call_tokens)
+            called, sum_n = command_summary(output.text, c.max_call_tokens, c.called_if)
             rho = call_ratio(sum_n, len(output.token_ids))
             rollouts.samples.append(Sample(is_correct(output.text, answer, c.grader == "math"), called, rho))
         groups = [rollouts.samples[i : i + c.group_size] for i in range(0, len(rollouts.samples), c.group_size)]
@@ -208,10 +220,10 @@ class GRPOTrainer:
         and precision give the same numbers, so the separate pass is skipped (``old`` is filled in by ``update``).
         """
         c, device = self.config, self.runtime.device
-        count = len(rollouts.outputs)
-        several = bool(c.mini_batch_size) and c.mini_batch_size < count
+        count, mini = len(rollouts.outputs), c.mini_batch_size // self.runtime.world_size  # this rank's share
+        several = 0 < mini < count
         order = torch.randperm(count).tolist() if several else list(range(count))
-        mini = c.mini_batch_size if several else count
+        mini = mini if several else count
         result = []
         for lo in range(0, count, mini):
             micros = []
@@ -268,7 +280,7 @@ class GRPOTrainer:
         totals = dict(zip(sums, self.runtime.all_reduce_sum(list(sums.values()))))
         tokens = max(totals.pop("tokens"), 1.0)
         return {**{k: v / tokens for k, v in totals.items()}, "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0]}
+                "lr": self.scheduler.get_last_lr()[0], "updates": len(minis)}
 
     def train_step(self, step: int) -> dict[str, float]:
         """Runs step ``step`` (0-based) and returns its metrics, summed over ranks."""

@@ -39,15 +39,23 @@ def call_ratio(sum_n: int, response_len: int) -> float:
     return min(sum_n / response_len, 1.0)
 
 
-def command_summary(response: str, max_n: int = OFFICIAL_MAX_N) -> tuple[bool, int]:
-    """``(called, Σ min(N, max_n))`` for a response's text.
+def command_summary(response: str, max_n: int = OFFICIAL_MAX_N,
+                    called_if: Literal["call", "tag"] = "call") -> tuple[bool, int]:
+    """``(called, Σ min(N, max_n))`` for a response's text; Σ N sums the complete commands.
 
-    ``called`` is whether ``<call>`` appears at all (as in the official code: an empty or malformed tag counts as a
-    call); Σ N sums the complete commands. Unlike the official code we do not first squeeze whitespace around
-    ``< > /``: the relay only serves the strict grammar (relaykern/protocol.py), so ``< call >`` is plain text.
+    ``called_if="call"``: the response holds a complete command with N >= 1, a call in the protocol's sense (N = 0 is
+    no call; a malformed tag ends the request without one). ``"tag"``: ``<call>`` appears at all, as in the official
+    reward function; there an empty, N = 0 or malformed tag counts as a call, so a wrong sample escapes the
+    teacher-dependent -1 (it gets 0) without asking the teacher for anything. Unlike the official code we do not
+    first squeeze whitespace around ``< > /``: the relay only serves the strict grammar (relaykern/protocol.py), so
+    ``< call >`` is plain text.
     """
+    if called_if not in ("call", "tag"):
+        raise ValueError(f"called_if must be 'call' or 'tag', got {called_if!r}")
     data = response.encode("utf-8")
-    return OPEN in data, sum(min(c.n, max_n) for c in find_commands(data).commands)
+    commands = find_commands(data).commands
+    called = any(c.n > 0 for c in commands) if called_if == "call" else OPEN in data
+    return called, sum(min(c.n, max_n) for c in commands)
 
 
 def case_of(solved_without_call: bool, solved: bool) -> str:
