@@ -35,3 +35,21 @@ def test_eval_cli_runs_a_set_on_the_given_device(slm_dir, llm_dir, tmp_path, cap
     summary = json.loads(capsys.readouterr().out)
     assert summary["problems"] == 1 and summary["mean_response_tokens"] == 4
     assert cli_main(argv[:-1] + ["tpu"]) == 2 and "is unknown" in capsys.readouterr().err
+
+
+def test_eval_gives_every_problem_and_sample_a_seed_of_its_own(slm_dir, tmp_path, monkeypatch):
+    """Sampling noise depends on the seed and position only: shared seeds would correlate the problems' samples."""
+    from relaykern.engine.relay import RelayEngine
+
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"problem": "What is 2 + 3?", "answer": "5"}\n{"problem": "What is 4 * 4?", "answer": "16"}\n')
+    seeds = []
+    generate = RelayEngine.generate
+
+    def recording_generate(self, prompts, sampling, llm_sampling=None):
+        seeds.extend(s.seed for s in sampling)
+        return generate(self, prompts, sampling, llm_sampling)
+
+    monkeypatch.setattr(RelayEngine, "generate", recording_generate)
+    evaluate(data, slm_dir, None, sampling=SamplingParams(temperature=1.0, max_tokens=2, seed=5), samples=3)
+    assert seeds == [5, 6, 7, 8, 9, 10]

@@ -16,11 +16,13 @@ def test_filter_keeps_prompts_the_teacher_solves(llm_dir, tmp_path, monkeypatch)
 
     def solved_counts(records, llm, **kw):
         seen["counts"] = real(records, llm, **kw)  # the real engine runs; a random teacher solves nothing
+        seen["sampling"] = kw["sampling"]
         return [0, 2, 0]
 
     monkeypatch.setattr(teacher_filter, "solved_counts", solved_counts)
     kept, total = filter_prompts(source, tmp_path / "kept.jsonl", llm_dir, k=2, max_tokens=4)
     assert (kept, total) == (1, 3) and seen["counts"] == [0, 0, 0]
+    assert (seen["sampling"].temperature, seen["sampling"].top_p) == (0.7, 0.95)  # the official filter's
     rows = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
     assert rows == [{"prompt": "What is 1 + 1?", "answer": "2", "teacher_solved": 2, "teacher_samples": 2}]
 

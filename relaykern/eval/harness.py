@@ -69,8 +69,9 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
     engine = RelayEngine(slm, llm, relay=relay, slm_config=engine_config, llm_config=llm_engine_config or engine_config)
     prompts = [chat_prompt_ids(engine.tokenizer, problem_of(r, i)) for i, r in enumerate(records)]
     expanded = [p for p in prompts for _ in range(samples)]
-    samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
-                 for _ in prompts for k in range(samples)]
+    # a seed of its own for every (problem, sample): the sampling noise is a function of the seed and position only
+    samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i * samples + k)
+                 for i in range(len(prompts)) for k in range(samples)]
     outputs = engine.generate(expanded, samplings, llm_sampling)
     answers = [str(r["answer"]) for r in records for _ in range(samples)]
     correct = [is_correct(o.text, a) for o, a in zip(outputs, answers)]

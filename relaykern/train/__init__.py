@@ -2,7 +2,8 @@
 
 ``main(["sft" | "grpo", "--config", FILE, "--set", "key=value", ...])`` is ``relaykern train``; ``sft-data`` builds
 SFT records from a config's ``data`` section (``--out FILE``; ``--in FILE`` for a prompt JSONL); ``filter --in FILE
---out FILE --llm DIR [--k 16]`` keeps the prompts the LLM solves at least once in k samples.
+--out FILE --llm DIR [--k 16 --temperature 0.7 --top-p 0.95]`` keeps the prompts the LLM solves at least once in k
+samples.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm", help="filter: the teacher's checkpoint directory")
     parser.add_argument("--k", type=int, default=16, help="filter: samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=8192, help="filter: response budget")
+    parser.add_argument("--temperature", type=float, default=0.7, help="filter: the teacher's sampling temperature")
+    parser.add_argument("--top-p", type=float, default=0.95, help="filter: the teacher's top-p")
     return parser
 
 
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("filter needs --in FILE --out FILE --llm DIR")
         from relaykern.train.filter import filter_prompts
 
-        kept, total = filter_prompts(args.in_jsonl, args.out, args.llm, k=args.k, max_tokens=args.max_tokens)
+        kept, total = filter_prompts(args.in_jsonl, args.out, args.llm, k=args.k, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_p=args.top_p)
         print(f"kept {kept} of {total} prompts")
         return 0
     if not args.config:

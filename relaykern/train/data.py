@@ -77,8 +77,9 @@ class PromptSource:
 
 
 def chat_prompt_ids(tokenizer: Any, problem: str) -> list[int]:
-    """The paper's prompt: the chat template around ``problem + " " + PROMPT_SUFFIX``, with the generation prompt."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{problem} {PROMPT_SUFFIX}"}],
+    """The paper's prompt: the chat template around ``problem + "\\n" + PROMPT_SUFFIX`` (a newline between them, as
+    the official SFT, RL and eval code write it), with the generation prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{problem}\n{PROMPT_SUFFIX}"}],
                                          add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 

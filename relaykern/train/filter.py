@@ -30,16 +30,17 @@ def solved_counts(records: list[dict[str, Any]], llm: str | Path, *, k: int, sam
 
 
 def filter_prompts(in_jsonl: str | Path, out_jsonl: str | Path, llm: str | Path, *, k: int = 16,
-                   temperature: float = 1.0, max_tokens: int = 8192, seed: int = 0,
+                   temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 8192, seed: int = 0,
                    engine_config: EngineConfig | None = None) -> tuple[int, int]:
-    """Writes the records of ``in_jsonl`` the LLM solves at least once in ``k`` samples; returns (kept, total)."""
+    """Writes the records of ``in_jsonl`` the LLM solves at least once in ``k`` samples; returns (kept, total).
+    Defaults are the official filter's (16 samples at temperature 0.7, top-p 0.95, 8192 tokens)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     records = read_jsonl(in_jsonl)
     for i, record in enumerate(records):
         if "prompt" not in record or "answer" not in record:
             raise ValueError(f"record {i} of {in_jsonl} needs 'prompt' and 'answer' fields")
-    sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     counts = solved_counts(records, llm, k=k, sampling=sampling, engine_config=engine_config)
     kept = [{**r, "teacher_solved": c, "teacher_samples": k} for r, c in zip(records, counts) if c > 0]
     write_jsonl(out_jsonl, kept)
