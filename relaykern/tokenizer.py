@@ -203,7 +203,9 @@ class TextStream:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         self.token_bytes = token_bytes(tokenizer)
-        self.skipped = set(tokenizer.all_special_ids)
+        # decode(skip_special_tokens=True) skips every added token marked special, not only all_special_ids
+        self.skipped = set(tokenizer.all_special_ids) | {
+            i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_ids: list[int]) -> str:

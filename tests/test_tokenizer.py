@@ -153,7 +153,8 @@ def test_text_stream_writes_what_decode_writes(tokenizer):
     embedding padding ids) stream to exactly ``decode(skip_special_tokens=True)`` of the whole."""
     rng = random.Random(0)
     text = "Ask. <call>5</call> 中文 😀😀 naïve <think>x</think>"
-    ids = tokenizer.encode(text, add_special_tokens=False) + [IM_END_ID, ENDOFTEXT_ID]
+    # <|im_start|> and <tool_call> are added tokens marked special but not in all_special_ids: decode skips them
+    ids = [IM_START_ID] + tokenizer.encode(text, add_special_tokens=False) + [151657, IM_END_ID, ENDOFTEXT_ID]
     byte_tokens = [rng.randrange(256) for _ in range(30)]  # single-byte tokens: mostly not valid UTF-8 alone
     for case in (ids, byte_tokens, [rng.randrange(151669) for _ in range(300)] + [151900]):
         stream = TextStream(tokenizer)
