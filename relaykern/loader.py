@@ -18,6 +18,8 @@ from torch import nn
 from relaykern.models import ModelConfig, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TIED_HEAD, EMBEDDINGS = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def load_model(
@@ -34,11 +36,19 @@ def load_model(
     with torch.device(device), _default_dtype(dtype or config.torch_dtype):
         model = build_model(config)
     targets = weight_targets(model)
-    loaded: set[str] = set()
+    loaded: dict[str, Path] = {}
+    head = None
     for file in files:
         with safe_open(file, framework="pt", device=str(torch.device(device))) as f:
-            loaded |= _copy_weights(targets, f.keys(), f.get_tensor, config, where=str(file))
-    _check_complete(targets, loaded, config, where=str(path))
+            for name in _copy_weights(targets, f.keys(), f.get_tensor, config, where=str(file)):
+                if name in loaded:
+                    raise ValueError(f"tensor {name!r} is in both {loaded[name].name} and {file.name}: which one "
+                                     f"the model should get is ambiguous")
+                loaded[name] = file
+            if config.tie_word_embeddings and TIED_HEAD in f.keys():
+                head = f.get_tensor(TIED_HEAD)
+    _check_complete(targets, set(loaded), config, where=str(path))
+    _check_tied_head(model, config, head, where=str(path))
     return model.eval(), config
 
 
@@ -52,6 +62,8 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     loaded = _copy_weights(targets, state_dict.keys(), state_dict.__getitem__, model.config, where="state_dict")
     if strict:
         _check_complete(targets, loaded, model.config, where="state_dict")
+    if EMBEDDINGS in state_dict:  # a partial update may send a head without the embeddings it was tied to
+        _check_tied_head(model, model.config, state_dict.get(TIED_HEAD), where="state_dict")
 
 
 def weight_targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +89,8 @@ def weight_targets(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The shards named by ``model.safetensors.index.json`` if present, else every ``*.safetensors`` in ``path``."""
+    """The shards named by ``model.safetensors.index.json`` if present, else ``model.safetensors`` if present (as
+    transformers: other files beside it, adapters say, are not the model), else every ``*.safetensors``."""
     index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
@@ -88,7 +101,7 @@ def safetensors_files(path: Path) -> list[Path]:
         if absent:
             raise ValueError(f"{index} names shard(s) {absent} that are not in {path}: the download is incomplete")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
         hint = f"; found {pickles}, but pickle files are never loaded: convert them to safetensors" if pickles else ""
@@ -123,8 +136,20 @@ def _copy_weights(
 
 
 def _is_harmless(name: str, config: ModelConfig) -> bool:
-    """Tensors some checkpoints carry that we rebuild or do not use: RoPE tables, and lm_head when tied."""
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+    """Tensors some checkpoints carry that we rebuild or do not use: RoPE tables, and lm_head when tied (then
+    checked against the embeddings by ``_check_tied_head``)."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == TIED_HEAD)
+
+
+def _check_tied_head(model: nn.Module, config: ModelConfig, head: torch.Tensor | None, where: str) -> None:
+    """A tied model's checkpoint may carry lm_head.weight too: a copy of the embeddings, or a sign that config.json
+    is wrong (transformers 5 then unties the model, transformers 4 and vLLM drop the head): ambiguous, so an error."""
+    if head is None or not config.tie_word_embeddings:
+        return
+    embed = model.get_parameter(EMBEDDINGS)
+    if head.shape != embed.shape or not torch.equal(head.to(embed), embed):
+        raise ValueError(f"{where}: {TIED_HEAD} differs from {EMBEDDINGS}, but config.json ties them "
+                         f"(tie_word_embeddings: true); set it to false if the stored head is the model's")
 
 
 def _check_complete(targets: dict[str, torch.Tensor], loaded: set[str], config: ModelConfig, where: str) -> None:

@@ -244,6 +244,38 @@ def test_missing_and_unexpected_tensors(fresh_checkpoint):
         load_model(path)
 
 
+def test_a_tied_config_beside_another_head_is_an_error(fresh_checkpoint):
+    path = fresh_checkpoint()
+    rewrite_weights(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight.*ties them"):
+        load_model(path)
+
+
+def test_a_tensor_in_two_files_is_an_error(fresh_checkpoint):
+    path = fresh_checkpoint()
+    save_file({"model.norm.weight": torch.full((64,), 7.0)}, path / "adapter.safetensors")
+    load_model(path)  # model.safetensors alone is the model, as transformers reads it
+    (path / "model.safetensors").rename(path / "weights.safetensors")
+    with pytest.raises(ValueError, match="'model.norm.weight' is in both adapter.safetensors and weights"):
+        load_model(path)
+
+
+def test_rope_settings_given_twice_must_agree():
+    """Libraries read ``rope_parameters`` and ``rope_theta`` / ``rope_scaling`` in different orders."""
+    base = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4)
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
+        ModelConfig.from_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                               "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match=r"conflicting rope_theta values \[100.0, 1000000.0\]"):
+        ModelConfig.from_dict({**base, "rope_theta": 1e6, "rope_parameters": {"rope_type": "default",
+                                                                              "rope_theta": 100.0}})
+    same = {"rope_type": "llama3", **{k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}}
+    assert ModelConfig.from_dict({**base, "rope_theta": 5e5, "rope_parameters": {**same, "rope_theta": 5e5},
+                                  "rope_scaling": same}).rope_scaling == ModelConfig.from_dict(
+        {**base, "rope_scaling": same}).rope_scaling
+
+
 def test_untied_without_lm_head(fresh_checkpoint):
     path = fresh_checkpoint()
     edit_config(path, tie_word_embeddings=False)

@@ -84,8 +84,8 @@ class ModelConfig:
         arch = d.get("model_type")
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported model_type {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only 'silu')")
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of x * sigmoid(x)
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only 'silu' / 'swish')")
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         if arch == "llama" and d.get("mlp_bias"):
@@ -119,16 +119,31 @@ class ModelConfig:
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (4)."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(d.get("rope_theta") or params.pop("rope_theta", None) or 10000.0)
-    params.pop("rope_theta", None)
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    """(theta, scaling) from ``rope_parameters`` (transformers 5) and ``rope_theta`` / ``rope_scaling`` (4).
+
+    A config may hold both spellings (a transformers 5 save edited by hand, say). Where they disagree, libraries
+    read them in different orders, so a disagreement is an error rather than positions silently computed one way.
+    """
+    blocks = [dict(d[key]) for key in ("rope_parameters", "rope_scaling") if d.get(key)]
+    thetas = {float(theta) for theta in [d.get("rope_theta")] + [b.pop("rope_theta", None) for b in blocks]
+              if theta is not None}
+    if len(thetas) > 1:
+        raise ValueError(f"config.json gives conflicting rope_theta values {sorted(thetas)}")
+    theta = thetas.pop() if thetas else 10000.0
+    scalings = [_rope_scaling(b) for b in blocks]
+    scalings = [scaling for scaling in scalings if scaling is not None]
+    if len(scalings) == 2 and scalings[0] != scalings[1]:
+        raise ValueError(f"config.json's rope_parameters {scalings[0]} and rope_scaling {scalings[1]} disagree")
+    return theta, (scalings[0] if scalings else None)
+
+
+def _rope_scaling(block: dict[str, Any]) -> dict[str, Any] | None:
+    rope_type = block.get("rope_type", block.get("type", "default"))
     if rope_type == "default":
-        return theta, None
+        return None
     if rope_type != "llama3":
         raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: none/default, llama3)")
-    return theta, {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS if k in params}}
+    return {"rope_type": "llama3", **{k: block[k] for k in LLAMA3_ROPE_KEYS if k in block}}
 
 
 def _parse_dtype(name: str | torch.dtype) -> torch.dtype:
