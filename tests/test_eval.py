@@ -30,7 +30,8 @@ def test_eval_cli_rejects_records_without_answers(slm_dir, tmp_path, capsys):
 def test_eval_cli_runs_a_set_on_the_given_device(slm_dir, llm_dir, tmp_path, capsys):
     data = tmp_path / "set.jsonl"
     data.write_text('{"problem": "What is 2 + 3?", "answer": "5"}\n')
-    argv = ["eval", str(data), "--slm", str(slm_dir), "--llm", str(llm_dir), "--max-tokens", "4", "--device", "cpu"]
+    argv = ["eval", str(data), "--slm", str(slm_dir), "--llm", str(llm_dir), "--max-tokens", "4",
+            "--max-calls", "4", "--after-max-calls", "finish", "--device", "cpu"]
     assert cli_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["problems"] == 1 and summary["mean_response_tokens"] == 4

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--llm-temperature", type=float, default=0.7)
     parser.add_argument("--max-calls", type=int, default=5)
+    parser.add_argument("--after-max-calls", choices=("continue", "finish"), default="continue",
+                        help="what a command past --max-calls does: stays text, or ends the request (the official "
+                             "eval's 5 SLM turns are --max-calls 4 --after-max-calls finish)")
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="writes OUT.json (summary) and OUT.jsonl (every response)")
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         args.data, args.slm, args.llm,
         sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed),
         llm_sampling=SamplingParams(temperature=args.llm_temperature, max_tokens=args.max_tokens),
-        relay=RelayConfig(max_calls=args.max_calls), samples=args.samples, out=args.out,
+        relay=RelayConfig(max_calls=args.max_calls, after_max_calls=args.after_max_calls), samples=args.samples,
+        out=args.out,
         engine_config=EngineConfig(device=args.device),
         llm_engine_config=EngineConfig(device=args.llm_device or args.device))
     print(json.dumps(asdict(summary), indent=2))
