@@ -98,8 +98,7 @@ def _slm_params(request: _Request) -> SamplingParams:
 
 
 def _llm_params(request: _Request) -> SamplingParams:
-    return dataclasses.replace(request.sampling, max_tokens=request.call, logits_processors=(), stop=None,
-                               stop_token_ids=None)
+    return dataclasses.replace(request.sampling, max_tokens=request.call, logits_processors=())
 
 
 def _after_slm_turn(request: _Request, output: RelayOutput, table: list[bytes], relay: RelayConfig) -> None:

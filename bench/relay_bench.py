@@ -38,7 +38,7 @@ from relaykern.scripted import force_tokens
 
 def detection_step(engine: RelayEngine, batch: int) -> Callable[[], list]:
     """The fused detection of one SLM step over ``batch`` rows: table lookup on the device, one readback."""
-    seqs = [Sequence([1], GREEDY, GREEDY, True, 0) for _ in range(batch)]
+    seqs = [Sequence([1], GREEDY, GREEDY, True, 0, 0) for _ in range(batch)]
     tokens = torch.randint(1000, 5000, (batch,), device=engine.slm.device)
     detector = engine.detector
     return lambda: detector.unpack(Readback(detector.launch(tokens, seqs)).wait()[0], seqs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
@@ -17,9 +18,21 @@ A processor that reads only ``len(generated_token_ids)`` (the position) may say 
 processor makes its request's steps wait for the host to read each token."""
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (as in vLLM): dividing logits by them overflows."""
+
+
 @dataclass
 class SamplingParams:
-    """How one model samples. ``temperature == 0`` means greedy; ``top_k == 0`` means no top-k cut."""
+    """How one model samples. ``temperature == 0`` (or below 1e-5) means greedy, and a greedy request is not
+    top-k / top-p filtered; ``top_k == 0`` means no top-k cut (ties at the k-th logit are kept, as in vLLM / HF).
+
+    ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
+    ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). ``logprobs=True`` returns the log-prob
+    of each sampled token under the distribution it was drawn from: after logits processors, temperature, top-k
+    and top-p (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request reproducible whatever
+    else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one derived from this.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -34,18 +47,25 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         require_ints(self, "max_tokens", "top_k", "seed")
+        require_numbers(self, "temperature", "top_p")
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"SamplingParams.logprobs is True or False (the log-prob of each sampled token; no "
+                             f"top-n alternatives), got {self.logprobs!r}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and any(not s for s in self.stop):
-            raise ValueError("SamplingParams.stop strings must be non-empty")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop holds non-empty strings (token ids go in stop_token_ids), got "
+                             f"{self.stop!r:.60}")
         if self.stop_token_ids is not None:
             try:
                 self.stop_token_ids = [operator.index(t) for t in self.stop_token_ids]
@@ -204,9 +224,20 @@ def require_ints(config: object, *names: str) -> None:
         if value is None:
             continue
         try:
+            if isinstance(value, bool):
+                raise TypeError
             setattr(config, name, operator.index(value))
         except TypeError:
             raise ValueError(f"{type(config).__name__}.{name} must be an int, got {value!r}") from None
+
+
+def require_numbers(config: object, *names: str) -> None:
+    """Real-valued fields hold numbers (not strings or bools), as floats."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{type(config).__name__}.{name} must be a number, got {value!r}")
+        setattr(config, name, float(value))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -31,7 +31,8 @@ not cut at them.
 Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k and top-p warpers, after the user's
 ``logits_processors``. ``seed`` re-seeds torch before every ``generate`` call, so a run is reproducible, but the
 engine draws from a different random stream: only greedy outputs are compared token for token. ``llm_sampling``
-defaults to ``sampling`` without logits processors and stop rules; its ``max_tokens`` and ``logprobs`` are unused
+defaults to ``sampling`` without logits processors (its stop rules apply to the LLM's tokens too: the request
+stops wherever the response completes one); its ``max_tokens`` and ``logprobs`` are unused
 (the call decides the length; ``sampling.logprobs`` decides logprobs for all tokens). Logits processors see the
 whole response so far (both models' tokens, commands included), for either model. Logprobs are taken from the
 processed distribution (after processors and warpers) that the token was drawn from.
@@ -64,7 +65,7 @@ def reference_generate(
 ) -> list[RelayOutput]:
     """Runs the relay on each prompt (token ids), one request at a time. ``llm=None`` leaves every command as text."""
     if llm_sampling is None:
-        llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
+        llm_sampling = dataclasses.replace(sampling, logits_processors=())
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("reference_generate: every prompt needs at least one token (give a BOS or some text)")
     table = token_bytes(tokenizer)

@@ -44,6 +44,9 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
     ("temperature", float("inf"), "finite and >= 0"), ("top_p", 0.0, r"in \(0, 1\]"), ("top_k", -1, ">= 0"),
     ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
     ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
+    ("stop", [151645], "token ids go in stop_token_ids"), ("stop", [b"x"], "non-empty strings"),
+    ("temperature", "0.5", "must be a number"), ("top_p", True, "must be a number"),
+    ("max_tokens", True, "must be an int"), ("logprobs", 5, "True or False"),
 ])
 def test_sampling_params_name_the_bad_field(field, value, message):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} .*{message}"):
@@ -64,6 +67,11 @@ def test_sampling_params_name_the_bad_field(field, value, message):
 def test_configs_name_the_bad_field(config, field, value, message):
     with pytest.raises(ValueError, match=f"{field}.*{message}"):
         config(**{field: value})
+
+
+def test_temperatures_too_small_to_divide_by_are_greedy():
+    assert SamplingParams(temperature=1e-39).greedy and SamplingParams(temperature=1e-6).temperature == 0.0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
 
 
 def test_integer_fields_take_numpy_integers():

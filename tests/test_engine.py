@@ -185,6 +185,19 @@ def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):
     assert together[0].token_ids != together[1].token_ids
 
 
+def test_greedy_requests_are_not_filtered_whatever_shares_their_batch(checkpoints):
+    """A greedy request's top-k / top-p settings do nothing: its log-probs (and tokens) alone equal those beside a
+    sampled, filtered request."""
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
+    prompts = prompts_of([5, 8])
+    greedy = SamplingParams(temperature=0, top_k=3, top_p=0.5, max_tokens=4, logprobs=True, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.0, top_k=5, max_tokens=4, seed=1, ignore_eos=True)
+    alone = engine.generate(prompts[:1], greedy)[0]
+    beside = engine.generate(prompts, [greedy, sampled])[0]
+    assert beside.token_ids == alone.token_ids and beside.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    assert alone.logprobs[0] < -1.0  # log_softmax over the whole vocabulary, not over 3 tokens
+
+
 def test_stream_yields_every_token_once(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompts = prompts_of([4, 6])

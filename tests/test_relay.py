@@ -128,6 +128,36 @@ def test_llm_eos_ends_the_request_and_triton_backend_agrees(slm_dir, llm_dir, sl
     assert ours[0].finish_reason == "stop" and ours[0].token_ids[-1] == EOS and ours[0].spans[-1][0] == "llm"
 
 
+def test_a_stop_string_the_llm_writes_ends_the_request(slm_dir, llm_dir, slm_model, llm_model, tokenizer):
+    """The default LLM sampling keeps the request's stop rules: a stop string completed by the LLM's third token
+    ends the request there, as in the reference relay."""
+    prompt = [text_tokens(tokenizer, "Hello")]
+    call = scripted({1: command_tokens(tokenizer, 8)}, max_tokens=20)
+    first = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
+                        llm_config=EngineConfig(device="cpu")).generate(prompt, call)[0]
+    start = next(start for source, start, _ in first.spans if source == "llm")
+    stop = tokenizer.decode(first.token_ids[start + 2:start + 3])
+    assert stop.strip() and stop not in tokenizer.decode(first.token_ids[:start + 2])
+    stopping = scripted({1: command_tokens(tokenizer, 8)}, max_tokens=20, stop=[stop])
+    _, ours, theirs = run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompt, [stopping], RelayConfig())
+    assert comparable(ours[0]) == comparable(theirs[0])
+    assert ours[0].finish_reason == "stop" and ours[0].token_ids == first.token_ids[:start + 3]
+
+
+def test_the_llm_draws_with_its_own_seed_when_given(slm_dir, llm_dir, tokenizer):
+    cpu = EngineConfig(device="cpu")
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=cpu, llm_config=cpu)
+    sampling = scripted({1: command_tokens(tokenizer, 12)}, max_tokens=20, seed=5)
+
+    def llm_tokens(llm_seed):
+        out = engine.generate([text_tokens(tokenizer, "Hello")], sampling, SamplingParams(temperature=1.0,
+                                                                                           seed=llm_seed))[0]
+        return [out.token_ids[start:end] for source, start, end in out.spans if source == "llm"]
+
+    assert llm_tokens(111) == llm_tokens(111) != llm_tokens(222)
+    assert llm_tokens(None) == llm_tokens(None)  # derived from the request's seed
+
+
 def gather_kv(runner: ModelRunner, seq_id: int, length: int) -> torch.Tensor:
     slots = torch.tensor(runner.blocks.slot_mapping(seq_id, 0, length))
     cache = runner.kv_pool.cache  # [L, 2, NB, BS, H, D]

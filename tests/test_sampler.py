@@ -80,6 +80,15 @@ def test_top_k_and_top_p_filter(backend):
     assert set(tokens.tolist()) == {0, 1}
 
 
+def test_top_k_keeps_ties_and_top_p_1_keeps_the_whole_vocabulary():
+    tied = filter_logits(torch.tensor([[3.0, 2.0, 2.0, 1.0]]), torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(tied).tolist() == [[True, True, True, False]]  # as vLLM and HF: ties at the k-th stay
+    # A float32 running sum over Qwen3's vocabulary reaches 1 before its tail: rows asking no top-p keep it all.
+    logits = torch.randn(2, 151936, generator=torch.Generator().manual_seed(0))
+    kept = filter_logits(logits, torch.tensor([0, 5]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(kept[0]).all() and torch.isfinite(kept[1]).sum() == 5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_rows_reproduce(backend):
     logits = torch.randn(4, 100, device=DEVICE)

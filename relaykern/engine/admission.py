@@ -51,10 +51,12 @@ def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_s
         if need > runner.num_blocks:
             raise ValueError(f"one request needs up to {need} KV blocks but the pool has {runner.num_blocks}; "
                              "raise num_blocks / kv_cache_memory_gb or lower max_tokens")
-    if llm_sampling is None:  # the teacher samples like the student, without the student's scripting/stops
-        llm_sampling = dataclasses.replace(sampling, logits_processors=(), stop=None, stop_token_ids=None)
     seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
-    return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed)
+    # The LLM's own seed when given; else one derived from the request's, so that the models' draws differ.
+    llm_seed = llm_sampling.seed if llm_sampling is not None and llm_sampling.seed is not None else seed ^ 0x5EED
+    if llm_sampling is None:  # the teacher samples like the student, stop rules included, without its scripting
+        llm_sampling = dataclasses.replace(sampling, logits_processors=())
+    return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed, llm_seed)
 
 
 def _prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:

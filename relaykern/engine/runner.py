@@ -211,8 +211,9 @@ class ModelRunner:
         temperature = [row.sampling.temperature for row in rows]
         if not any(temperature):
             return None
-        top_p = [row.sampling.top_p for row in rows]
-        top_k = [row.sampling.top_k for row in rows]
+        # A greedy row is not filtered (its log-probs must not depend on whether a sampled row shares the batch).
+        top_p = [row.sampling.top_p if t else 1.0 for row, t in zip(rows, temperature)]
+        top_k = [row.sampling.top_k if t else 0 for row, t in zip(rows, temperature)]
         floats = host_to_device(self.device, [temperature, top_p], torch.float32)
         # The noise keys hash a few ints: done on the host, they ride along in the same copy as top-k.
         keys = [row_keys(row.seed, row.step) for row in rows]

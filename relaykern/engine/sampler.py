@@ -26,15 +26,16 @@ class SamplingBatch:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Sets logits outside each row's top-k and top-p nucleus to -inf (the most likely token always survives)."""
+    """Sets logits outside each row's top-k and top-p nucleus to -inf (the most likely token always survives).
+    Top-k keeps every token tied with the k-th largest logit (as vLLM and HF); a row with top_p 1 loses nothing to
+    top-p (a float32 running sum over a large vocabulary passes 1 before its tail)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    drop = rank >= k
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)[:, None]
+    drop = sorted_logits < sorted_logits.gather(-1, k - 1)
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

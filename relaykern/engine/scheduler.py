@@ -262,7 +262,7 @@ class Scheduler:
             start=start,
             samples=view.reserved == len(view.tokens),
             sampling=seq.sampling if is_slm else seq.llm_sampling,
-            seed=seq.seed if is_slm else seq.seed ^ 0x5EED,
+            seed=seq.seed if is_slm else seq.llm_seed,
             step=len(seq.response),
             history=seq.response,
             want_logprobs=seq.sampling.logprobs,

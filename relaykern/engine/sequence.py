@@ -54,12 +54,13 @@ class Sequence:
     """A request in flight. Plain attributes; the relay loop (relay.py) is the only writer."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, llm_sampling: SamplingParams,
-                 with_llm: bool, seed: int) -> None:
+                 with_llm: bool, seed: int, llm_seed: int) -> None:
         self.request_id = next(_request_ids)
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.llm_sampling = llm_sampling
         self.seed = seed
+        self.llm_seed = llm_seed
         self.response: list[int] = []
         self.text = bytearray()  # the response's bytes, for stop strings
         self.logprobs: list[float] = []
