@@ -260,13 +260,15 @@ def test_a_tensor_in_two_files_is_an_error(fresh_checkpoint):
         load_model(path)
 
 
-def test_rope_settings_given_twice_must_agree():
+def test_rope_settings_given_twice_must_agree_and_quantized_checkpoints_are_refused():
     """Libraries read ``rope_parameters`` and ``rope_theta`` / ``rope_scaling`` in different orders."""
     base = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4)
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
         ModelConfig.from_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
                                "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match=r"quantized checkpoints \(fp8\) are not supported"):
+        ModelConfig.from_dict({**base, "quantization_config": {"quant_method": "fp8"}})
     with pytest.raises(ValueError, match=r"conflicting rope_theta values \[100.0, 1000000.0\]"):
         ModelConfig.from_dict({**base, "rope_theta": 1e6, "rope_parameters": {"rope_type": "default",
                                                                               "rope_theta": 100.0}})

@@ -86,6 +86,9 @@ class ModelConfig:
             raise ValueError(f"unsupported model_type {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
         if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of x * sigmoid(x)
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only 'silu' / 'swish')")
+        if d.get("quantization_config"):
+            method = d["quantization_config"].get("quant_method", "?")
+            raise ValueError(f"quantized checkpoints ({method}) are not supported: give bf16/fp16/fp32 weights")
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         if arch == "llama" and d.get("mlp_bias"):
