@@ -12,16 +12,20 @@ from relaykern.scripted import force_command
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.tiny:
+        return _generate(args, args.slm, args.llm)
+    from relaykern.tiny import save_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="relaykern-tiny-") as root:
+        slm = save_tiny_checkpoint(Path(root) / "slm", hidden_size=64, seed=1)
+        llm = save_tiny_checkpoint(Path(root) / "llm", hidden_size=128, num_layers=3, seed=2)
+        print(f"built a tiny random SLM/LLM pair in {root} (removed afterwards)")
+        return _generate(args, slm, llm)
+
+
+def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path | None) -> int:
     from relaykern.engine.relay import RelayEngine
 
-    slm, llm = args.slm, args.llm
-    if args.tiny:
-        from relaykern.tiny import save_tiny_checkpoint
-
-        root = Path(tempfile.mkdtemp(prefix="relaykern-tiny-"))
-        slm = save_tiny_checkpoint(root / "slm", hidden_size=64, seed=1)
-        llm = save_tiny_checkpoint(root / "llm", hidden_size=128, num_layers=3, seed=2)
-        print(f"built a tiny random SLM/LLM pair in {root}")
     if slm is None:
         print("error: give --slm DIR (and --llm DIR), or --tiny", file=sys.stderr)
         return 2
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help; main() hands their arguments to their own parsers.
     sub.add_parser("bench", help="run the benchmark suite (relaykern bench --help)")
-    sub.add_parser("train", help="relay SFT warm-up or GRPO (relaykern train sft|grpo --config FILE)")
+    sub.add_parser("train", help="relay SFT warm-up, GRPO, SFT data, the teacher filter "
+                                 "(relaykern train sft|grpo|sft-data|filter ...)")
     sub.add_parser("eval", help="accuracy and call ratio on a JSONL maths set (relaykern eval --help)")
     return parser
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs relaykern and relays one prompt between a tiny random SLM and LLM built on the fly (no download). A
-# random SLM never asks for help by itself, so the demo makes it write <call>6</call> at its 4th token.
+# random SLM never asks for help by itself, so the demo makes it write <call>6</call> after its first 4 tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML file (see examples/sft.yaml, grpo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dots for nested keys), e.g. --set steps=10")
-    parser.add_argument("--out", help="sft-data: output JSONL")
+    parser.add_argument("--out", help="sft-data, filter: output JSONL")
     parser.add_argument("--in", dest="in_jsonl", help="sft-data: prompt JSONL (default: the config's prompts); "
                                                        "filter: the prompts to filter")
     parser.add_argument("--llm", help="filter: the teacher's checkpoint directory")

@@ -1,4 +1,6 @@
-"""Differential fuzzing of the relay engine on CPU. From the repository root:
+"""Differential fuzzing of the relay engine on CPU.
+
+From the repository root:
 
     PYTHONPATH=tests python -m relay_fuzz --minutes 30 --seed 1            # torch attention backend
     PYTHONPATH=tests python -m relay_fuzz --minutes 30 --backend triton    # Triton kernels, interpreted
@@ -87,7 +89,8 @@ def replay(path: Path, checkpoints: tuple[Path, Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="relay_fuzz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="relay_fuzz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
