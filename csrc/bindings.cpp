@@ -83,6 +83,9 @@ written before the host knows those tokens); append fills them later. False, tak
       .def("fork", &BlockManager::fork, py::arg("src_seq_id"), py::arg("dst_seq_id"), R"doc(
 dst shares src's full blocks and gets a fresh block for src's partial last block. Returns (src_block, dst_block)
 to copy on the device, or None when len(src) is a multiple of block_size. num_cached_tokens(dst) = len(src).)doc")
+      .def("reset_prefix_cache", &BlockManager::reset_prefix_cache, R"doc(
+Forget every prefix hash (new weights make the cached KV stale): later sequences share no block cached so far.
+Sequences in flight keep their blocks but register no more of them.)doc")
       .def("has_seq", &BlockManager::has_seq, py::arg("seq_id"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
       .def("seq_len", &BlockManager::seq_len, py::arg("seq_id"))

@@ -136,7 +136,7 @@ void BlockManager::push_tokens(Seq& s, const int64_t* tokens, int64_t count) {
 }
 
 void BlockManager::register_full_block(Seq& s, int32_t block_id, const int64_t* tokens) {
-  if (!prefix_caching_) return;
+  if (!prefix_caching_ || !s.shares) return;
   Block& block = blocks_[block_id];
   s.chain_hash = hash_block(s.chain_hash, tokens, block_size_);
   block.hashed = true;
@@ -169,6 +169,15 @@ std::optional<std::pair<int32_t, int32_t>> BlockManager::fork(int64_t src_seq_id
   }
   seqs_.emplace(dst_seq_id, std::move(dst));
   return copy;
+}
+
+void BlockManager::reset_prefix_cache() {
+  hash_to_block_.clear();
+  for (Block& block : blocks_) {
+    block.hashed = false;
+    block.token_ids.clear();
+  }
+  for (auto& [seq_id, s] : seqs_) s.shares = false;
 }
 
 std::vector<int64_t> BlockManager::slot_mapping(int64_t seq_id, int64_t start, int64_t end) const {

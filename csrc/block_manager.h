@@ -54,6 +54,9 @@ class BlockManager {
   // Blocks src reserved past its length (reserve_positions) stay src's alone.
   // dst's num_cached_tokens is src's length: fork after src's KV is written.
   std::optional<std::pair<int32_t, int32_t>> fork(int64_t src_seq_id, int64_t dst_seq_id);
+  // Forgets every prefix hash, for new weights: no later sequence shares a block whose KV exists now. Sequences in
+  // flight keep their blocks (and KV) but register no more, since their blocks mix KV of both weights.
+  void reset_prefix_cache();
 
   bool has_seq(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   const std::vector<int32_t>& block_table(int64_t seq_id) const { return seq(seq_id).table; }
@@ -85,6 +88,7 @@ class BlockManager {
     int64_t num_cached_tokens = 0;
     uint64_t chain_hash = 0;     // hash of the last full block (the seed when there is none)
     std::vector<int64_t> tail;   // tokens of the partial last block, needed to hash it once it is full
+    bool shares = true;          // registers its full blocks (false once a reset_prefix_cache saw it in flight)
   };
 
   const Seq& seq(int64_t seq_id) const;

@@ -158,30 +158,36 @@ def test_block_tables_tensor():
 
 
 def test_random_ops_against_a_model():
-    """Random allocate/append/fork/free on a small pool with a 2-token vocabulary (so prefixes collide often).
+    """Random allocate/append/fork/free and, rarely, a prefix-cache reset (new weights) on a small pool with a
+    2-token vocabulary (so prefixes collide often).
 
-    A simulated KV cache stores, at each written slot, the token prefix that produced it; every live sequence must
-    read back its own prefixes at every position: that checks sharing, forks and reuse end to end.
+    A simulated KV cache stores, at each written slot, the token prefix that produced it and the weights' epoch;
+    every live sequence must read back its own prefixes at every position, none written under weights older than
+    the sequence: that checks sharing, forks, reuse and resets end to end.
     """
     rng = random.Random(0)
     bs, nb = 4, 24
     bm = BlockManager(nb, bs)
     kv: dict[int, tuple] = {}
     tokens: dict[int, list[int]] = {}
-    next_id = 0
+    born: dict[int, int] = {}
+    next_id = epoch = 0
 
     def write(s: int, start: int) -> None:
         for p, slot in enumerate(bm.slot_mapping(s, start, len(tokens[s])), start):
-            kv[slot] = tuple(tokens[s][: p + 1])
+            kv[slot] = (epoch, tuple(tokens[s][: p + 1]))
 
     for _ in range(3000):
-        op = rng.randrange(4)
-        if op == 0 or not tokens:
+        op = rng.choices(range(5), weights=(1, 1, 1, 1, 0.05))[0]
+        if op == 4:
+            bm.reset_prefix_cache()
+            epoch += 1
+        elif op == 0 or not tokens:
             prompt = [rng.randrange(2) for _ in range(rng.randint(1, 14))]
             if bm.can_allocate(prompt):
                 cached = bm.allocate(next_id, prompt)
                 assert cached % bs == 0 and cached < len(prompt)
-                tokens[next_id] = prompt
+                tokens[next_id], born[next_id] = prompt, epoch
                 write(next_id, cached)
             else:
                 free_before = bm.num_free_blocks
@@ -203,7 +209,7 @@ def test_random_ops_against_a_model():
         elif op == 2:
             s = rng.choice(list(tokens))
             bm.free(s)
-            del tokens[s]
+            del tokens[s], born[s]
         else:
             s = rng.choice(list(tokens))
             try:
@@ -211,7 +217,7 @@ def test_random_ops_against_a_model():
             except OutOfBlocks:
                 assert bm.num_free_blocks == 0
             else:
-                tokens[next_id] = list(tokens[s])
+                tokens[next_id], born[next_id] = list(tokens[s]), born[s]
                 if pair is not None:
                     for o in range(bs):
                         if pair[0] * bs + o in kv:
@@ -225,11 +231,12 @@ def test_random_ops_against_a_model():
             assert bm.seq_len(s) == len(toks) and len(bm.block_table(s)) == -(-len(toks) // bs)
             if len(toks) % bs:
                 assert bm.ref_count(bm.block_table(s)[-1]) == 1  # partial blocks are never shared
-            assert [kv[slot] for slot in bm.slot_mapping(s, 0, len(toks))] == \
-                   [tuple(toks[: p + 1]) for p in range(len(toks))]
+            read = [kv[slot] for slot in bm.slot_mapping(s, 0, len(toks))]
+            assert [prefix for _, prefix in read] == [tuple(toks[: p + 1]) for p in range(len(toks))]
+            assert all(written >= born[s] for written, _ in read)
     for s in list(tokens):
         bm.free(s)
-    assert bm.num_free_blocks == nb and bm.num_used_blocks == 0
+    assert bm.num_free_blocks == nb and bm.num_used_blocks == 0 and epoch > 0
 
 
 def test_kv_pool_shapes_and_views():

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from relay_fixtures import *  # noqa: F401,F403
@@ -196,6 +197,24 @@ def test_greedy_requests_are_not_filtered_whatever_shares_their_batch(checkpoint
     beside = engine.generate(prompts, [greedy, sampled])[0]
     assert beside.token_ids == alone.token_ids and beside.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
     assert alone.logprobs[0] < -1.0  # log_softmax over the whole vocabulary, not over 3 tokens
+
+
+def test_weight_sync_serves_the_new_weights_not_the_old_cached_kv(checkpoints, tmp_path):
+    """The GRPO trainer's sync: a prompt cached under the old weights is recomputed under the new ones (as a fresh
+    engine of the new checkpoint writes it), and is cached again after."""
+    new = save_tiny_checkpoint(tmp_path / "new", arch="qwen3", num_heads=4, num_kv_heads=2, seed=4)
+    config = EngineConfig(device="cpu", block_size=4)
+    prompt = prompts_of([13])[0]
+    greedy = SamplingParams(temperature=0, max_tokens=4, logprobs=True, ignore_eos=True)
+    engine = RelayEngine(checkpoints["qwen3"], slm_config=config)
+    engine.generate([prompt], greedy)
+    engine.load_slm_weights(load_file(new / "model.safetensors").items())
+    synced = engine.generate([prompt], greedy)[0]
+    fresh = RelayEngine(new, slm_config=config).generate([prompt], greedy)[0]
+    assert synced.token_ids == fresh.token_ids and synced.logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
+    hits = engine.slm.prefix_hit_tokens
+    assert engine.generate([prompt], greedy)[0].token_ids == fresh.token_ids
+    assert engine.slm.prefix_hit_tokens == hits + 12
 
 
 def test_stream_yields_every_token_once(checkpoints):

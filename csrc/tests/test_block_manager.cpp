@@ -79,6 +79,20 @@ void test_prefix_sharing() {
   REQUIRE_EQ(bm.num_free_blocks(), 16);
 }
 
+void test_reset_prefix_cache() {
+  BlockManager bm(16, 4);
+  REQUIRE_EQ(bm.allocate(1, iota(9)), 0);
+  bm.free(1);
+  REQUIRE_EQ(bm.allocate(2, iota(6, 100)), 0);  // in flight through the reset: one full block, one partial
+  bm.reset_prefix_cache();
+  REQUIRE_EQ(bm.allocate(3, iota(9)), 0);  // nothing cached before the reset is shared after it
+  bm.append(2, iota(6, 106));              // 2 completes its second block: mixed KV, not registered
+  REQUIRE_EQ(bm.allocate(4, iota(13, 100)), 0);
+  REQUIRE_EQ(bm.allocate(5, iota(13)), 8);  // blocks registered after the reset are shared
+  REQUIRE_EQ(bm.block_table(5)[0], bm.block_table(3)[0]);
+  check_invariants(bm, {2, 3, 4, 5});
+}
+
 void test_no_prefix_caching() {
   BlockManager bm(8, 4, false);
   REQUIRE_EQ(bm.allocate(1, iota(9)), 0);
@@ -222,6 +236,7 @@ int main() {
   test_allocate_append_free();
   test_prefix_sharing();
   test_no_prefix_caching();
+  test_reset_prefix_cache();
   test_fork();
   test_reserve_positions();
   test_out_of_blocks_leaves_state();

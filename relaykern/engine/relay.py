@@ -154,7 +154,8 @@ class RelayEngine:
         return seqs
 
     def load_slm_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Pushes HF-named SLM weights into the live engine (the GRPO trainer's sync, no disk)."""
+        """Pushes HF-named SLM weights into the live engine (the GRPO trainer's sync, no disk). The SLM's prefix
+        cache is dropped (the old weights computed it); requests in flight keep their KV: sync between requests."""
         self.slm.load_weights(named_tensors)
 
     # ------------------------------------------------------------------ the loop

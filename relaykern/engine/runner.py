@@ -222,6 +222,8 @@ class ModelRunner:
                              needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it)."""
+        """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it) and
+        drops the prefix cache, whose KV the old weights computed."""
         load_state_dict_into(self.model, dict(named_tensors))
+        self.blocks.reset_prefix_cache()
         self._wait_for_default_stream()
