@@ -190,25 +190,38 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     copy = bench_copy(args.rep_ms)
     rows = [copy]
-    for block_size in args.block_sizes:
-        for batch, context in ((32, args.context), (1, args.context), (1, 512)):
-            rows.append(bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms))
-        for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
-            rows += [bench_decode(1, context, block_size, dtype, copy["GB/s"], args.rep_ms, splits) for splits in sweep]
-        for batch, q_len in ((1, 16), (32, 16), (1, 512), (1, 2048)):
-            rows.append(bench_extend(batch, q_len, args.context, block_size, dtype, args.rep_ms))
-        for num_tokens in (32, 2048):
-            rows.append(bench_store(num_tokens, block_size, dtype, args.rep_ms))
-        torch.cuda.empty_cache()
-    for shape in GEMV_SHAPES:
-        rows.append(bench_gemv(*shape, dtype, copy["GB/s"], args.rep_ms))
-    print_table(rows)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "git_commit": git_commit(), "dtype": args.dtype, "heads": [NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM],
-              "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+              "results": rows, "errors": []}
+
+    def measure(name: str, bench: Callable[[], dict]) -> None:
+        """Runs one row and saves the JSON at once: a failing row, or the step's timeout, loses no other row."""
+        try:
+            rows.append(bench())
+        except Exception as err:  # noqa: BLE001 - recorded; the next rows still run
+            report["errors"].append({"row": name, "error": f"{type(err).__name__}: {err}"})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    for block_size in args.block_sizes:
+        for batch, context in ((32, args.context), (1, args.context), (1, 512)):
+            measure(f"decode b{batch} ctx{context} bs{block_size}",
+                    lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms))
+        for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
+            for splits in sweep:
+                measure(f"decode b1 ctx{context} bs{block_size} splits{splits}",
+                        lambda: bench_decode(1, context, block_size, dtype, copy["GB/s"], args.rep_ms, splits))
+        for batch, q_len in ((1, 16), (32, 16), (1, 512), (1, 2048)):
+            measure(f"extend b{batch} q{q_len} bs{block_size}",
+                    lambda: bench_extend(batch, q_len, args.context, block_size, dtype, args.rep_ms))
+        for num_tokens in (32, 2048):
+            measure(f"store {num_tokens} bs{block_size}",
+                    lambda: bench_store(num_tokens, block_size, dtype, args.rep_ms))
+        torch.cuda.empty_cache()
+    for shape in GEMV_SHAPES:
+        measure(f"gemv {shape}", lambda: bench_gemv(*shape, dtype, copy["GB/s"], args.rep_ms))
+    print_table(rows)
+    print(f"wrote {args.out}" + (f" ({len(report['errors'])} rows failed)" if report["errors"] else ""))
 
 
 if __name__ == "__main__":

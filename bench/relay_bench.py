@@ -11,6 +11,7 @@ It counts the SLM catch-up whole, though that forward replaces an SLM decode ste
 Throughput: generated tokens per second of ``RelayEngine.generate`` on a whole workload (prefill included),
 against the ideal token-weighted mix of the two models' decode speeds at the same batch and context
 (1 / ((1 - r) / slm_tokens_per_s + r / llm_tokens_per_s) for an LLM-token ratio r) and against the SLM alone.
+The ideal time adds the prompts' prefill, timed on its own (both the ideal and the run must read the prompts).
 """
 from __future__ import annotations
 
@@ -91,22 +92,26 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
 
     The relay request reads k tokens into the LLM at its call (a prompt of k - 4 tokens, then 4 SLM tokens; the
     command's are stripped), the LLM writes n, the SLM 4 more. A request of as many tokens that never calls is timed
-    beside it (fresh prompts each run: no prefix-cache hits). Then
+    beside it (fresh prompts each run: no prefix-cache hits). Over the call lengths n,
 
-        overhead = T_relay - T_alone - n (llm_step - slm_step)
+        T_relay(n) - T_alone(n) = overhead + n * (per-token difference)
 
-    is what the relay costs beyond the LLM writing n of the tokens, in LLM decode steps (batch 1, pipelined, at
-    context k). Unlike the composed figure it counts the SLM's catch-up only beyond the SLM step it replaces."""
+    and the fitted intercept is what the relay costs beyond the LLM writing n of the tokens, in LLM decode steps
+    (batch 1, pipelined, at context k): the slope takes the LLM's and the SLM's per-token costs inside the engine's
+    loop, which step times probed outside it would miss by more than the goal's margin at n = 100. With one n only,
+    the probed steps stand in for the slope. Unlike the composed figure it counts the SLM's catch-up only beyond the
+    SLM step it replaces."""
     rng = random.Random(END_TO_END_SEED)
     top = min(engine.slm.model_config.vocab_size, 150000)
     ahead = END_TO_END_SLM_TOKENS
     modes = [("default", None), ("at_call", dataclasses.replace(engine.relay, early_catchup_tokens=0))]
     if engine.llm.stream is not None:  # reading early at the steps' priority (a CPU has no streams to prioritize)
         modes.append(("same_priority", dataclasses.replace(engine.relay, read_ahead_yields=False)))
-    relays = []
+    relays, fits = [], []
     for k in [k for k in preset.catchup_lengths if k <= max_k]:
         slm_step = Probe(engine.slm, preset.repeats).pipelined_decode_ms(1, k)
         llm_step = Probe(engine.llm, preset.repeats).pipelined_decode_ms(1, k)
+        rows = []
         for n in preset.call_lengths:
             command = engine.tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
             length = ahead + len(command) + n + ahead
@@ -118,16 +123,30 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
                 return timed(lambda: engine.generate([prompt], sampling), engine.slm.device)[1]
 
             seconds({}), seconds({ahead: command})  # warm-up: this shape's first forwards
-            row = {"k": k, "n": n, "slm_step_ms": slm_step, "llm_step_ms": llm_step,
-                   "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
+            row = {"k": k, "n": n, "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
             for mode, relay in modes:
                 with using_relay(engine, relay):
-                    relay_ms = statistics.median(seconds({ahead: command}) for _ in range(preset.repeats)) * 1e3
-                overhead = relay_ms - row["alone_ms"] - n * (llm_step - slm_step)
-                row[mode] = {"relay_ms": relay_ms, "overhead_ms": overhead, "overhead_llm_steps": overhead / llm_step}
-            relays.append(row)
+                    row[mode] = {"relay_ms": statistics.median(seconds({ahead: command})
+                                                               for _ in range(preset.repeats)) * 1e3}
+            rows.append(row)
+        fit = {"k": k, "slm_step_ms": slm_step, "llm_step_ms": llm_step}
+        for mode, _ in modes:
+            intercept, slope = overhead_fit([r["n"] for r in rows], [r[mode]["relay_ms"] - r["alone_ms"] for r in rows],
+                                            llm_step - slm_step)
+            fit[mode] = {"overhead_ms": intercept, "per_token_ms": slope, "overhead_llm_steps": intercept / llm_step}
+        relays += rows
+        fits.append(fit)
     return {"slm_tokens_around_the_call": ahead, "early_catchup_tokens": engine.read_ahead.early_catchup_tokens(
-        engine.relay), "relays": relays}
+        engine.relay), "relays": relays, "overheads": fits}
+
+
+def overhead_fit(ns: list[int], extra_ms: list[float], probed_slope: float) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (n, extra); with a single n, the probed slope."""
+    mean_n, mean_extra = statistics.fmean(ns), statistics.fmean(extra_ms)
+    spread = sum((n - mean_n) ** 2 for n in ns)
+    slope = (sum((n - mean_n) * (e - mean_extra) for n, e in zip(ns, extra_ms)) / spread if spread
+             else probed_slope)
+    return mean_extra - slope * mean_n, slope
 
 
 RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "early_catchup_tokens",
@@ -161,6 +180,7 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     """Runs the whole workload once through ``generate``; returns its figures and the outputs."""
     faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)
     steps, overlapped = engine.steps, dict(engine.overlapped_steps)
+    read_ahead = (engine.read_ahead.forwards, engine.read_ahead.tokens) if engine.read_ahead else (0, 0)
     try:
         outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
     finally:
@@ -186,6 +206,9 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
         "overlapped_slm_steps": engine.overlapped_steps["slm"] - overlapped["slm"],
         "overlapped_llm_steps": engine.overlapped_steps["llm"] - overlapped["llm"],
     }
+    if engine.read_ahead is not None:  # early catch-ups and prefetch chunks: whether the run read ahead at all
+        figures["read_ahead_forwards"] = engine.read_ahead.forwards - read_ahead[0]
+        figures["read_ahead_tokens"] = engine.read_ahead.tokens - read_ahead[1]
     return figures, outputs
 
 
@@ -203,29 +226,37 @@ def ideal_tokens_per_s(ratio: float, slm_decode: dict, llm_decode: dict) -> floa
 
 
 def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict,
-                       llm_prefill_tokens_per_s: float, on_run: Callable[[dict], None] = lambda partial: None) -> dict:
+                       on_run: Callable[[dict], None] = lambda partial: None) -> dict:
     """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context.
     ``on_run`` gets the figures so far after each run (the report saves them: a run cut off keeps the others).
 
+    ``of_ideal``: the ideal time (the prompts' prefill, timed alone, plus the tokens at the ideal mix) over the run's.
     The ideal mix counts decode only, yet on every call the LLM must first read the SLM's text since its last turn
-    (its catch-up prefill). ``of_ideal_with_catchup`` adds that work to the ideal, timed at the LLM's measured
-    prefill speed: what is left between it and 1 is the engine's own cost."""
+    (its catch-up prefill). ``of_ideal_with_catchup`` adds that work, timed as LLM forwards of catch-ups of the
+    run's mean length, as many rows as a forward takes: what is left between it and 1 is the engine's own cost."""
     def workloads(ratio: float, staggered: bool = False) -> Callable[[str], Workload]:
         return lambda name: preset_workload(engine.tokenizer, preset, engine.slm.model_config.vocab_size, name,
                                             ratio, staggered=staggered)
 
-    warmup = workloads(max(preset.call_ratios))("warm-up")
-    run_workload(engine, warmup.head(min(4, warmup.batch)))  # compiles, allocator growth
+    def catchup_s(figures: dict) -> float:
+        length = max(1, round(figures["llm_prefill_tokens"] / max(figures["calls"], 1)))
+        rows = max(1, min(figures["batch"], engine.llm.config.max_num_batched_tokens // length))
+        forward_ms = Probe(engine.llm, preset.repeats).forward_ms(length, 0, rows)
+        return figures["llm_prefill_tokens"] / (rows * length) * forward_ms / 1e3
+
+    run_workload(engine, workloads(max(preset.call_ratios))("warm-up"))  # compiles, allocator growth, full batch
+    prefill_s = statistics.median(run_workload(engine, workloads(0.0)(f"prompts #{i}").prompts_only())[0]["seconds"]
+                                  for i in range(preset.throughput_repeats))
     slm_only = median_run(engine, workloads(0.0), "slm-only", preset.throughput_repeats)
-    slm_only["of_ideal"] = slm_only["tokens_per_s"] / slm_decode["tokens_per_s"]
+    slm_only["of_ideal"] = (prefill_s + slm_only["tokens"] / slm_decode["tokens_per_s"]) / slm_only["seconds"]
     with using_relay(engine, dataclasses.replace(engine.relay, overlap_steps=False)) as knobs:
         in_turn = dict(median_run(engine, workloads(0.0), "slm-only, steps in turn", preset.throughput_repeats),
                        **knobs)
     slm_only["overlap_speedup"] = slm_only["tokens_per_s"] / in_turn["tokens_per_s"]
     runs = []
     result = {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
-              "decode_context": slm_decode["context"], "slm_only": slm_only, "slm_only_in_turn": in_turn,
-              "runs": runs}
+              "decode_context": slm_decode["context"], "prompt_prefill_s": prefill_s, "slm_only": slm_only,
+              "slm_only_in_turn": in_turn, "runs": runs}
     eager = engine.relay
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.llm_prefetch_tokens:
@@ -243,11 +274,11 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
         with using_relay(engine, relay) as knobs:
             figures = dict(median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats), **knobs)
         figures["ideal_tokens_per_s"] = ideal_tokens_per_s(figures["ratio"], slm_decode, llm_decode)
-        figures["of_ideal"] = figures["tokens_per_s"] / figures["ideal_tokens_per_s"]
+        ideal_s = prefill_s + figures["tokens"] / figures["ideal_tokens_per_s"]
+        figures["of_ideal"] = ideal_s / figures["seconds"]
         figures["of_slm_only"] = figures["tokens_per_s"] / slm_only["tokens_per_s"]
-        catchup_s = figures["llm_prefill_tokens"] / llm_prefill_tokens_per_s
-        ideal_s = figures["tokens"] / figures["ideal_tokens_per_s"] + catchup_s
-        figures["of_ideal_with_catchup"] = ideal_s / figures["seconds"]
+        figures["catchup_s"] = catchup_s(figures)
+        figures["of_ideal_with_catchup"] = (ideal_s + figures["catchup_s"]) / figures["seconds"]
         runs.append(figures)
         on_run(result)
     return result

@@ -83,6 +83,10 @@ class Report(dict):
         self.save()
 
     def save(self) -> None:
+        baselines = self.get("baselines", {})
+        if "ours" in baselines:  # after each baseline section: a run cut off later keeps the speed-ups so far
+            baselines["speedups"] = speedups(baselines, self.get("relay_throughput", {}).get("slm_only"),
+                                             self.get("slm_alone"))
         self["goals"] = evaluate_goals(self)
         self["meta"]["wall_seconds"] = time.perf_counter() - self.started
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
     if models is not None:
         report.section("relay_throughput", lambda: measure_throughput(
             engine, preset, models["slm"]["decode_at_relay_shape"], models["llm"]["decode_at_relay_shape"],
-            models["llm"]["prefill"]["tokens_per_s"], lambda partial: report.save_partial("relay_throughput", partial)))
+            lambda partial: report.save_partial("relay_throughput", partial)))
 
     vocab_size = engine.slm.model_config.vocab_size
     alone_prompt = preset_workload(engine.tokenizer, preset, vocab_size, "alone", 0.0).prompts[0]
@@ -216,8 +220,6 @@ def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) ->
         hf = report.section("hf_baselines", lambda: hf_baselines(slm, llm, preset, long_workload, ours_outputs,
                                                                 slm_only_workload, alone_prompt), store=False)
         baselines.update(hf or {})
-    slm_only = report.get("relay_throughput", {}).get("slm_only")
-    baselines["speedups"] = speedups(baselines, slm_only, report.get("slm_alone"))
 
 
 def _slug(text: str) -> str:

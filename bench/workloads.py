@@ -49,6 +49,11 @@ class Workload:
     def target_ratio(self) -> float:
         return sum(map(sum, self.calls)) / sum(s.max_tokens for s in self.samplings)
 
+    def prompts_only(self) -> "Workload":
+        """The same prompts, each request writing one token: the workload's prompt prefill."""
+        return Workload(self.name, self.prompts, [SamplingParams(temperature=0, max_tokens=1) for _ in self.prompts],
+                        [{} for _ in self.prompts], [[] for _ in self.prompts])
+
     def head(self, count: int) -> "Workload":
         """The first ``count`` requests (same scripts)."""
         return Workload(self.name, self.prompts[:count], self.samplings[:count], self.schedules[:count],

@@ -55,6 +55,16 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
     assert all(x["alone_ms"] > 0 and x[mode]["relay_ms"] > 0 for x in e2e["relays"]
                for mode in ("default", "at_call"))
+    assert [x["k"] for x in e2e["overheads"]] == list(preset["catchup_lengths"])
+    assert all(x["llm_step_ms"] > 0 and x[mode]["overhead_llm_steps"] == x[mode]["overhead_ms"] / x["llm_step_ms"]
+               for x in e2e["overheads"] for mode in ("default", "at_call"))
+
+
+def test_the_end_to_end_overhead_is_the_intercept_over_call_lengths():
+    from relaykern.bench.relay_bench import overhead_fit
+
+    assert overhead_fit([1, 10, 100], [3.0 + 0.5 * n for n in (1, 10, 100)], 9.9) == pytest.approx((3.0, 0.5))
+    assert overhead_fit([10], [8.0], 0.5) == (3.0, 0.5)  # one N: the probed slope stands in
 
 
 def test_workloads_did_the_scripted_work(bench_run):
@@ -76,8 +86,10 @@ def test_workloads_did_the_scripted_work(bench_run):
         assert run["tokens"] == batch * max_tokens and run["finish_reasons"] == {"length": batch}
         assert run["ratio"] == pytest.approx(run["target_ratio"])
         assert run["calls"] >= batch * (run["target_ratio"] > 0)
+    assert throughput["prompt_prefill_s"] > 0
     for run in throughput["runs"]:  # catch-up work can only add to the ideal time
-        assert run["of_ideal_with_catchup"] >= run["of_ideal"] > 0
+        assert run["of_ideal_with_catchup"] >= run["of_ideal"] > 0 and run["catchup_s"] > 0
+    assert prefetching["read_ahead_tokens"] > 0 and lazy["read_ahead_forwards"] == 0  # (no early catch-up on a CPU)
     base = report["baselines"]
     assert base["ours"]["tokens"] == base["ours_prefetching"]["tokens"] == base["official_style"]["tokens"] == \
         base["official_loop"]["tokens"] == base["hf_generate_slm_only"]["tokens"]

@@ -40,6 +40,8 @@ class ReadAhead:
         self.llm = llm
         self.feed_view = feed_view
         self.done: torch.cuda.Event | None = None
+        self.forwards = self.tokens = 0
+        """Counters: read-ahead forwards launched, and the tokens they read."""
 
     def early_catchup_tokens(self, relay: RelayConfig) -> int:
         """``relay.early_catchup_tokens``, its default resolved for this LLM's device."""
@@ -81,6 +83,8 @@ class ReadAhead:
             if self.llm.stream is not None:
                 self.done = torch.cuda.Event()
                 self.done.record()  # on the current stream: the one it ran on
+        self.forwards += 1
         for seq, row in zip(seqs, rows):  # the rows that ran
             seq.llm.num_cached = row.start + len(row.tokens)
             seq.stats.llm_prefill_tokens += len(row.tokens)
+            self.tokens += len(row.tokens)
