@@ -67,7 +67,9 @@ def graph_ms(call: Callable[[int], object], copies: int, rep_ms: int) -> float:
         call(i)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # A capture stream of the current device: torch's shared default one lives on the device first used (with the
+    # LLM on another GPU, that of the SLM).
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
         for i in range(copies):
             call(i)
     return triton.testing.do_bench(graph.replay, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / copies

@@ -129,12 +129,14 @@ class ModelRunner:
         stream = self.background_stream if background else self.stream
         if background:
             stream.wait_stream(self.stream)
-        with self.scope(background):
-            result = self._execute(rows, fed_tokens)
-        if background:
-            self.stream.wait_stream(stream)
-        if caller != stream:
-            caller.wait_stream(stream)
+        try:
+            with self.scope(background):
+                result = self._execute(rows, fed_tokens)
+        finally:  # a forward that raised may have queued kernels (writing KV of blocks about to be freed): later
+            if background:  # work waits for them all the same
+                self.stream.wait_stream(stream)
+            if caller != stream:
+                caller.wait_stream(stream)
         return result
 
     def _execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
@@ -224,6 +226,7 @@ class ModelRunner:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it) and
         drops the prefix cache, whose KV the old weights computed."""
+        self._wait_for_default_stream()  # a dropped overlapped forward may still be reading the old weights
         load_state_dict_into(self.model, dict(named_tensors))
         self.blocks.reset_prefix_cache()
         self._wait_for_default_stream()
