@@ -121,6 +121,8 @@ def test_extend_matches_reference_random(seed):
     ([4, 0, 2], [30, 10, 0], 4, 2, 32, 16, 2),  # a sequence with no query rows
     ([7, 2], [9, 33], 6, 2, 24, 32, 1),  # non-power-of-two group and head_dim
     ([3, 1], [40, 70], 8, 1, 16, 16, 4),  # group 8 with splits
+    ([5, 1], [12, 30], 10, 2, 64, 16, 1),  # group 5 (Qwen3-14B, Qwen2.5-14B/32B), head_dim 64 (Llama 3.2 1B)
+    ([3, 2], [20, 7], 7, 1, 128, 16, 2),  # group 7 (Qwen2.5-0.5B/7B), head_dim 128, splits
 ])
 def test_extend_edge_cases(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_splits):
     case = make_case(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size)
@@ -142,6 +144,15 @@ def test_decode_matches_reference_random(seed, num_splits):
     expected = paged_attention_reference(*case.args())
     assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
                                         num_splits), expected)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(10, 2, 64), (7, 1, 128), (12, 2, 128)])
+def test_decode_real_model_groups(num_q_heads, num_kv_heads, head_dim):
+    """Groups of 5, 7 and 6 query heads per KV head (Qwen3-14B, Qwen2.5-7B, Qwen2.5-1.5B): not powers of two."""
+    case = make_case([1, 1], [37, 5], num_q_heads, num_kv_heads, head_dim, 16)
+    for num_splits in (None, 3):
+        assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                            num_splits), paged_attention_reference(*case.args()))
 
 
 def test_decode_zero_length_padding_row_gives_zeros():
