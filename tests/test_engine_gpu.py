@@ -4,8 +4,10 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from relay_fixtures import *  # noqa: F401,F403
+from relay_fixtures import SLM_SHAPE
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.gemv_tiles import choose_tiles
@@ -128,3 +130,16 @@ def test_two_models_replay_their_graphs_at_once(tmp_path):
     torch.cuda.synchronize()
     for alone, out in zip(logits_alone, outputs):
         assert all(torch.equal(alone, logits) for logits in out)
+
+
+def test_weight_sync_on_gpu_serves_the_new_weights(slm_dir, tmp_path):
+    """The trainer's in-place sync under CUDA graphs: the graphs read the new weights, and a prompt cached under the
+    old ones is recomputed (as a fresh engine of the new checkpoint writes it)."""
+    new = save_tiny_checkpoint(tmp_path / "new", **dict(SLM_SHAPE, seed=5))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[100 + i for i in range(n)] for n in (33, 5)]
+    engine = RelayEngine(slm_dir, slm_config=gpu_config())
+    engine.generate(prompts, greedy)
+    engine.load_slm_weights(load_file(new / "model.safetensors").items())
+    synced = [out.token_ids for out in engine.generate(prompts, greedy)]
+    assert synced == [out.token_ids for out in RelayEngine(new, slm_config=gpu_config()).generate(prompts, greedy)]
