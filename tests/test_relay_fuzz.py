@@ -8,7 +8,7 @@ import pytest
 
 from relay_fixtures import *  # noqa: F401,F403
 from relay_fuzz.__main__ import main
-from relay_fuzz.cases import random_case, random_variant
+from relay_fuzz.cases import baseline_variant, random_case, random_variant
 from relay_fuzz.harness import check_baseline, check_variant, differences, invariant_problems, reference_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore:an overlapped")  # raising processors fall back to steps in turn
@@ -28,8 +28,9 @@ def test_random_settings_give_the_baseline_outputs(seeded_case, slm_dir, llm_dir
     rng, case, base = seeded_case
     assert any(out["calls"] for out in base.outputs)
     assert not reference_problems(case, base, (slm_model, llm_model))
-    for _ in range(3):
-        variant = random_variant(rng, case)
+    resync = baseline_variant()  # served twice, a weight sync (of the same weights) between: the SLM's cache reset
+    resync.update(slm=dict(resync["slm"], enable_prefix_caching=True), repeats=1, resync=True)
+    for variant in (random_variant(rng, case), random_variant(rng, case), resync):
         assert not check_variant(case, variant, base, (slm_dir, llm_dir)), variant
 
 

@@ -7,7 +7,8 @@ read the history, raise or return logits with nothing to sample, the relay seman
 serves it: block sizes, pool sizes down to one request's worth (preemption), batch limits down to 3 tokens (chunked
 prefill and catch-up), prefix caching, overlapped steps, early catch-up, prefetch, LLM batching waits, the
 re-prefill LLM cache, requests arriving over time, random aborts, the requests served again by the same engine (its
-prefix caches warm), the attention backend. Outputs must not depend on the variant.
+prefix caches warm, or the SLM's dropped by a weight sync of the same weights), the attention backend. Outputs must
+not depend on the variant.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def random_variant(rng: random.Random, case: dict, backend: str = "torch") -> di
                            llm_batch_min_rows=rng.choice([1, 2, 6, 16])),
                 llm_cache="reprefill" if rng.random() < 0.12 else "persistent", staggered=rng.random() < 0.35,
                 abort_rate=rng.choice([0, 0, 0, 0.01, 0.05]), abort_seed=rng.randrange(1 << 30),
-                repeats=rng.choice([0, 0, 0, 1]), backend=backend)
+                repeats=rng.choice([0, 0, 0, 1]), resync=rng.random() < 0.5, backend=backend)
 
 
 def baseline_variant(backend: str = "torch") -> dict:
@@ -225,4 +226,5 @@ def baseline_variant(backend: str = "torch") -> dict:
     return dict(slm=model, llm=dict(model),
                 relay=dict(overlap_steps=False, early_catchup_tokens=0, llm_prefetch_tokens=0,
                            llm_batch_wait_steps=0, llm_batch_min_rows=16),
-                llm_cache="persistent", staggered=False, abort_rate=0, abort_seed=0, repeats=0, backend=backend)
+                llm_cache="persistent", staggered=False, abort_rate=0, abort_seed=0, repeats=0, resync=False,
+                backend=backend)

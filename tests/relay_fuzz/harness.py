@@ -13,6 +13,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from relaykern import EngineConfig, RelayConfig, RelayEngine
 from relaykern.outputs import RelayOutput
 from relaykern.reference import reference_generate
@@ -123,12 +125,17 @@ def serve(engine: RelayEngine, case: dict, variant: dict, aborts: random.Random)
 
 def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
     """Serves the case ``1 + variant["repeats"]`` times on one engine (later passes hit the prefix caches the
-    earlier ones left); the outputs of all passes, one after another."""
+    earlier ones left, or, with ``resync``, find the SLM's dropped by a weight sync of its own weights); the outputs
+    of all passes, one after another."""
     engine = make_engine(case, variant, checkpoints)
     outcome = Outcome([], [], [], set())
     watch(engine, variant, outcome)
     aborts = random.Random(variant["abort_seed"])
-    outputs = [out for _ in range(1 + variant["repeats"]) for out in serve(engine, case, variant, aborts)]
+    outputs = serve(engine, case, variant, aborts)
+    for _ in range(variant["repeats"]):
+        if variant["resync"]:
+            engine.load_slm_weights(load_file(Path(checkpoints[0]) / "model.safetensors").items())
+        outputs += serve(engine, case, variant, aborts)
     outcome.outputs = [comparable(o) for o in outputs]
     outcome.logprobs = [o.logprobs for o in outputs]
     outcome.llm_reads = [(o.stats.llm_prefill_tokens, [r.llm_catchup for r in o.stats.call_records])
