@@ -48,7 +48,7 @@ def load_model(
             if config.tie_word_embeddings and TIED_HEAD in f.keys():
                 head = f.get_tensor(TIED_HEAD)
     _check_complete(targets, set(loaded), config, where=str(path))
-    _check_tied_head(model, config, head, where=str(path))
+    _check_tied_head(model, head, where=str(path))
     return model.eval(), config
 
 
@@ -63,7 +63,7 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     if strict:
         _check_complete(targets, loaded, model.config, where="state_dict")
     if EMBEDDINGS in state_dict:  # a partial update may send a head without the embeddings it was tied to
-        _check_tied_head(model, model.config, state_dict.get(TIED_HEAD), where="state_dict")
+        _check_tied_head(model, state_dict.get(TIED_HEAD), where="state_dict")
 
 
 def weight_targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -141,10 +141,10 @@ def _is_harmless(name: str, config: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == TIED_HEAD)
 
 
-def _check_tied_head(model: nn.Module, config: ModelConfig, head: torch.Tensor | None, where: str) -> None:
+def _check_tied_head(model: nn.Module, head: torch.Tensor | None, where: str) -> None:
     """A tied model's checkpoint may carry lm_head.weight too: a copy of the embeddings, or a sign that config.json
     is wrong (transformers 5 then unties the model, transformers 4 and vLLM drop the head): ambiguous, so an error."""
-    if head is None or not config.tie_word_embeddings:
+    if head is None or not model.config.tie_word_embeddings:
         return
     embed = model.get_parameter(EMBEDDINGS)
     if head.shape != embed.shape or not torch.equal(head.to(embed), embed):

@@ -28,7 +28,8 @@ from relaykern.train.config import FileConfig
 from relaykern.train.data import PromptSource, chat_prompt_ids
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
-from relaykern.train.reward import Sample, call_ratio, case_of, command_summary, group_case, sample_reward
+from relaykern.train.reward import (CALLED_IF, Sample, call_ratio, case_of, command_summary, group_case,
+                                    sample_reward)
 from relaykern.train.rollout import RolloutBackend, engine_backend, reference_backend, slm_mask
 from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
                                      make_optimizer, maybe_no_sync, resolve_model_path, seed_everything,
@@ -96,7 +97,7 @@ class GRPOConfig(FileConfig):
     resume: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "called_if": ("call", "tag"),
+        choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "called_if": CALLED_IF,
                    "precision": ("fp32", "bf16"), "rollout": ("engine", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

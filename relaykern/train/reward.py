@@ -21,6 +21,8 @@ from typing import Literal, Sequence
 from relaykern.protocol import OPEN, find_commands
 
 STUDENT_SOLVABLE, TEACHER_DEPENDENT, TEACHER_UNSOLVABLE = "student_solvable", "teacher_dependent", "teacher_unsolvable"
+CALLED_IF = ("call", "tag")
+"""What counts as calling the teacher (``command_summary``): a command with N >= 1, or any ``<call>`` text."""
 OFFICIAL_MAX_N = 4096
 """The official reward caps each command's N at 4096 before summing."""
 
@@ -50,8 +52,8 @@ def command_summary(response: str, max_n: int = OFFICIAL_MAX_N,
     first squeeze whitespace around ``< > /``: the relay only serves the strict grammar (relaykern/protocol.py), so
     ``< call >`` is plain text.
     """
-    if called_if not in ("call", "tag"):
-        raise ValueError(f"called_if must be 'call' or 'tag', got {called_if!r}")
+    if called_if not in CALLED_IF:
+        raise ValueError(f"called_if must be one of {CALLED_IF}, got {called_if!r}")
     data = response.encode("utf-8")
     commands = find_commands(data).commands
     called = any(c.n > 0 for c in commands) if called_if == "call" else OPEN in data
