@@ -40,36 +40,37 @@ def tokenizer():
     return load_qwen3_tokenizer()
 
 
-def _checkpoint(tmp_path_factory, name: str, shape: dict) -> Path:
-    path = tmp_path_factory.getbasetemp() / name
+def tiny_checkpoint(root: Path, name: str, shape: dict) -> Path:
+    """``root / name``, the tiny checkpoint of ``shape``, built unless it is there."""
+    path = root / name
     if not (path / "config.json").is_file():
         save_tiny_checkpoint(path, **shape)
     return path
 
 
 @functools.cache
-def _load(path: Path):
+def hf_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
 
 
 @pytest.fixture(scope="session")
 def slm_dir(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory, "tiny-slm", SLM_SHAPE)
+    return tiny_checkpoint(tmp_path_factory.getbasetemp(), "tiny-slm", SLM_SHAPE)
 
 
 @pytest.fixture(scope="session")
 def llm_dir(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory, "tiny-llm", LLM_SHAPE)
+    return tiny_checkpoint(tmp_path_factory.getbasetemp(), "tiny-llm", LLM_SHAPE)
 
 
 @pytest.fixture(scope="session")
 def slm_model(slm_dir):
-    return _load(slm_dir)
+    return hf_model(slm_dir)
 
 
 @pytest.fixture(scope="session")
 def llm_model(llm_dir):
-    return _load(llm_dir)
+    return hf_model(llm_dir)
 
 
 def assert_no_blocks_held(engine) -> None:

@@ -23,33 +23,21 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-from relay_fixtures import LLM_SHAPE, SLM_SHAPE  # noqa: E402
+from relay_fixtures import LLM_SHAPE, SLM_SHAPE, hf_model, tiny_checkpoint  # noqa: E402
 from relay_fuzz.cases import random_case, random_variant, shrink  # noqa: E402
 from relay_fuzz.harness import check_baseline, check_variant, reference_problems  # noqa: E402
-from relaykern.tiny import save_tiny_checkpoint  # noqa: E402
 
 CASE_SEED_STRIDE = 1_000_003
 
 
 def checkpoints_in(workdir: Path) -> tuple[Path, Path]:
-    paths = workdir / "tiny-slm", workdir / "tiny-llm"
-    for path, shape in zip(paths, (SLM_SHAPE, LLM_SHAPE)):
-        if not (path / "config.json").is_file():
-            save_tiny_checkpoint(path, **shape)
-    return paths
-
-
-def load_reference_models(checkpoints: tuple[Path, Path]) -> tuple:
-    return tuple(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-                 for path in checkpoints)
+    return tiny_checkpoint(workdir, "tiny-slm", SLM_SHAPE), tiny_checkpoint(workdir, "tiny-llm", LLM_SHAPE)
 
 
 def fuzz(args: argparse.Namespace, checkpoints: tuple[Path, Path]) -> int:
     """Runs cases until the time or case limit; returns the number of failures saved."""
-    reference_models = load_reference_models(checkpoints) if args.reference_share > 0 else None
+    reference_models = tuple(map(hf_model, checkpoints)) if args.reference_share > 0 else None
     args.out.mkdir(parents=True, exist_ok=True)
     started, failures, index = time.monotonic(), 0, 0
     while time.monotonic() - started < args.minutes * 60 and (args.cases is None or index < args.cases):
