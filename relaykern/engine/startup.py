@@ -56,7 +56,8 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
         variants["gemv_pdl_ms"] = (True, True)
     runner.gemv, runner.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
     runner.gemv_tiles = choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1]))
-    context = min(BATCH1_CONTEXT, runner.max_model_len - 1)
+    # (a small pool may hold fewer: the step's own token needs a place too)
+    context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     timing, logits = {}, {}
     runner.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
     try:  # K/V for the timed step to attend to, then the step at the position after them
