@@ -31,6 +31,7 @@ from relaykern.engine.cuda_graphs import EXTEND_TOKENS
 from relaykern.engine.readback import Readback
 from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
+from relaykern.bench.forward_trace import summarize, traced
 from relaykern.bench.model_bench import GREEDY, Probe, eager
 from relaykern.bench.timing import median_ms, timed
 from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, preset_workload
@@ -100,7 +101,10 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     (batch 1, pipelined, at context k): the slope takes the LLM's and the SLM's per-token costs inside the engine's
     loop, which step times probed outside it would miss by more than the goal's margin at n = 100. With one n only,
     the probed steps stand in for the slope. Unlike the composed figure it counts the SLM's catch-up only beyond the
-    SLM step it replaces."""
+    SLM step it replaces.
+
+    Per k, one more run of each request at the middle call length is traced (``forward_trace``): every forward's
+    launch and device times, and the device's busy and idle time, to show where the overhead goes."""
     rng = random.Random(END_TO_END_SEED)
     top = min(engine.slm.model_config.vocab_size, 150000)
     ahead = END_TO_END_SLM_TOKENS
@@ -108,6 +112,7 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     if engine.llm.stream is not None:  # reading early at the steps' priority (a CPU has no streams to prioritize)
         modes.append(("same_priority", dataclasses.replace(engine.relay, read_ahead_yields=False)))
     relays, fits = [], []
+    traced_n = preset.call_lengths[len(preset.call_lengths) // 2]
     for k in [k for k in preset.catchup_lengths if k <= max_k]:
         slm_step = Probe(engine.slm, preset.repeats).pipelined_decode_ms(1, k)
         llm_step = Probe(engine.llm, preset.repeats).pipelined_decode_ms(1, k)
@@ -129,7 +134,14 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
                     row[mode] = {"relay_ms": statistics.median(seconds({ahead: command})
                                                                for _ in range(preset.repeats)) * 1e3}
             rows.append(row)
-        fit = {"k": k, "slm_step_ms": slm_step, "llm_step_ms": llm_step}
+            if n == traced_n:
+                trace = {"n": n}
+                for name, schedule in (("alone", {}), ("relay", {ahead: command})):
+                    with traced(engine) as forwards:
+                        seconds(schedule)
+                    timeline = forwards.timeline()
+                    trace[name] = {**summarize(timeline), "forwards": timeline}
+        fit = {"k": k, "slm_step_ms": slm_step, "llm_step_ms": llm_step, "trace": trace}
         for mode, _ in modes:
             intercept, slope = overhead_fit([r["n"] for r in rows], [r[mode]["relay_ms"] - r["alone_ms"] for r in rows],
                                             llm_step - slm_step)
@@ -182,7 +194,8 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     steps, overlapped = engine.steps, dict(engine.overlapped_steps)
     read_ahead = (engine.read_ahead.forwards, engine.read_ahead.tokens) if engine.read_ahead else (0, 0)
     try:
-        outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
+        with traced(engine) as trace:  # (two timing events a forward: negligible beside a batch-64 step)
+            outputs, seconds = timed(lambda: engine.generate(workload.prompts, workload.samplings), engine.slm.device)
     finally:
         faulthandler.cancel_dump_traceback_later()
     print(f"bench: workload {workload.name!r} (batch {workload.batch}): {seconds:.2f} s", file=sys.stderr, flush=True)
@@ -209,6 +222,7 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     if engine.read_ahead is not None:  # early catch-ups and prefetch chunks: whether the run read ahead at all
         figures["read_ahead_forwards"] = engine.read_ahead.forwards - read_ahead[0]
         figures["read_ahead_tokens"] = engine.read_ahead.tokens - read_ahead[1]
+    figures["device"] = summarize(trace.timeline())  # how much of the run each model kept the GPU busy, and both
     return figures, outputs
 
 

@@ -143,6 +143,12 @@ def format_table(report: dict) -> str:
                        [[x["k"], x["llm_step_ms"]] + [v for m in modes for v in (x[m]["overhead_llm_steps"],
                                                                               x[m]["per_token_ms"])]
                         for x in e2e["overheads"]])
+        traced = [(x["k"], x["trace"]) for x in e2e["overheads"] if x["trace"]["relay"].get("span_ms") is not None]
+        if traced:
+            lines.append("  one traced run each at N=%d: device span, each model busy, idle (ms)" % traced[0][1]["n"])
+            lines += _rows(["k", "request", "span_ms", "slm_busy_ms", "llm_busy_ms", "idle_ms"],
+                           [[k, name, t[name]["span_ms"], t[name]["slm_busy_ms"], t[name].get("llm_busy_ms", 0.0),
+                             t[name]["idle_ms"]] for k, t in traced for name in ("alone", "relay")])
     if "relay_throughput" in report:
         thr = report["relay_throughput"]
         s = thr["slm_only"]
@@ -154,6 +160,13 @@ def format_table(report: dict) -> str:
                         "of_slm_only"],
                        [[x["name"], f"{x['ratio']:.2%}", x["calls"], x["tokens_per_s"], x["ideal_tokens_per_s"],
                          x["of_ideal"], x["of_ideal_with_catchup"], x["of_slm_only"]] for x in thr["runs"]])
+        timed_runs = [x for x in [s] + thr["runs"] if x["device"]]
+        if timed_runs:
+            lines.append("  the GPU in each run (ms): forwards' span, each model busy, both at once, neither")
+            lines += _rows(["workload", "span", "slm_busy", "llm_busy", "both", "idle"],
+                           [[x["name"]] + [x["device"].get(key, 0.0) for key in
+                                           ("span_ms", "slm_busy_ms", "llm_busy_ms", "both_ms", "idle_ms")]
+                            for x in timed_runs])
     if "baselines" in report:
         base = report["baselines"]
         w = base["workload"]

@@ -56,6 +56,14 @@ def test_every_section_is_measured_and_well_formed(bench_run):
     assert all(x["alone_ms"] > 0 and x[mode]["relay_ms"] > 0 for x in e2e["relays"]
                for mode in ("default", "at_call"))
     assert [x["k"] for x in e2e["overheads"]] == list(preset["catchup_lengths"])
+    for fit in e2e["overheads"]:  # one traced run of each request at the middle call length
+        trace = fit["trace"]
+        assert trace["n"] == 20
+        alone, relay = trace["alone"]["forwards"], trace["relay"]["forwards"]
+        assert {f["model"] for f in alone} == {"slm"} and {f["model"] for f in relay} == {"slm", "llm"}
+        assert sum(f["model"] == "llm" for f in relay) == 20  # the catch-up samples the first of the N tokens
+        assert alone[0]["step"] == 0 and not alone[0]["fed"] and all(f["start_ms"] is None for f in alone)
+        assert all(a["launch_ms"] <= b["launch_ms"] for a, b in zip(relay, relay[1:]))
     assert all(x["llm_step_ms"] > 0 and x[mode]["overhead_llm_steps"] == x[mode]["overhead_ms"] / x["llm_step_ms"]
                for x in e2e["overheads"] for mode in ("default", "at_call"))
 
@@ -65,6 +73,19 @@ def test_the_end_to_end_overhead_is_the_intercept_over_call_lengths():
 
     assert overhead_fit([1, 10, 100], [3.0 + 0.5 * n for n in (1, 10, 100)], 9.9) == pytest.approx((3.0, 0.5))
     assert overhead_fit([10], [8.0], 0.5) == (3.0, 0.5)  # one N: the probed slope stands in
+
+
+def test_a_trace_summary_counts_each_model_busy_both_at_once_and_the_device_idle():
+    from relaykern.bench.forward_trace import summarize
+
+    def forward(model, start, end):
+        return {"model": model, "start_ms": start, "end_ms": end}
+
+    # SLM 0-2 and 1-3 overlap (3 ms busy); the LLM runs 2.5-6; nothing runs 6-7; the SLM again 7-8.
+    timeline = [forward("slm", 0.0, 2.0), forward("slm", 1.0, 3.0), forward("llm", 2.5, 6.0), forward("slm", 7.0, 8.0)]
+    assert summarize(timeline) == {"span_ms": 8.0, "llm_busy_ms": 3.5, "slm_busy_ms": 4.0, "both_ms": 0.5,
+                                   "idle_ms": 1.0}
+    assert summarize([{"model": "slm", "start_ms": None, "end_ms": None}]) == {}  # off CUDA
 
 
 def test_workloads_did_the_scripted_work(bench_run):
