@@ -54,6 +54,9 @@ class Preset:
     the LLM running whenever it has work and once batching calls (the two ``llm_batch_*`` knobs of RelayConfig)."""
     llm_batch_wait_steps: int
     llm_batch_min_rows: int
+    early_catchup_tokens: int
+    """RelayConfig.early_catchup_tokens of the runs that let the LLM read from a command's first tokens (the
+    end-to-end relays and the 1 % workload again; the engine's default reads at calls only)."""
     llm_prefetch_tokens: int
     """RelayConfig.llm_prefetch_tokens of the extra runs that let the LLM read prompts ahead (the 1 % workload and
     the baseline workload again; 0: no such runs)."""
@@ -86,8 +89,8 @@ TINY = Preset(
     name="tiny", device="cpu", dtype="float32", decode_batch_sizes=(1, 4, 16), decode_context=64,
     prefill_length=512, catchup_lengths=(16, 64, 256), catchup_context=256, call_lengths=(1, 10), relay_batch=16,
     prompt_length=32, long_prompt_length=256, max_tokens=200, call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05,
-    reference_requests=2, staggered=True, llm_batch_wait_steps=8, llm_batch_min_rows=4, llm_prefetch_tokens=64,
-    alone_tokens=64,
+    reference_requests=2, staggered=True, llm_batch_wait_steps=8, llm_batch_min_rows=4, early_catchup_tokens=8,
+    llm_prefetch_tokens=64, alone_tokens=64,
     repeats=5, throughput_repeats=3, copy_mib=256, num_blocks=2048, cpu_threads=1,
 )
 TINY_QUICK = dataclasses.replace(
@@ -101,7 +104,8 @@ GPU = Preset(
     prefill_length=4096, catchup_lengths=(16, 64, 256, 512, 1024, 2048), catchup_context=2048,
     call_lengths=(1, 10, 100), relay_batch=64, prompt_length=128, long_prompt_length=1536, max_tokens=512,
     call_ratios=(0.005, 0.01, 0.05), baseline_ratio=0.05, reference_requests=1, staggered=True,
-    llm_batch_wait_steps=16, llm_batch_min_rows=8, llm_prefetch_tokens=1024, alone_tokens=128, repeats=5,
+    llm_batch_wait_steps=16, llm_batch_min_rows=8, early_catchup_tokens=256, llm_prefetch_tokens=1024,
+    alone_tokens=128, repeats=5,
     throughput_repeats=1, copy_mib=2048, kv_cache_gb=(18.0, 26.0), pair="1.7b+8b",
 )
 GPU_QUICK = dataclasses.replace(

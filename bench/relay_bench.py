@@ -87,9 +87,9 @@ END_TO_END_SEED = 7
 
 def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     """One request at a time through ``generate``, as the engine's own loop serves a relay: its overhead with the
-    engine's settings (the LLM reading from the command's first tokens on when at least
-    ``RelayConfig.early_catchup_tokens`` wait), with the LLM reading at the call only, and (on a GPU) reading early
-    at the priority of the models' steps (``read_ahead_yields=False``).
+    engine's settings, with the LLM reading from the command's first tokens when at least the preset's
+    ``early_catchup_tokens`` wait (``early``), and (on a GPU) that at the priority of the models' steps
+    (``early_same_priority``: ``read_ahead_yields=False``).
 
     The relay request reads k tokens into the LLM at its call (a prompt of k - 4 tokens, then 4 SLM tokens; the
     command's are stripped), the LLM writes n, the SLM 4 more. A request of as many tokens that never calls is timed
@@ -108,9 +108,10 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     rng = random.Random(END_TO_END_SEED)
     top = min(engine.slm.model_config.vocab_size, 150000)
     ahead = END_TO_END_SLM_TOKENS
-    modes = [("default", None), ("at_call", dataclasses.replace(engine.relay, early_catchup_tokens=0))]
+    early = dataclasses.replace(engine.relay, early_catchup_tokens=preset.early_catchup_tokens)
+    modes = [("default", None), ("early", early)]
     if engine.llm.stream is not None:  # reading early at the steps' priority (a CPU has no streams to prioritize)
-        modes.append(("same_priority", dataclasses.replace(engine.relay, read_ahead_yields=False)))
+        modes.append(("early_same_priority", dataclasses.replace(early, read_ahead_yields=False)))
     relays, fits = [], []
     traced_n = preset.call_lengths[len(preset.call_lengths) // 2]
     for k in [k for k in preset.catchup_lengths if k <= max_k]:
@@ -148,8 +149,8 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
             fit[mode] = {"overhead_ms": intercept, "per_token_ms": slope, "overhead_llm_steps": intercept / llm_step}
         relays += rows
         fits.append(fit)
-    return {"slm_tokens_around_the_call": ahead, "early_catchup_tokens": engine.read_ahead.early_catchup_tokens(
-        engine.relay), "relays": relays, "overheads": fits}
+    return {"slm_tokens_around_the_call": ahead, "early_catchup_tokens": preset.early_catchup_tokens,
+            "relays": relays, "overheads": fits}
 
 
 def overhead_fit(ns: list[int], extra_ms: list[float], probed_slope: float) -> tuple[float, float]:
@@ -271,17 +272,18 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     result = {"batch": preset.relay_batch, "slm_decode_ms": slm_decode["ms"], "llm_decode_ms": llm_decode["ms"],
               "decode_context": slm_decode["context"], "prompt_prefill_s": prefill_s, "slm_only": slm_only,
               "slm_only_in_turn": in_turn, "runs": runs}
-    eager = engine.relay
+    default_relay = engine.relay
     named = [(f"aligned {r:.1%}", r, False, None) for r in preset.call_ratios]
     if preset.llm_prefetch_tokens:
-        named.append(("prefetching, aligned 1.0%", 0.01, False, prefetching(eager, preset)))
-    # The engine's default against the LLM reading at calls only (they differ where early catch-up is on: a GPU).
-    named.append(("reading at calls, aligned 1.0%", 0.01, False, dataclasses.replace(eager, early_catchup_tokens=0)))
+        named.append(("prefetching, aligned 1.0%", 0.01, False, prefetching(default_relay, preset)))
+    # The engine's default (the LLM reads at calls) against it reading from a command's first tokens.
+    early = dataclasses.replace(default_relay, early_catchup_tokens=preset.early_catchup_tokens)
+    named.append(("reading early, aligned 1.0%", 0.01, False, early))
     if engine.llm.stream is not None:  # (on a CPU there are no streams to prioritize)
         named.append(("reading early at serving priority, aligned 1.0%", 0.01, False,
-                      dataclasses.replace(eager, read_ahead_yields=False)))
+                      dataclasses.replace(early, read_ahead_yields=False)))
     if preset.staggered:
-        batched = dataclasses.replace(eager, llm_batch_wait_steps=preset.llm_batch_wait_steps,
+        batched = dataclasses.replace(default_relay, llm_batch_wait_steps=preset.llm_batch_wait_steps,
                                       llm_batch_min_rows=preset.llm_batch_min_rows)
         named += [("staggered 1.0%", 0.01, True, None), ("staggered 1.0% batched", 0.01, True, batched)]
     for name, ratio, staggered, relay in named:

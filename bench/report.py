@@ -132,10 +132,10 @@ def format_table(report: dict) -> str:
         lines.append("  the same catch-ups without CUDA graphs (ms): " + ", ".join(eager))
     if "relay_end_to_end" in report:
         e2e = report["relay_end_to_end"]
-        lines.append(f"relay end to end (batch 1, generate): overhead in LLM decode steps, engine defaults (LLM "
-                     f"reading from <call when >= {e2e['early_catchup_tokens']} tokens wait), reading at calls, "
-                     "and (GPU) reading early at the steps' stream priority")
-        modes = [m for m in ("default", "at_call", "same_priority") if e2e["relays"] and m in e2e["relays"][0]]
+        lines.append("relay end to end (batch 1, generate): overhead in LLM decode steps, engine defaults (the LLM "
+                     f"reading at calls), reading early (from <call when >= {e2e['early_catchup_tokens']} tokens "
+                     "wait), and (GPU) that at the steps' stream priority")
+        modes = [m for m in ("default", "early", "early_same_priority") if e2e["relays"] and m in e2e["relays"][0]]
         lines += _rows(["k", "N", "alone_ms"] + [f"{m}_ms" for m in modes],
                        [[x["k"], x["n"], x["alone_ms"]] + [x[m]["relay_ms"] for m in modes] for x in e2e["relays"]])
         lines.append("  overhead: the intercept of (relay - alone) over N, in LLM steps; per_token: the slope (ms)")

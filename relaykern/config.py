@@ -108,9 +108,11 @@ class RelayConfig:
         of 256 tokens 2.2), so reading them early would save nothing and slow the SLM's steps beside it. Tokens are
         read for nothing only when the command is no call after all (``N = 0`` with no call later, malformed, cut
         by ``max_tokens``). Off while ``llm_batch_wait_steps`` batches calls, whose point is fewer LLM forwards.
-        0: the LLM reads at calls only. None (default): 256 where the LLM runs on a GPU, beside the SLM on a
-        stream of its own; 0 on a CPU, where forwards run in turn and reading early only adds one. Outputs do not
-        depend on it.
+        0 (default): the LLM reads at calls only. Measured on an H200 (bench/results/nvidia-h200-2026-11-27.json,
+        at 256), reading early gained nothing: one request's relay overhead was 3.4 against 3.1 LLM steps at
+        k = 256 unread tokens and 8.2 against 5.7 at k = 512, and batch-64 throughput at 1 % LLM tokens 0.71 of the
+        ideal either way (the SLM's steps slow beside the LLM's forward, and the call still needs a forward of its
+        own). On a CPU forwards run in turn, so reading early only adds one. Outputs do not depend on it.
     read_ahead_yields: the LLM reads ahead (both ways above) on a stream of lower priority than the models' steps,
         so that the GPU hands free SMs to the SLM's kernels (and the LLM's calls') first; False: at their priority.
         Timing only (default on).
@@ -130,7 +132,7 @@ class RelayConfig:
     llm_batch_wait_steps: int = 0
     llm_batch_min_rows: int = 16
     llm_prefetch_tokens: int = 0
-    early_catchup_tokens: int | None = None
+    early_catchup_tokens: int = 0
     read_ahead_yields: bool = True
     overlap_steps: bool = True
 
@@ -145,7 +147,7 @@ class RelayConfig:
             raise ValueError(f"RelayConfig.llm_batch_wait_steps must be >= 0, got {self.llm_batch_wait_steps}")
         if self.llm_prefetch_tokens < 0:
             raise ValueError(f"RelayConfig.llm_prefetch_tokens must be >= 0 (0 = off), got {self.llm_prefetch_tokens}")
-        if self.early_catchup_tokens is not None and self.early_catchup_tokens < 0:
+        if self.early_catchup_tokens < 0:
             raise ValueError(f"RelayConfig.early_catchup_tokens must be >= 0 (0 = off), got "
                              f"{self.early_catchup_tokens}")
         if self.llm_batch_min_rows < 1:

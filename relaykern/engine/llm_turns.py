@@ -14,9 +14,6 @@ from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, Sequence
 from relaykern.protocol import OPENING
 
-EARLY_CATCHUP_TOKENS = 256
-"""``RelayConfig.early_catchup_tokens``'s default on a GPU: below it a catch-up costs about a decode step anyway."""
-
 
 def llm_runs_now(relay: RelayConfig, scheduler: Scheduler, step: int, slm_busy: bool) -> bool:
     """Whether this step runs the LLM (see ``RelayConfig.llm_batch_wait_steps``); without a wait it always does
@@ -43,17 +40,11 @@ class ReadAhead:
         self.forwards = self.tokens = 0
         """Counters: read-ahead forwards launched, and the tokens they read."""
 
-    def early_catchup_tokens(self, relay: RelayConfig) -> int:
-        """``relay.early_catchup_tokens``, its default resolved for this LLM's device."""
-        if relay.early_catchup_tokens is not None:
-            return relay.early_catchup_tokens
-        return EARLY_CATCHUP_TOKENS if self.llm.stream is not None else 0
-
     def launch(self, relay: RelayConfig) -> None:
         """Launches a forward if a command has begun or a full chunk waits (on the LLM's background stream if
         ``relay.read_ahead_yields``). The views count it as cached at once (the LLM's later forwards wait for it),
         and nothing else waits for it. At most one is in flight, so they never pile up ahead of a call's forward."""
-        threshold = 0 if relay.llm_batch_wait_steps else self.early_catchup_tokens(relay)  # (batching saves forwards)
+        threshold = 0 if relay.llm_batch_wait_steps else relay.early_catchup_tokens  # (batching saves forwards)
         if not (threshold or relay.llm_prefetch_tokens) or (self.done is not None and not self.done.query()):
             return
         may_call = [s for s in self.scheduler.running if s.phase is Phase.SLM and s.stats.calls < relay.max_calls]
