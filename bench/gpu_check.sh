@@ -4,7 +4,8 @@
 #   2. pip install --no-deps --no-build-isolation -e .   (builds relaykern._C against the machine's torch);
 #   3. relaykern bench --preset gpu --quick --set … -> $OUT/relay.json (first: it holds every goal);
 #   4. pytest -m gpu;
-#   5. bench/bench_kernels.py                       -> $OUT/kernels.json.
+#   5. bench/overlap_experiment.py                  -> $OUT/overlap.json (can the LLM's reading hide beside the SLM?);
+#   6. bench/bench_kernels.py                       -> $OUT/kernels.json.
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
 # 540 s: a device call is limited to 600 s); a failing step does not stop the next. A step the budget cuts off can
 # be run alone by a second call (GPU_CHECK_CAP_relay_bench=0 ... leaves the others out). The log goes to
@@ -93,7 +94,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-step import 60 "$PYTHON" -c "import relaykern, relaykern._C, relaykern.kernels, relaykern.bench.run; print('import ok')"
 # `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
 # By default the quick gpu preset widened to every shape the issues name, with the full preset's 512-token responses
 # (at 256 no call has the 256 unread tokens that start early catch-up: its runs would measure nothing), three runs
@@ -104,9 +104,10 @@ DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call
 catchup_lengths=16,64,256,512,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
 step relay_bench 330 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
   --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
-# Each test compiles its own kernel variants: spread them over 4 processes when pytest-xdist is there.
-XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+# Each test compiles its own kernel variants: spread them over 8 processes when pytest-xdist is there.
+XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
+step overlap 75 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" --cache-dir /tmp/relaykern-checkpoints
 step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
 
 set +x

@@ -93,15 +93,20 @@ class Probe:
             yield lambda: self._execute(rows)
 
     @contextmanager
-    def forward(self, new_tokens: int, context: int, rows: int = 1) -> Iterator[Callable[[], list[int]]]:
+    def forward_rows(self, new_tokens: int, context: int, rows: int = 1) -> Iterator[list[Row]]:
         """``rows`` rows, each feeding ``new_tokens`` after ``context`` cached ones: prefills (context 0) or
         catch-ups."""
         ids = self.sequences(rows, context + new_tokens)
         try:
-            batch = [self._row(seq_id, new_tokens, context) for seq_id in ids]
-            yield lambda: self._execute(batch)
+            yield [self._row(seq_id, new_tokens, context) for seq_id in ids]
         finally:
             self.free(ids)
+
+    @contextmanager
+    def forward(self, new_tokens: int, context: int, rows: int = 1) -> Iterator[Callable[[], list[int]]]:
+        """One forward of ``forward_rows``, its tokens read back."""
+        with self.forward_rows(new_tokens, context, rows) as batch:
+            yield lambda: self._execute(batch)
 
     @contextmanager
     def decode_chain(self, steps: int, context: int) -> Iterator[Callable[[], None]]:
