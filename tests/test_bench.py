@@ -49,7 +49,7 @@ def test_every_section_is_measured_and_well_formed(bench_run):
     assert {(x["k"], x["n"]) for x in latency["relays"]} == {
         (k, n) for k in preset["catchup_lengths"] for n in preset["call_lengths"]}
     assert all(x["latency_ms"] > x["overhead_ms"] for x in latency["relays"])
-    assert all(d["eager_ms"] > 0 for d in latency["llm_catchup"] + latency["slm_catchup"])  # all <= 256 tokens
+    assert all(d["eager_ms"] > 0 for d in latency["llm_catchup"] + latency["slm_catchup"])  # all <= 1024 tokens
     e2e = report["relay_end_to_end"]
     assert e2e["early_catchup_tokens"] == preset["early_catchup_tokens"]
     assert {(x["k"], x["n"]) for x in e2e["relays"]} == {
@@ -87,6 +87,31 @@ def test_a_trace_summary_counts_each_model_busy_both_at_once_and_the_device_idle
     assert summarize(timeline) == {"span_ms": 8.0, "llm_busy_ms": 3.5, "slm_busy_ms": 4.0, "both_ms": 0.5,
                                    "idle_ms": 1.0}
     assert summarize([{"model": "slm", "start_ms": None, "end_ms": None}]) == {}  # off CUDA
+
+
+def test_a_trace_wraps_each_runner_and_puts_back_what_was_there():
+    from types import SimpleNamespace
+
+    from relaykern.bench.forward_trace import traced
+
+    class Runner:  # a ModelRunner off CUDA, as far as the trace sees it
+        stream = None
+
+        def execute(self, rows, fed_tokens=None, background=False):
+            return "ran"
+
+    engine = SimpleNamespace(slm=Runner(), llm=Runner(), steps=7)
+    earlier = engine.llm.execute = lambda rows, fed_tokens=None, background=False: "patched before"
+    row = SimpleNamespace(tokens=[1, 2, 3])
+    with traced(engine) as trace:
+        assert engine.slm.execute([row]) == "ran"
+        engine.steps += 1
+        assert engine.llm.execute([row, row], background=True) == "patched before"
+    assert "execute" not in vars(engine.slm) and engine.llm.execute is earlier
+    slm, llm = trace.timeline()
+    assert (slm["model"], slm["step"], slm["rows"], slm["tokens"]) == ("slm", 0, 1, 3)
+    assert (llm["model"], llm["step"], llm["rows"], llm["tokens"], llm["background"]) == ("llm", 1, 2, 6, True)
+    assert all(f["launch_ms"] <= f["return_ms"] and f["start_ms"] is None for f in (slm, llm))
 
 
 def test_workloads_did_the_scripted_work(bench_run):

@@ -78,13 +78,15 @@ def graph_ms(call: Callable[[int], object], copies: int, rep_ms: int) -> float:
     return triton.testing.do_bench(graph.replay, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / copies
 
 
-def capture_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[GraphShape]:
-    """Every shape to capture, largest first (the smaller ones then reuse its memory pool)."""
+def capture_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> list[GraphShape]:
+    """Every shape to capture, largest first (the smaller ones then reuse its memory pool). An extend shape's padding
+    row owns positions up to its token count, which its block table and RoPE table must reach: none beyond
+    ``max_model_len``."""
     decode_sizes = _batch_sizes(max_num_seqs)
     extend_sizes = _batch_sizes(min(max_num_seqs, MAX_EXTEND_BATCH))
     shapes = [GraphShape(size, size, True) for size in decode_sizes]
-    shapes += [GraphShape(batch + 1, tokens, False) for tokens in EXTEND_TOKENS if tokens <= max_num_batched_tokens
-               for batch in extend_sizes if batch <= tokens]
+    shapes += [GraphShape(batch + 1, tokens, False) for tokens in EXTEND_TOKENS
+               if tokens <= min(max_num_batched_tokens, max_model_len) for batch in extend_sizes if batch <= tokens]
     return sorted(shapes, key=lambda s: (s.tokens, s.rows), reverse=True)
 
 
@@ -105,7 +107,7 @@ class StepGraphs:
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
         config = runner.config
-        self.shapes = shapes or capture_shapes(config.max_num_seqs, config.max_num_batched_tokens)
+        self.shapes = shapes or capture_shapes(config.max_num_seqs, config.max_num_batched_tokens, runner.max_model_len)
         device = runner.device
         self.token_index = torch.arange(max(s.tokens for s in self.shapes), device=device)
         self.inputs: dict[GraphShape, torch.Tensor] = {}  # int64: ids [tokens], cu [rows + 1], start [rows], total
