@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayEngine, SamplingParams
-from relaykern.engine import gemv_tiles, startup
+from relaykern.engine import cuda_graphs, gemv_tiles, startup
 from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.row import Row
 from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
 from relaykern.kernels import gemv as gemv_module
 from relaykern.tiny import save_tiny_checkpoint
@@ -135,6 +136,26 @@ def test_one_row_steps_give_the_same_tokens_with_fused_gemv(checkpoints, arch, b
         return engine.generate(prompts_of([3]), sampling)[0].token_ids
 
     assert run(True) == run(False)
+
+
+def test_a_step_no_graph_holds_is_replayed_in_two_parts_in_its_rows_order(checkpoints, monkeypatch):
+    """With extend graphs of one row only, a step of a 3-token row between one-token rows replays the decode graph
+    for the one-token rows and an extend graph for the other (eagerly here: ``capture=False``), and gives each row
+    the logits the step gives run as one eager forward."""
+    monkeypatch.setattr(cuda_graphs, "MAX_EXTEND_BATCH", 1)
+    runner = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu")).slm
+    for seq_id, tokens in enumerate(prompts_of([4, 6, 4])):
+        runner.blocks.allocate(seq_id, tokens)
+    wanting = SamplingParams(temperature=0, logprobs=True)
+    rows = [Row(0, [101], 3, True, wanting, 0, 0, [], True), Row(1, [102, 103, 104], 3, True, wanting, 0, 0, [], True),
+            Row(2, [105], 3, True, wanting, 0, 0, [], True)]
+    eager_tokens, eager_logprobs = runner.execute(rows)
+    runner.graphs = StepGraphs(runner, capture=False)
+    split, parts = runner._split_logits, []
+    runner._split_logits = lambda rows, fed: parts.append(split(rows, fed)) or parts[-1]
+    tokens, logprobs = runner.execute(rows)
+    assert parts[0] is not None  # (replayed in two parts)
+    assert torch.equal(tokens, eager_tokens) and torch.allclose(logprobs, eager_logprobs, atol=1e-5)
 
 
 def test_logprobs_are_the_models(checkpoints):

@@ -9,7 +9,8 @@ import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
-from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine import cuda_graphs
+from relaykern.engine.cuda_graphs import MAX_EXTEND_BATCH, StepGraphs
 from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Phase
@@ -512,12 +513,18 @@ def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, to
     assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens
 
 
-@pytest.mark.parametrize("backend,requests,max_tokens", [("torch", 16, 64), ("triton", 5, 16)])
-def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, backend, requests, max_tokens):
+@pytest.mark.parametrize("backend,requests,max_tokens,extend_batch", [
+    ("torch", 16, 64, MAX_EXTEND_BATCH), ("triton", 5, 16, MAX_EXTEND_BATCH), ("torch", 12, 64, 1)],
+    ids=["torch", "triton", "split"])
+def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, monkeypatch, backend, requests,
+                                                 max_tokens, extend_batch):
     """The CUDA-graph path's buffer handling (padding rows and tokens, one input buffer per shape, block tables of
     growing width), replayed eagerly on the CPU: the same outputs as the plain path, through a pool that preempts.
     Decode steps and extend steps (prompts, catch-ups, both mixed with decode rows) both go through the graphs
-    (``max_tokens`` per forward: longer prompts are chunked; under the interpreter, fewer graph shapes)."""
+    (``max_tokens`` per forward: longer prompts are chunked; under the interpreter, fewer graph shapes). "split":
+    extend graphs of one row only, so that mixed steps replay the decode graph for their one-token rows and an extend
+    graph for the others (``ModelRunner._split_logits``), in whatever order the rows come."""
+    monkeypatch.setattr(cuda_graphs, "MAX_EXTEND_BATCH", extend_batch)
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 30))] for _ in range(requests)]
     samplings = [random_script(rng, tokenizer) for _ in prompts]
@@ -526,20 +533,25 @@ def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, ba
         config = EngineConfig(device="cpu", block_size=4, num_blocks=40, max_num_seqs=6, attention_backend=backend,
                               max_num_batched_tokens=max_tokens)
         engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
-        replays = []
+        replays, splits = [], []
         if graphs:
             for runner in (engine.slm, engine.llm):
                 runner.graphs = StepGraphs(runner, capture=False)
                 replays.append(record_calls(runner.graphs, "run"))
-        return [comparable(o) for o in engine.generate(prompts, samplings)], replays
+                split = runner._split_logits
+                runner._split_logits = lambda rows, fed, split=split: splits.append(split(rows, fed)) or splits[-1]
+        return [comparable(o) for o in engine.generate(prompts, samplings)], replays, splits
 
-    plain, _ = run(graphs=False)
-    replayed, replays = run(graphs=True)
+    plain, _, _ = run(graphs=False)
+    replayed, replays, splits = run(graphs=True)
     assert replayed == plain
     shapes = [[call[0] for call in calls] for calls in replays]
     assert all(sum(s.decode for s in model) >= 2 for model in shapes)  # both models decoded through the graphs
     assert all(sum(not s.decode for s in model) >= 1 for model in shapes)  # and caught up / prefilled
-    assert any(not s.decode and s.batch > 1 for model in shapes for s in model)  # a mixed or batched extend
+    if extend_batch > 1:
+        assert any(not s.decode and s.batch > 1 for model in shapes for s in model)  # a mixed or batched extend
+    else:
+        assert sum(logits is not None for logits in splits) >= 2
 
 
 def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):

@@ -46,8 +46,9 @@ PADDING = -1
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EXTEND_TOKENS = (16, 32, 64, 128, 256, 512, 1024)
 MAX_EXTEND_BATCH = 64
-"""Extend graphs serve small batches, where a mixed step is launch-bound; larger mixed steps run eagerly (each
-graph's logits buffer costs rows x vocab x 4 bytes)."""
+"""Extend graphs serve small batches, where a mixed step is launch-bound (each graph's logits buffer costs rows x
+vocab x 4 bytes). A larger mixed step replays a decode graph for its one-token rows and an extend graph for the
+others when each fits one (``ModelRunner._split_logits``), else runs eagerly."""
 
 
 @dataclass(frozen=True)
