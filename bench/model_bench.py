@@ -30,6 +30,7 @@ LOWEST_TOKEN = 1000
 PROBE_MARKER = 0
 PROBE_SEED = 0xB0BE
 PIPELINED_STEPS = 16
+MIXED_CATCHUP_TOKENS = 16
 
 
 @contextmanager
@@ -152,6 +153,13 @@ class Probe:
         with self.forward(new_tokens, context, rows) as forward:
             return median_ms(forward, self.runner.device, self.repeats)
 
+    def mixed_ms(self, decode_rows: int, new_tokens: int, context: int) -> float:
+        """A step of ``decode_rows`` decode rows and one row feeding ``new_tokens`` (a catch-up), all after
+        ``context`` cached tokens."""
+        with self.decode_rows(decode_rows, context) as decode, self.forward_rows(new_tokens, context) as catchup:
+            rows = decode + catchup
+            return median_ms(lambda: self._execute(rows), self.runner.device, self.repeats)
+
     def decode_chain_ms(self, steps: int, context: int) -> float:
         """Total time of the chain (fewer repeats for long chains)."""
         with self.decode_chain(steps, context) as chain:
@@ -188,6 +196,12 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
     decode = [decode_point(batch, preset.decode_context) for batch in preset.decode_batch_sizes]
     at_relay_shape = decode_point(preset.relay_batch, mix_context)
     prefill_ms = probe.forward_ms(preset.prefill_length, 0)
+    # A catch-up beside more decode rows than extend graphs take: two graph replays, against launched eagerly.
+    batch = max(preset.decode_batch_sizes)
+    mixed = {"decode_rows": batch - 1, "catchup_tokens": MIXED_CATCHUP_TOKENS, "context": preset.decode_context,
+             "ms": probe.mixed_ms(batch - 1, MIXED_CATCHUP_TOKENS, preset.decode_context)}
+    with eager(runner):
+        mixed["eager_ms"] = probe.mixed_ms(batch - 1, MIXED_CATCHUP_TOKENS, preset.decode_context)
     return {
         "weight_bytes": weights,
         "weight_roofline_ms": weights / bandwidth_gb_per_s / 1e6,
@@ -196,6 +210,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "decode_at_relay_shape": at_relay_shape,
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
+        "mixed_step": mixed,
         # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
         # (empty on a CPU).
         "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv

@@ -104,6 +104,9 @@ def format_table(report: dict) -> str:
                        rows)
         lines.append("  * the relay workload's batch and mean context: the decode speeds of the ideal mix")
         for role, m in report["models"].items():
+            x = m["mixed_step"]
+            lines.append(f"  {role}: {x['decode_rows']} decode rows + a {x['catchup_tokens']}-token catch-up "
+                         f"(context {x['context']}): {x['ms']:.3g} ms, launched eagerly {x['eager_ms']:.3g} ms")
             choice = m.get("batch1_projections", {})
             if "gemv_ms" in choice:
                 with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""

@@ -40,6 +40,8 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         assert [d["batch"] for d in model["decode"]] == preset["decode_batch_sizes"]
         assert all(d["ms"] > 0 and d["synced_ms"] > 0 and 0 < d["fraction_of_roofline"] for d in model["decode"])
         assert model["prefill"]["tokens_per_s"] > 0
+        mixed = model["mixed_step"]  # (no graphs on a CPU: both eager)
+        assert mixed["decode_rows"] == max(preset["decode_batch_sizes"]) - 1 and mixed["ms"] > 0 < mixed["eager_ms"]
         assert model["batch1_projections"] == {"chosen": "cublas"}  # measured only with CUDA graphs on a GPU
         assert model["gemv_tiles"] == {}
     for role, kernels in report["decode_kernels"].items():
