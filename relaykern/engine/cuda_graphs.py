@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 PADDING = -1
 """The start position of a padding row."""
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-EXTEND_TOKENS = (16, 32, 64, 128, 256, 512, 1024)
+EXTEND_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024)
+"""Above 512 the step is compute-bound and an 8B forward's padding costs about what launching it eagerly does:
+768 keeps a 513-768-token step off the 1024-token shape (H200, from the catch-ups measured: ~0.02 ms a token
+replayed, ~21 ms eager at 512)."""
 MAX_EXTEND_BATCH = 64
 """Extend graphs serve small batches, where a mixed step is launch-bound (each graph's logits buffer costs rows x
 vocab x 4 bytes). A larger mixed step replays a decode graph for its one-token rows and an extend graph for the
