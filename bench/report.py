@@ -152,6 +152,12 @@ def format_table(report: dict) -> str:
             lines += _rows(["k", "request", "span_ms", "slm_busy_ms", "llm_busy_ms", "idle_ms"],
                            [[k, name, t[name]["span_ms"], t[name]["slm_busy_ms"], t[name].get("llm_busy_ms", 0.0),
                              t[name]["idle_ms"]] for k, t in traced for name in ("alone", "relay")])
+            k, trace = traced[0]
+            lines.append(f"  the relay at k={k}, forward by forward (ms from the trace's start: host launch, device)")
+            lines += _rows(["step", "model", "rows", "tokens", "fed", "launch", "return", "start", "end"],
+                           [[f["step"], f["model"], f["rows"], f["tokens"], "yes" if f["fed"] else "",
+                             f["launch_ms"], f["return_ms"], f["start_ms"], f["end_ms"]]
+                            for f in trace["relay"]["forwards"]])
     if "relay_throughput" in report:
         thr = report["relay_throughput"]
         s = thr["slm_only"]
