@@ -7,7 +7,7 @@
 #   5. pytest -m gpu;
 #   6. bench/bench_kernels.py                       -> $OUT/kernels.json.
 # Every step runs under its own timeout, capped so that the whole script ends within GPU_CHECK_BUDGET_S (default
-# 540 s: a device call is limited to 600 s); a failing step does not stop the next. A step the budget cuts off can
+# 570 s: a device call is limited to 600 s); a failing step does not stop the next. A step the budget cuts off can
 # be run alone by a second call (GPU_CHECK_CAP_relay_bench=0 ... leaves the others out). The log goes to
 # $OUT/gpu_check.log, and $OUT/summary.json (rewritten after each step) holds every step's exit code and time.
 # GPU_CHECK_CAP_<step>=S changes one step's cap (0: leave it out), e.g. GPU_CHECK_CAP_pytest_gpu=0.
@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 set -x
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
 START=$(date +%s)
 STEPS=/tmp/gpu_check_steps.tsv
 : > "$STEPS"

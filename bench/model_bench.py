@@ -30,7 +30,8 @@ LOWEST_TOKEN = 1000
 PROBE_MARKER = 0
 PROBE_SEED = 0xB0BE
 PIPELINED_STEPS = 16
-MIXED_CATCHUP_TOKENS = 16
+MIXED_CATCHUP_TOKENS = (16, 256)
+"""Catch-ups beside a full decode batch (the most that ``ModelRunner._split_logits`` replays in two parts)."""
 
 
 @contextmanager
@@ -198,10 +199,11 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
     prefill_ms = probe.forward_ms(preset.prefill_length, 0)
     # A catch-up beside more decode rows than extend graphs take: two graph replays, against launched eagerly.
     batch = max(preset.decode_batch_sizes)
-    mixed = {"decode_rows": batch - 1, "catchup_tokens": MIXED_CATCHUP_TOKENS, "context": preset.decode_context,
-             "ms": probe.mixed_ms(batch - 1, MIXED_CATCHUP_TOKENS, preset.decode_context)}
+    mixed = [{"decode_rows": batch - 1, "catchup_tokens": tokens, "context": preset.decode_context,
+              "ms": probe.mixed_ms(batch - 1, tokens, preset.decode_context)} for tokens in MIXED_CATCHUP_TOKENS]
     with eager(runner):
-        mixed["eager_ms"] = probe.mixed_ms(batch - 1, MIXED_CATCHUP_TOKENS, preset.decode_context)
+        for point in mixed:
+            point["eager_ms"] = probe.mixed_ms(batch - 1, point["catchup_tokens"], preset.decode_context)
     return {
         "weight_bytes": weights,
         "weight_roofline_ms": weights / bandwidth_gb_per_s / 1e6,
@@ -210,7 +212,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "decode_at_relay_shape": at_relay_shape,
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
-        "mixed_step": mixed,
+        "mixed_steps": mixed,
         # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
         # (empty on a CPU).
         "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv

@@ -43,6 +43,7 @@ from relaykern.bench.presets import build_pair, get_preset
 from relaykern.bench.timing import environment
 from relaykern.config import EngineConfig
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
+from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
 
 SLM_BATCH, SLM_CONTEXT = 64, 384
@@ -67,7 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 class Experiment:
-    def __init__(self, slm: ModelRunner, llm: ModelRunner, slm_rows, llm_rows, repeats: int) -> None:
+    def __init__(self, slm: ModelRunner, llm: ModelRunner, slm_rows: list[Row], llm_rows: list[Row],
+                 repeats: int) -> None:
         self.slm, self.llm, self.slm_rows, self.llm_rows, self.repeats = slm, llm, slm_rows, llm_rows, repeats
         self.steps = 1
         self.gate = torch.cuda.Stream(slm.device)

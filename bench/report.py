@@ -104,9 +104,9 @@ def format_table(report: dict) -> str:
                        rows)
         lines.append("  * the relay workload's batch and mean context: the decode speeds of the ideal mix")
         for role, m in report["models"].items():
-            x = m["mixed_step"]
-            lines.append(f"  {role}: {x['decode_rows']} decode rows + a {x['catchup_tokens']}-token catch-up "
-                         f"(context {x['context']}): {x['ms']:.3g} ms, launched eagerly {x['eager_ms']:.3g} ms")
+            for x in m["mixed_steps"]:
+                lines.append(f"  {role}: {x['decode_rows']} decode rows + a {x['catchup_tokens']}-token catch-up "
+                             f"(context {x['context']}): {x['ms']:.3g} ms, launched eagerly {x['eager_ms']:.3g} ms")
             choice = m.get("batch1_projections", {})
             if "gemv_ms" in choice:
                 with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""
@@ -148,7 +148,7 @@ def format_table(report: dict) -> str:
                         for x in e2e["overheads"]])
         traced = [(x["k"], x["trace"]) for x in e2e["overheads"] if x["trace"]["relay"].get("span_ms") is not None]
         if traced:
-            lines.append("  one traced run each at N=%d: device span, each model busy, idle (ms)" % traced[0][1]["n"])
+            lines.append(f"  one traced run each at N={traced[0][1]['n']}: device span, each model busy, idle (ms)")
             lines += _rows(["k", "request", "span_ms", "slm_busy_ms", "llm_busy_ms", "idle_ms"],
                            [[k, name, t[name]["span_ms"], t[name]["slm_busy_ms"], t[name].get("llm_busy_ms", 0.0),
                              t[name]["idle_ms"]] for k, t in traced for name in ("alone", "relay")])

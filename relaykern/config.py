@@ -111,8 +111,9 @@ class RelayConfig:
         0 (default): the LLM reads at calls only. Measured on an H200 (bench/results/nvidia-h200-2026-11-27.json,
         at 256), reading early gained nothing: one request's relay overhead was 3.4 against 3.1 LLM steps at
         k = 256 unread tokens and 8.2 against 5.7 at k = 512, and batch-64 throughput at 1 % LLM tokens 0.71 of the
-        ideal either way (the SLM's steps slow beside the LLM's forward, and the call still needs a forward of its
-        own). On a CPU forwards run in turn, so reading early only adds one. Outputs do not depend on it.
+        ideal either way (likely since the SLM's steps slow beside the LLM's forward and the call still needs a
+        forward of its own: not traced yet). On a CPU forwards run in turn, so reading early only adds one. Outputs
+        do not depend on it.
     read_ahead_yields: the LLM reads ahead (both ways above) on a stream of lower priority than the models' steps,
         so that the GPU hands free SMs to the SLM's kernels (and the LLM's calls') first; False: at their priority.
         Timing only (default on).
@@ -137,6 +138,9 @@ class RelayConfig:
     overlap_steps: bool = True
 
     def __post_init__(self) -> None:
+        if self.early_catchup_tokens is None:  # (its default until 2026-11-27: 256 on a GPU, 0 on a CPU)
+            raise ValueError("RelayConfig.early_catchup_tokens takes a token count: 0 (off, the default) or e.g. 256; "
+                             "None (256 on a GPU) is no longer accepted")
         require_ints(self, "max_calls", "max_call_tokens", "llm_batch_wait_steps", "llm_batch_min_rows",
                      "llm_prefetch_tokens", "early_catchup_tokens")
         if self.max_calls < 0:

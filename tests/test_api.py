@@ -57,6 +57,7 @@ def test_sampling_params_name_the_bad_field(field, value, message):
     (RelayConfig, "max_calls", -1, ">= 0"), (RelayConfig, "max_calls", 2.5, "must be an int"),
     (RelayConfig, "max_call_tokens", 0, ">= 1"), (RelayConfig, "after_max_calls", "stop", "'continue' or 'finish'"),
     (RelayConfig, "llm_prefetch_tokens", -1, ">= 0"), (RelayConfig, "early_catchup_tokens", -1, ">= 0"),
+    (RelayConfig, "early_catchup_tokens", None, "no longer accepted"),
     (RelayConfig, "llm_batch_min_rows", 0, ">= 1"),
     (EngineConfig, "block_size", 24, "power of two"), (EngineConfig, "block_size", 16.0, "must be an int"),
     (EngineConfig, "num_blocks", 0, ">= 1"), (EngineConfig, "max_model_len", 1, ">= 2"),

@@ -40,8 +40,8 @@ def test_every_section_is_measured_and_well_formed(bench_run):
         assert [d["batch"] for d in model["decode"]] == preset["decode_batch_sizes"]
         assert all(d["ms"] > 0 and d["synced_ms"] > 0 and 0 < d["fraction_of_roofline"] for d in model["decode"])
         assert model["prefill"]["tokens_per_s"] > 0
-        mixed = model["mixed_step"]  # (no graphs on a CPU: both eager)
-        assert mixed["decode_rows"] == max(preset["decode_batch_sizes"]) - 1 and mixed["ms"] > 0 < mixed["eager_ms"]
+        for mixed in model["mixed_steps"]:  # (no graphs on a CPU: both eager)
+            assert mixed["decode_rows"] == max(preset["decode_batch_sizes"]) - 1 and mixed["ms"] > 0 < mixed["eager_ms"]
         assert model["batch1_projections"] == {"chosen": "cublas"}  # measured only with CUDA graphs on a GPU
         assert model["gemv_tiles"] == {}
     for role, kernels in report["decode_kernels"].items():
@@ -140,7 +140,7 @@ def test_workloads_did_the_scripted_work(bench_run):
     assert throughput["prompt_prefill_s"] > 0
     for run in throughput["runs"]:  # catch-up work can only add to the ideal time
         assert run["of_ideal_with_catchup"] >= run["of_ideal"] > 0 and run["catchup_s"] > 0
-    assert prefetching["read_ahead_tokens"] > 0 and lazy["read_ahead_forwards"] == 0  # (no early catch-up on a CPU)
+    assert prefetching["read_ahead_tokens"] > 0 and lazy["read_ahead_forwards"] == 0  # (early catch-up: off by default)
     base = report["baselines"]
     assert base["ours"]["tokens"] == base["ours_prefetching"]["tokens"] == base["official_style"]["tokens"] == \
         base["official_loop"]["tokens"] == base["hf_generate_slm_only"]["tokens"]

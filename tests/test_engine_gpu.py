@@ -46,8 +46,12 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl):
         assert len(tiles) == 4 and all(len(ms) == len(GPU_CONFIGS) and min(ms.values()) > 0 for ms in tiles.values())
         runner.gemv, runner.pdl = gemv, pdl
         runner.graphs = StepGraphs(runner)
-    prompts = [[100 + i for i in range(n)] for n in (5, 17, 33, 600)]  # (the prefill replays a 1024-token shape)
+    prompts = [[100 + i for i in range(n)] for n in (5, 17, 33, 900)]
+    replayed = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda shape, *args: replayed.append(shape) or run(shape, *args)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert any(not shape.decode and shape.tokens == 1024 for shape in replayed)  # the prefill: the largest shape
     outs += engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # batch 1
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,8 @@ A small step is launch-bound: one replay replaces hundreds of launches. Two fami
 
 A graph holds the whole step from its inputs to the logits (injection, KV slots and sequence lengths, the model,
 the LM head), so the host's work per step is two copies (one packed int64 vector: token ids, row bounds, row start
-positions, the real token count; the block tables) and the replay; the sampler then runs on the graph's logits.
+positions, the real token count; the block tables) and the replay; the sampler then runs on the graph's logits. (A
+step no one graph holds may replay two, their logits joined: ``ModelRunner._split_logits``.)
 
 A step replays the smallest captured shape that holds it; the rest is padding. Padding rows have start -1: they
 attend to nothing (sequence length 0). Padding tokens (the token count is a device scalar) store no K/V (slot -1).
@@ -45,9 +46,10 @@ PADDING = -1
 """The start position of a padding row."""
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EXTEND_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024)
-"""Above 512 the step is compute-bound and an 8B forward's padding costs about what launching it eagerly does:
-768 keeps a 513-768-token step off the 1024-token shape (H200, from the catch-ups measured: ~0.02 ms a token
-replayed, ~21 ms eager at 512)."""
+"""Above 512 tokens an 8B step is compute-bound (H200: catch-ups of 1024 and 2048 tokens took ~0.032 ms a token)
+and launching it eagerly costs about its own GPU time (~21 ms at 512), so padding a 513-token step to 1024 would
+cost more than it saves; the 768 shape halves that padding. For the 8B these shapes save host time more than
+latency; for the 1.7B (an eager forward ~14-23 ms of host time) they save both."""
 MAX_EXTEND_BATCH = 64
 """Extend graphs serve small batches, where a mixed step is launch-bound (each graph's logits buffer costs rows x
 vocab x 4 bytes). A larger mixed step replays a decode graph for its one-token rows and an extend graph for the

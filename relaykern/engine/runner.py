@@ -2,7 +2,8 @@
 
 A forward takes ragged rows (each: the tokens a sequence feeds this step, from the position where its cache ends)
 packed into one batch — decode rows (1 token), catch-up rows (a few), prefill rows (a prompt) alike — runs the model
-once, and samples the next token for the rows that asked. Positions and slot mappings are built on the device by
+once (on a GPU, replayed from a CUDA graph; a step no graph holds may replay two: ``_split_logits``), and samples
+the next token for the rows that asked. Positions and slot mappings are built on the device by
 the injection kernel from the block tables, which the C++ block manager exports in one call.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from relaykern import _C
 from relaykern.config import EngineConfig
-from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.row import FED_ON_DEVICE, Row
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
@@ -27,6 +28,9 @@ from relaykern.models.attention import AttentionContext
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU serving is for tests and demos: a modest pool, never most of the RAM
 CPU_MAX_BLOCKS = 4096
 GPU_MEMORY_FRACTION = 0.85
+MAX_SPLIT_TOKENS = 256
+"""The most tokens of catch-ups and prompts a step split into two graph replays may hold
+(``ModelRunner._split_logits``)."""
 SERVING_PRIORITY, BACKGROUND_PRIORITY = -1, 0
 """CUDA stream priorities (lower runs first; 0 is the lowest) of a model's forwards and of its background ones."""
 
@@ -141,18 +145,22 @@ class ModelRunner:
 
     def _execute(self, rows: list[Row], fed_tokens: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self._split_logits(rows, fed_tokens)
+        shape = self._shape_for(rows)
+        logits = self._split_logits(rows, fed_tokens) if shape is None and self.graphs is not None else None
         if logits is None:
-            logits = self._logits(rows, fed_tokens)
+            logits = self._logits(rows, fed_tokens, shape)
         replaced = self._apply_logits_processors(logits, rows)
         # A processor's logits may have nothing to sample (NaN, all -inf): their log-prob comes back NaN, which the
         # relay loop reads as that request's error, with no device sync here.
         want_logprobs = replaced or any(row.want_logprobs for row in rows)
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
-    def _logits(self, rows: list[Row], fed_tokens: torch.Tensor | None) -> torch.Tensor:
-        """One forward: the logits of each row's last token, from a CUDA graph that holds the step, else eagerly."""
-        shape = self.graphs.shape_for([len(row.tokens) for row in rows]) if self.graphs is not None else None
+    def _shape_for(self, rows: list[Row]) -> GraphShape | None:
+        return self.graphs.shape_for([len(row.tokens) for row in rows]) if self.graphs is not None else None
+
+    def _logits(self, rows: list[Row], fed_tokens: torch.Tensor | None, shape: GraphShape | None) -> torch.Tensor:
+        """One forward: the logits of each row's last token, replayed from the CUDA graph of ``shape`` (the one
+        ``_shape_for`` gives), else (None) launched kernel by kernel."""
         if shape is None:
             ctx, input_ids, positions = self._prepare(rows, fed_tokens)
             hidden = self.model(input_ids, positions, ctx)
@@ -163,19 +171,23 @@ class ModelRunner:
 
     def _split_logits(self, rows: list[Row], fed_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """A step no graph holds (more rows than extend graphs take, beside catch-ups or prompts) whose one-token
-        rows and other rows each fit one: both graphs replayed, their logits in the rows' order. Launched kernel by
-        kernel, the step would cost the host longer than a second pass over the weights costs the GPU (on an H200 an
-        eager forward took ~14 ms for Qwen3-1.7B, reading its weights 0.8 ms). None: run the step as one forward."""
-        if self.graphs is None or self.graphs.shape_for([len(row.tokens) for row in rows]) is not None:
-            return None
+        rows and other rows each fit one, the others at most ``MAX_SPLIT_TOKENS``: both graphs replayed, their
+        logits in the rows' order. The second pass over the weights costs about a batch-1 step (on an H200, 1.49 ms
+        for Qwen3-1.7B, 4.41 ms for 8B); launched kernel by kernel, such a step costs the host more (~14 ms for 1.7B,
+        ~20 ms for 8B). Longer other rows make the step compute-bound, where launching eagerly costs little. In bf16
+        a row's logits depend on the kernels and shapes it is computed in, so a split step's may differ slightly
+        from an unsplit one's. None: run the step as one forward."""
         single = [i for i, row in enumerate(rows) if len(row.tokens) == 1]
-        other = [i for i, row in enumerate(rows) if len(row.tokens) > 1]
-        if not single or not other or self.graphs.shape_for([1] * len(single)) is None or \
-                self.graphs.shape_for([len(rows[i].tokens) for i in other]) is None:
+        other = [i for i, row in enumerate(rows) if len(row.tokens) != 1]
+        if not single or not other or sum(len(rows[i].tokens) for i in other) > MAX_SPLIT_TOKENS:
+            return None
+        single_shape = self._shape_for([rows[i] for i in single])
+        other_shape = self._shape_for([rows[i] for i in other])
+        if single_shape is None or other_shape is None:
             return None
         # The fed rows lead the step, one token each: they lead the one-token part.
-        parts = torch.cat([self._logits([rows[i] for i in single], fed_tokens),
-                           self._logits([rows[i] for i in other], None)])
+        parts = torch.cat([self._logits([rows[i] for i in single], fed_tokens, single_shape),
+                           self._logits([rows[i] for i in other], None, other_shape)])
         order = single + other
         if order == sorted(order):
             return parts

@@ -51,13 +51,15 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     with every Triton kernel launched with PDL (kernels/pdl.py). The fastest serves: sets ``runner.gemv`` and
     ``runner.pdl``. Which wins depends on the GPU and the shapes. PDL must give exactly the plain GEMV step's logits
     (the same kernels in the same order), or it is dropped with a warning."""
+    # (a small pool may hold fewer: the step's own token needs a place too)
+    context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
+    if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)
+        return {}
     variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
     if pdl_supported(runner.device):
         variants["gemv_pdl_ms"] = (True, True)
     runner.gemv, runner.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
     runner.gemv_tiles = choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1]))
-    # (a small pool may hold fewer: the step's own token needs a place too)
-    context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     timing, logits = {}, {}
     runner.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
     try:  # K/V for the timed step to attend to, then the step at the position after them
