@@ -101,7 +101,7 @@ step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 # RELAY_BENCH_ARGS replaces these options, e.g. "" for the full preset or "--quick --pair 0.6b+4b".
 # No plots: $OUT returns at most 8 files (draw them later: python -m relaykern.bench.plots relay.json --out-dir D).
 DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call_lengths=1,10,100 \
-catchup_lengths=16,64,256,512,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
+catchup_lengths=16,64,256,512,768,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
 step relay_bench 330 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
   --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
 step overlap 80 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" --cache-dir /tmp/relaykern-checkpoints
