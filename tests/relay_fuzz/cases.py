@@ -216,7 +216,8 @@ def random_variant(rng: random.Random, case: dict, backend: str = "torch") -> di
                            llm_batch_min_rows=rng.choice([1, 2, 6, 16])),
                 llm_cache="reprefill" if rng.random() < 0.12 else "persistent", staggered=rng.random() < 0.35,
                 abort_rate=rng.choice([0, 0, 0, 0.01, 0.05]), abort_seed=rng.randrange(1 << 30),
-                repeats=rng.choice([0, 0, 0, 1]), resync=rng.random() < 0.5, backend=backend)
+                repeats=rng.choice([0, 0, 0, 1]), resync=rng.random() < 0.5, backend=backend,
+                graph_extend_batch=rng.choice([0, 0, 1, 2, 64]))
 
 
 def baseline_variant(backend: str = "torch") -> dict:

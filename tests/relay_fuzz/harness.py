@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 import random
 import traceback
+from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from relaykern import EngineConfig, RelayConfig, RelayEngine
+from relaykern.engine import cuda_graphs
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.outputs import RelayOutput
 from relaykern.reference import reference_generate
 
@@ -52,11 +55,19 @@ def comparable(output: RelayOutput) -> dict:
 
 
 def make_engine(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> RelayEngine:
+    """The variant's engine; with ``graph_extend_batch``, each runner steps through CUDA-graph buffers replayed
+    eagerly (``StepGraphs(capture=False)``) whose extend shapes take at most that many rows, so that larger mixed
+    steps are split (``ModelRunner._split_logits``)."""
     def config(model: str) -> EngineConfig:
         return EngineConfig(device="cpu", attention_backend=variant["backend"], **variant[model])
     slm, llm = checkpoints
-    return RelayEngine(slm, llm if case["with_llm"] else None, relay=RelayConfig(**case["relay"], **variant["relay"]),
-                       slm_config=config("slm"), llm_config=config("llm"), llm_cache=variant["llm_cache"])
+    engine = RelayEngine(slm, llm if case["with_llm"] else None, relay=RelayConfig(**case["relay"], **variant["relay"]),
+                         slm_config=config("slm"), llm_config=config("llm"), llm_cache=variant["llm_cache"])
+    if variant.get("graph_extend_batch"):  # (absent from variants saved before it)
+        with mock.patch.object(cuda_graphs, "MAX_EXTEND_BATCH", variant["graph_extend_batch"]):
+            for _, runner in runners(engine):
+                runner.graphs = StepGraphs(runner, capture=False)
+    return engine
 
 
 def runners(engine: RelayEngine) -> list[tuple[str, object]]:
