@@ -6,9 +6,9 @@ A small step is launch-bound: one replay replaces hundreds of launches. Two fami
 - **extend**: up to B rows of any lengths, T tokens in all, for T = 16 ... 1024 and B = 1, 2, 4, ... 64 (the
   extend attention kernel, its tile sized for T): the relay's catch-ups (the LLM reading an SLM run, the SLM
   reading the LLM's N tokens), alone or packed beside decode rows, and prompts. Launched kernel by kernel, a forward
-  costs the host about as long whatever its tokens (on an H200, ~20 ms for Qwen3-8B, ~14 ms for 1.7B): up to about
-  a thousand tokens that is longer than the GPU's work (an 8B catch-up of 512 tokens took 20.8 ms eagerly, as one of
-  16 tokens did, against 10.7 ms for 256 tokens replayed).
+  costs the host about as long whatever its tokens (on an H200, ~20 ms for Qwen3-8B, 14-23 ms for 1.7B): up to
+  about a thousand tokens that is longer than the GPU's work (an 8B catch-up of 512 tokens took 20.8 ms eagerly, as
+  one of 16 tokens did, against 10.7 ms for 256 tokens replayed).
 
 A graph holds the whole step from its inputs to the logits (injection, KV slots and sequence lengths, the model,
 the LM head), so the host's work per step is two copies (one packed int64 vector: token ids, row bounds, row start
