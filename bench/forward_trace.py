@@ -67,22 +67,20 @@ class ForwardTrace:
                                     sum(len(row.tokens) for row in rows), fed_tokens is not None, background,
                                     self._host_ms())
             self.forwards.append(forward)
-            if runner not in self._origins:
-                try:
-                    return execute(rows, fed_tokens, background)
-                finally:
-                    forward.return_ms = self._host_ms()
-            stream = runner.background_stream if background else runner.stream
-            if background:  # (execute makes it wait so too: the start then marks the forward's own work)
-                stream.wait_stream(runner.stream)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
+            timed = runner in self._origins
+            if timed:
+                stream = runner.background_stream if background else runner.stream
+                if background:  # (execute makes it wait so too: the start then marks the forward's own work)
+                    stream.wait_stream(runner.stream)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
             try:
                 return execute(rows, fed_tokens, background)
             finally:
                 forward.return_ms = self._host_ms()
-                end.record(stream)
-                self._events.append((forward, self._origins[runner], start, end))
+                if timed:
+                    end.record(stream)
+                    self._events.append((forward, self._origins[runner], start, end))
         return traced
 
     def timeline(self) -> list[dict]:
