@@ -3,7 +3,8 @@
     python bench/bench_kernels.py --out bench/results/kernels.json
 
 Figures: device-to-device copy bandwidth (the roofline), paged decode attention (bytes of K/V read per second, and
-that as a fraction of the copy bandwidth; batch 1 also with forced split counts), paged extend attention against
+that as a fraction of the copy bandwidth; with a merge kernel and with the splits merging themselves; batch 1 also
+with forced split counts), paged extend attention against
 dense SDPA on the same shapes (SDPA reads a contiguous K/V with no block-table indirection: a yardstick, not a
 like-for-like), store_kv, and the batch-1 projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the
 unfused norm/activation kernel + cuBLAS, and cuBLAS alone, and each tile the runner chooses from; weight bytes read per
@@ -13,6 +14,7 @@ kernel measures the host's launch cost instead (the autotuned GEMV's Python disp
 Prints a table and writes JSON with the device, versions and git commit.
 """
 import argparse
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -86,17 +88,21 @@ def bench_copy(rep_ms: int) -> dict:
 
 
 def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, self_merge: bool = False):
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
-    larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep)."""
+    larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep).
+    ``self_merge``: the splits merge themselves (the runner's way), else a merge kernel follows."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     copies = [paged_inputs([1] * batch, context - 1, block_size, dtype) for _ in range(-(-L2_FLUSH_BYTES // kv_bytes))]
     scale = HEAD_DIM ** -0.5
+    counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device="cuda") if self_merge else None
     ms = graph_ms(lambda i: paged_decode_attention(copies[i]["q"], copies[i]["kv_cache"], copies[i]["block_tables"],
-                                                   copies[i]["seq_lens"], scale, num_splits), len(copies), rep_ms)
+                                                   copies[i]["seq_lens"], scale, num_splits, counters),
+                  len(copies), rep_ms)
     gbs = kv_bytes / ms / 1e6
     forced = "" if num_splits is None else f" splits{num_splits}"
-    return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}", "ms": ms, "GB/s": gbs,
+    merged = " self-merge" if self_merge else ""
+    return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}{merged}", "ms": ms, "GB/s": gbs,
             "fraction_of_copy": gbs / copy_gbs}
 
 
@@ -204,9 +210,11 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     for block_size in args.block_sizes:
-        for batch, context in ((32, args.context), (1, args.context), (1, 512)):
-            measure(f"decode b{batch} ctx{context} bs{block_size}",
-                    lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms))
+        for (batch, context), self_merge in itertools.product(((32, args.context), (1, args.context), (1, 512)),
+                                                              (False, True)):
+            measure(f"decode b{batch} ctx{context} bs{block_size}" + " self-merge" * self_merge,
+                    lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms,
+                                         self_merge=self_merge))
         for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
             for splits in sweep:
                 measure(f"decode b1 ctx{context} bs{block_size} splits{splits}",

@@ -213,10 +213,10 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
         "prefill": {"tokens": preset.prefill_length, "ms": prefill_ms,
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
         "mixed_steps": mixed,
-        # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL
-        # (empty on a CPU).
-        "batch1_projections": dict(runner.gemv_timing, chosen=("gemv_pdl" if runner.pdl else "gemv") if runner.gemv
-                                   else "cublas"),
+        # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL,
+        # each with the decode attention's splits merging themselves or not (empty on a CPU).
+        "batch1_projections": dict(runner.gemv_timing, chosen=min(runner.gemv_timing, key=runner.gemv_timing.get)
+                                   .removesuffix("_ms") if runner.gemv_timing else "cublas"),
         "gemv_tiles": runner.gemv_tiles,  # ms per launch of each tile by shape, from graph replays (the fastest serves)
     }
 

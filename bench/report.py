@@ -109,9 +109,9 @@ def format_table(report: dict) -> str:
                              f"(context {x['context']}): {x['ms']:.3g} ms, launched eagerly {x['eager_ms']:.3g} ms")
             choice = m.get("batch1_projections", {})
             if "gemv_ms" in choice:
-                with_pdl = f", with PDL {choice['gemv_pdl_ms']:.3g}" if "gemv_pdl_ms" in choice else ""
-                lines.append(f"  {role} batch-1 projections: cuBLAS {choice['cublas_ms']:.3g} ms/step, fused GEMV "
-                             f"{choice['gemv_ms']:.3g}{with_pdl} ms/step: {choice['chosen']} serves")
+                steps = ", ".join(f"{name.removesuffix('_ms')} {ms:.3g}" for name, ms in choice.items()
+                                  if name != "chosen")
+                lines.append(f"  {role} batch-1 steps (ms): {steps}: {choice['chosen']} serves")
             for shape, ms in m.get("gemv_tiles", {}).items():
                 best = min(ms, key=ms.get)
                 lines.append(f"    {shape}: {best} serves, {ms[best] * 1e3:.3g} us/launch (tiles "

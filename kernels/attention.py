@@ -14,19 +14,21 @@ from relaykern.kernels.extend_attention import paged_extend_attention
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float, pdl: bool = False) -> torch.Tensor:
+                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
+                    split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """The model's attention call: decode kernel when every sequence has one query row (max_q_len == 1, then
-    T must equal B), extend kernel otherwise."""
+    T must equal B; ``split_counters`` as it takes them), extend kernel otherwise."""
     if max_q_len == 1:
-        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, pdl=pdl)
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, split_counters=split_counters,
+                                      pdl=pdl)
     return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
 
 
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                               seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int,
-                              scale: float) -> torch.Tensor:
+                              scale: float, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """The spec (and CPU backend): per sequence, gather K/V from its blocks and run SDPA in fp32 with an explicit
-    bottom-right causal mask. max_q_len is unused (kept for the common signature)."""
+    bottom-right causal mask. max_q_len and split_counters are unused (kept for the common signature)."""
     check_attention_inputs(q, kv_cache, block_tables, seq_lens, cu_seqlens_q)
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // num_kv_heads

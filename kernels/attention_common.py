@@ -78,31 +78,48 @@ def store_result(out_ptr, part_out_ptr, part_lse_ptr, rows, split, num_splits, o
         tl.store(part_lse_ptr + rows * num_splits + split, m + tl.log2(l_safe), mask=row_mask)
 
 
+@triton.jit
+def merge_row(part_out_ptr, part_lse_ptr, out_ptr, row, num_splits, num_parts, HEAD_DIM: tl.constexpr,
+              BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[row] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) over splits s < num_parts (zeros if none
+    holds a key). The loads skip L1: the decode kernel's merging program reads what other programs just wrote."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_parts
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    lse_max = tl.max(lse, axis=0)
+    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # all -inf: seq_len 0, out = 0
+    parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, rows_per_seq,
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
                          DECODE: tl.constexpr, PDL: tl.constexpr):
-    """Program row = (token, query head): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max). DECODE:
-    over the splits that hold keys of the row's sequence (as the decode kernel splits seq_len), else over all."""
+    """Program row = (token, query head). DECODE: over the splits that hold keys of the row's sequence (as the
+    decode kernel splits seq_len), else over all."""
     wait_for_earlier_kernels(PDL)
     row = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    num_parts = num_splits
     if DECODE:
-        seq_len = tl.load(seq_lens_ptr + row // rows_per_seq)
-        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE, 1)
-        s_mask = offs_s < tl.cdiv(seq_len, split_len)
-    else:
-        s_mask = offs_s < num_splits
-    d_mask = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # all -inf: seq_len 0, out = 0
-    parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        num_parts = decode_splits_with_keys(tl.load(seq_lens_ptr + row // rows_per_seq), num_splits, TILE)
+    merge_row(part_out_ptr, part_lse_ptr, out_ptr, row, num_splits, num_parts, HEAD_DIM, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def decode_split_len(seq_len, num_splits, TILE: tl.constexpr):
+    """Keys per split of a decode row: seq_len / num_splits rounded up to whole key tiles (0 if seq_len is 0)."""
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
+
+
+@triton.jit
+def decode_splits_with_keys(seq_len, num_splits, TILE: tl.constexpr):
+    return tl.cdiv(seq_len, tl.maximum(decode_split_len(seq_len, num_splits, TILE), 1))
 
 
 def check_attention_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

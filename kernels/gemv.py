@@ -47,10 +47,13 @@ INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0})
 GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch}, num_warps=warps, num_stages=3)
                for n, k, warps, prefetch in ((4, 512, 4, 0), (8, 256, 4, 0), (8, 512, 4, 0), (16, 256, 4, 0),
                                              (32, 128, 4, 0), (16, 512, 8, 0), (32, 256, 8, 0), (4, 512, 4, 1),
-                                             (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1))]
-"""The tiles tried on a GPU: 2-4K weights per program step, 32 fp32 accumulators and up to 32 weights per thread
+                                             (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (2, 2048, 4, 0),
+                                             (4, 1024, 4, 0), (4, 2048, 8, 0))]
+"""The tiles tried on a GPU: 1-8K weights per program step, up to 32 fp32 accumulators and 32 weights per thread
 (64 with PREFETCH: two tiles in registers; tests/test_kernels_compile.py compiles each for sm_90 and checks that
-none spills)."""
+none spills). The long rows (BLOCK_K 1024, 2048) load a 1.7B projection's whole row slice in one or two steps, the
+first before the PDL wait: with the H200's measured tiles every program held ~4 KB in flight, and the o and
+down projections (8 and 25 MB) read at 1.7 and 2.0 TB/s: latency-bound."""
 
 
 @triton.jit

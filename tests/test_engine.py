@@ -76,13 +76,17 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
 
 def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     """The GPU start-up chooses each projection shape's GEMV tile from graph replays of the step's own launches,
-    then times a batch-1 step per projection path and serves the fastest; a PDL variant that cannot be captured is
-    skipped with a warning. Run here by hand with eager "replays" and made-up timings."""
+    then times a batch-1 step per projection path, each with and without decode attention's self-merging splits,
+    and serves the fastest; a PDL variant that cannot be captured is skipped with a warning, as is a variant whose
+    logits differ from its plain one's. Run here by hand with eager "replays" and made-up timings."""
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=64,
                                                                        attention_backend="triton"))
     prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     before = engine.generate(prompts, sampling)[0].token_ids
-    replay_ms = {(False, False): 2.0, (True, False): 1.0}
+    counters = engine.slm.split_counters
+    assert counters is not None
+    replay_ms = {(False, False, False): 2.0, (True, False, False): 1.0, (False, False, True): 0.5,
+                 (True, False, True): 0.9}
 
     class EagerGraphs(StepGraphs):
         def __init__(self, runner, capture=True, shapes=None):
@@ -90,8 +94,15 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
                 raise RuntimeError("operation not permitted when stream is capturing")
             super().__init__(runner, capture=False, shapes=shapes)
 
+        def variant(self):
+            return self.gemv, self.pdl, self.split_counters is not None
+
+        def run(self, *args, **kwargs):
+            logits = super().run(*args, **kwargs)
+            return logits + 1 if self.variant() == (False, False, True) else logits  # the fastest, but wrong
+
         def replay_ms(self, shape):
-            return replay_ms[(self.gemv, self.pdl)]
+            return replay_ms[self.variant()]
 
     fastest, broken = gemv_module.GPU_CONFIGS[3], gemv_module.GPU_CONFIGS[0]
 
@@ -109,10 +120,11 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     monkeypatch.setattr(startup, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
     runner = engine.slm
     with pytest.warns(UserWarning) as warned:
-        assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0}
+        assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0, "gemv_self_merge_ms": 0.9}
     assert any("not captured" in str(w.message) for w in warned)
     assert any("left out" in str(w.message) for w in warned)
-    assert (runner.gemv, runner.pdl) == (True, False)
+    assert any("cublas_self_merge gave other logits than cublas" in str(w.message) for w in warned)
+    assert (runner.gemv, runner.pdl) == (True, False) and runner.split_counters is counters
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     # One recorded shape per projection kind (q/k/v and gate/up with the norm, o, down with SiLU-and-mul): each
     # serves the fastest tile.

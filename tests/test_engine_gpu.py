@@ -28,11 +28,13 @@ def gpu_config(**kw) -> EngineConfig:
                         max_num_seqs=16, kv_cache_memory_gb=0.25, **kw)
 
 
-@pytest.mark.parametrize("gemv,pdl", [(False, False), (True, False), (True, True)],
-                         ids=["cublas", "fused_gemv", "fused_gemv_pdl"])
-def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl):
+@pytest.mark.parametrize("gemv,pdl,self_merge", [(False, False, False), (True, False, False), (True, True, False),
+                                                 (False, False, True), (True, True, True)],
+                         ids=["cublas", "fused_gemv", "fused_gemv_pdl", "cublas_self_merge", "fused_gemv_pdl_self_merge"])
+def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, self_merge):
     """Decode and ragged (prefill) graphs; batch-1 steps with each projection path (cuBLAS, fused GEMV, that with
-    every Triton kernel launched with PDL), whichever start-up chose."""
+    every Triton kernel launched with PDL), decode attention merging its splits itself or with a merge kernel,
+    whichever start-up chose."""
     if pdl and not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU and a Triton that has it")
     engine = RelayEngine(slm_dir, slm_config=gpu_config())
@@ -45,6 +47,9 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl):
         tiles = choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1]), min_group_bytes=0)
         assert len(tiles) == 4 and all(len(ms) == len(GPU_CONFIGS) and min(ms.values()) > 0 for ms in tiles.values())
         runner.gemv, runner.pdl = gemv, pdl
+        heads = runner.model_config.num_kv_heads
+        runner.split_counters = torch.zeros(runner.config.max_num_seqs * heads, dtype=torch.int32,
+                                            device="cuda") if self_merge else None
         runner.graphs = StepGraphs(runner)
     prompts = [[100 + i for i in range(n)] for n in (5, 17, 33, 900)]
     replayed = []

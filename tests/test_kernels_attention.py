@@ -146,6 +146,42 @@ def test_decode_matches_reference_random(seed, num_splits):
                                         num_splits), expected)
 
 
+def counters(case: Case) -> torch.Tensor:
+    return torch.zeros(case.q.shape[0] * case.kv_cache.shape[3], dtype=torch.int32, device=case.q.device)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 40])
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_self_merge_matches_reference(seed, num_splits):
+    """The last split of each (sequence, kv head) merges: same output, and the counters are zero again for the next
+    launch (here, the same call twice)."""
+    case = random_case(300 + seed, decode=True)
+    expected = paged_attention_reference(*case.args())
+    split_counters = counters(case)
+    for _ in range(2):
+        assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                            num_splits, split_counters), expected)
+        assert not split_counters.any()
+
+
+def test_decode_self_merge_short_padding_and_group():
+    """A sequence whose keys fit in its first split writes directly, a padding row gets zeros, and the merging
+    program merges each of a group's 5 heads."""
+    case = make_case([1, 1, 1], [200, 3, 0], 10, 2, 16, 16)
+    case.seq_lens[2] = 0
+    out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 8,
+                                 counters(case))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_close(out[:2], paged_attention_reference(*case.args())[:2])
+
+
+def test_decode_split_counters_are_checked():
+    case = make_case([1, 1], [40, 5], 4, 2, 16, 16)
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="split_counters must be int32"):
+            paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 2, bad)
+
+
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(10, 2, 64), (7, 1, 128), (12, 2, 128)])
 def test_decode_real_model_groups(num_q_heads, num_kv_heads, head_dim):
     """Groups of 5, 7 and 6 query heads per KV head (Qwen3-14B, Qwen2.5-7B, Qwen2.5-1.5B): not powers of two."""
@@ -225,8 +261,10 @@ def test_gpu_random_small(seed, dtype):
         case = random_case(seed + 200 * decode, decode, (16, 32, 256), dtype)
         assert_close(paged_attention(*case.args()), naive_attention(case), dtype)
         if decode:
-            out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 4)
-            assert_close(out, naive_attention(case), dtype)
+            for split_counters in (None, counters(case)):
+                out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 4,
+                                             split_counters)
+                assert_close(out, naive_attention(case), dtype)
 
 
 @pytest.mark.gpu
@@ -239,6 +277,14 @@ def test_gpu_decode_qwen3_8b(batch, block_size, dtype):
     assert_close(paged_attention(*case.args()), expected, dtype)
     assert_close(paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 1),
                  expected, dtype)
+    # The splits merging themselves (64 at batch 1, the most): launches queued back to back, each reading counters
+    # the one before left zero, all exact.
+    split_counters = counters(case)
+    outs = [paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                   split_counters=split_counters) for _ in range(20)]
+    assert_close(outs[0], expected, dtype)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert not split_counters.any()
 
 
 @pytest.mark.gpu

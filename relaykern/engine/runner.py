@@ -59,6 +59,11 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_pool.cache)
         self.blocks = _C.BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.split_counters = (torch.zeros(config.max_num_seqs * mc.num_kv_heads, dtype=torch.int32,
+                                           device=self.device) if self.backend == "triton" else None)
+        """The decode attention's arrival counters (``AttentionContext.split_counters``; this model's forwards run
+        one at a time: its background stream waits for its serving one and the other way round). None: a merge
+        kernel merges the splits (the torch backend, or start-up found that faster)."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
@@ -225,6 +230,7 @@ class ModelRunner:
             max_q_len=max(lengths),
             backend=self.backend,
             gemv=self.gemv,
+            split_counters=self.split_counters,
         )
         return ctx, injected.input_ids, injected.positions
 

@@ -1,6 +1,6 @@
 """What a runner compiles and chooses at start-up on a GPU, before it serves: the kernel variants serving would
 otherwise compile mid-run, and the fastest batch-1 step (cuBLAS, the fused GEMV kernels with their tiles chosen
-from graph replays, those launched with PDL). Each runs forwards of a scratch sequence whose KV is forgotten."""
+from graph replays, those launched with PDL; decode attention merging its splits itself or with a merge kernel). Each runs forwards of a scratch sequence whose KV is forgotten."""
 from __future__ import annotations
 
 import warnings
@@ -48,16 +48,22 @@ def compile_forward_variants(runner: ModelRunner) -> None:
 def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
     kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as those
-    with every Triton kernel launched with PDL (kernels/pdl.py). The fastest serves: sets ``runner.gemv`` and
-    ``runner.pdl``. Which wins depends on the GPU and the shapes. PDL must give exactly the plain GEMV step's logits
-    (the same kernels in the same order), or it is dropped with a warning."""
+    with every Triton kernel launched with PDL (kernels/pdl.py); each with the decode attention's splits merged by a
+    kernel of their own and merging themselves (``*_self_merge_ms``: kernels/decode_attention.py). The fastest
+    serves, at every batch size: sets ``runner.gemv``, ``runner.pdl`` and ``runner.split_counters``. Which wins
+    depends on the GPU and the shapes. PDL and self-merging must each give exactly the logits of the step without
+    them (the same arithmetic in the same order), or the variant is dropped with a warning."""
     # (a small pool may hold fewer: the step's own token needs a place too)
     context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)
         return {}
-    variants = {"cublas_ms": (False, False), "gemv_ms": (True, False)}
+    projections = {"cublas": (False, False), "gemv": (True, False)}
     if pdl_supported(runner.device):
-        variants["gemv_pdl_ms"] = (True, True)
+        projections["gemv_pdl"] = (True, True)
+    counters = runner.split_counters
+    variants = {f"{name}_ms": (gemv, pdl, None) for name, (gemv, pdl) in projections.items()}
+    if counters is not None:
+        variants.update({f"{name}_self_merge_ms": (gemv, pdl, counters) for name, (gemv, pdl) in projections.items()})
     runner.gemv, runner.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
     runner.gemv_tiles = choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1]))
     timing, logits = {}, {}
@@ -67,8 +73,8 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
         runner.execute([Row(WARMUP_SEQ_ID, [0] * context, 0, True, greedy, 0, 0, [], False)])
         runner.blocks.append(WARMUP_SEQ_ID, [0])
         tables = runner.blocks.block_tables([WARMUP_SEQ_ID], runner.blocks_needed(context + 1))
-        for name, (gemv, pdl) in variants.items():
-            runner.gemv, runner.pdl = gemv, pdl
+        for name, (gemv, pdl, split_counters) in variants.items():
+            runner.gemv, runner.pdl, runner.split_counters = gemv, pdl, split_counters
             try:
                 graphs = StepGraphs(runner, shapes=[BATCH1])
             except Exception as err:  # noqa: BLE001 - a driver that cannot capture PDL launches: serve without
@@ -80,8 +86,11 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
             timing[name] = graphs.replay_ms(BATCH1)
     finally:
         runner.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
-    if "gemv_pdl_ms" in timing and not torch.equal(logits["gemv_pdl_ms"], logits["gemv_ms"]):
-        warnings.warn("the batch-1 step with PDL launches gave other logits than without: served without")
-        del timing["gemv_pdl_ms"]
-    runner.gemv, runner.pdl = variants[min(timing, key=timing.get)]
+    for name in list(timing):
+        plain = name.replace("_pdl", "").replace("_self_merge", "")
+        if plain != name and plain in logits and not torch.equal(logits[name], logits[plain]):
+            warnings.warn(f"the batch-1 step {name.removesuffix('_ms')} gave other logits than "
+                          f"{plain.removesuffix('_ms')}: served without")
+            del timing[name]
+    runner.gemv, runner.pdl, runner.split_counters = variants[min(timing, key=timing.get)]
     return timing

@@ -31,6 +31,10 @@ class AttentionContext:
     pdl: bool = False
     """The Triton kernels are launched with programmatic dependent launch (kernels/pdl.py; CUDA graphs of a runner
     that found it faster)."""
+    split_counters: torch.Tensor | None = None
+    """The decode kernel's arrival counters (int32 zeros, one per sequence and kv head, shared by the layers, which
+    run one after another): its splits merge themselves instead of a merge kernel's launch per layer
+    (kernels/decode_attention.py). The runner owns one per model."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -70,4 +74,4 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """q ``[T, Hq, D]`` → ``[T, Hq, D]``."""
         return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len,
-                                 self.scale)
+                                 self.scale, ctx.split_counters)
