@@ -3,8 +3,8 @@
     python bench/bench_kernels.py --out bench/results/kernels.json
 
 Figures: device-to-device copy bandwidth (the roofline), paged decode attention (bytes of K/V read per second, and
-that as a fraction of the copy bandwidth; with a merge kernel and with the splits merging themselves; batch 1 also
-with forced split counts), paged extend attention against
+that as a fraction of the copy bandwidth; with a merge kernel, with the splits merging themselves, and that from the
+raw projections as the model calls it; batch 1 also with forced split counts), paged extend attention against
 dense SDPA on the same shapes (SDPA reads a contiguous K/V with no block-table indirection: a yardstick, not a
 like-for-like), store_kv, and the batch-1 projections of Qwen3-1.7B and 8B (the fused GEMV kernel against the
 unfused norm/activation kernel + cuBLAS, and cuBLAS alone, and each tile the runner chooses from; weight bytes read per
@@ -32,8 +32,10 @@ from relaykern.engine.cuda_graphs import graph_ms
 from relaykern.kernels import gemv as gemv_module
 from relaykern.kernels.gemv import gemv, tile_name
 from relaykern.kernels.pdl import pdl_supported
+from relaykern.kernels.rope import NewKV
 from relaykern.kernels.rms_norm import rms_norm
 from relaykern.kernels.store_kv import store_kv
+from relaykern.models.layers import RotaryEmbedding
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -88,22 +90,36 @@ def bench_copy(rep_ms: int) -> dict:
 
 
 def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int,
-                 num_splits: int | None = None, self_merge: bool = False):
+                 num_splits: int | None = None, self_merge: bool = False, from_projections: bool = False):
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
     larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep).
-    ``self_merge``: the splits merge themselves (the runner's way), else a merge kernel follows."""
+    ``self_merge``: the splits merge themselves, else a merge kernel follows. ``from_projections``: q/k norm, RoPE
+    and the new token's K/V store done in the kernel (with ``self_merge``: the runner's decode step)."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     copies = [paged_inputs([1] * batch, context - 1, block_size, dtype) for _ in range(-(-L2_FLUSH_BYTES // kv_bytes))]
     scale = HEAD_DIM ** -0.5
     counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device="cuda") if self_merge else None
+    new_kv = [new_token_kv(copy, block_size) if from_projections else None for copy in copies]
     ms = graph_ms(lambda i: paged_decode_attention(copies[i]["q"], copies[i]["kv_cache"], copies[i]["block_tables"],
-                                                   copies[i]["seq_lens"], scale, num_splits, counters),
+                                                   copies[i]["seq_lens"], scale, num_splits, counters, new_kv[i]),
                   len(copies), rep_ms)
     gbs = kv_bytes / ms / 1e6
     forced = "" if num_splits is None else f" splits{num_splits}"
-    merged = " self-merge" if self_merge else ""
-    return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}{merged}", "ms": ms, "GB/s": gbs,
+    variant = " self-merge" * self_merge + " from projections" * from_projections
+    return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}{variant}", "ms": ms, "GB/s": gbs,
             "fraction_of_copy": gbs / copy_gbs}
+
+
+def new_token_kv(inputs: dict, block_size: int) -> NewKV:
+    """Raw k and v of each sequence's last token, its slot, Qwen3's per-head norms and RoPE table."""
+    num_seqs = inputs["q"].shape[0]
+    last = inputs["seq_lens"].long() - 1
+    blocks = inputs["block_tables"].long().gather(1, (last // block_size)[:, None])[:, 0]
+    slots = blocks * block_size + last % block_size
+    k, v = (torch.randn(num_seqs, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=inputs["q"].dtype) for _ in range(2))
+    norms = (torch.ones(HEAD_DIM, device="cuda", dtype=k.dtype) for _ in range(2))
+    return NewKV(k, v, last, RotaryEmbedding(HEAD_DIM, int(last.max()) + 1, 1e6, None).cos_sin_cache.cuda(), slots,
+                 *norms)
 
 
 def sdpa_extend(batch: int, q_len: int, context: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -210,11 +226,15 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     for block_size in args.block_sizes:
-        for (batch, context), self_merge in itertools.product(((32, args.context), (1, args.context), (1, 512)),
-                                                              (False, True)):
-            measure(f"decode b{batch} ctx{context} bs{block_size}" + " self-merge" * self_merge,
+        for (batch, context), fused in itertools.product(((32, args.context), (1, args.context), (1, 512)),
+                                                         (False, True)):
+            measure(f"decode b{batch} ctx{context} bs{block_size}" + " self-merge" * fused,
                     lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms,
-                                         self_merge=self_merge))
+                                         self_merge=fused))
+            if fused:
+                measure(f"decode b{batch} ctx{context} bs{block_size} self-merge from projections",
+                        lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms,
+                                             self_merge=True, from_projections=True))
         for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
             for splits in sweep:
                 measure(f"decode b1 ctx{context} bs{block_size} splits{splits}",

@@ -1,5 +1,6 @@
 """Paged attention as the model calls it: the decode kernel for one-row-per-sequence steps, the extend kernel for
-the others, and the plain-torch reference both are tested against (the CPU backend and the specification).
+the others, and the plain-torch reference both are tested against (the CPU backend and the specification); and the
+same from the raw projections (``paged_rope_attention``: q/k norm, RoPE and the K/V store first).
 
 Index math (kernels/attention_common.py has it in full): kv_cache[2, num_blocks, block_size, Hkv, D], key position p
 of sequence b in block ``block_tables[b, p // block_size]``; query rows packed ragged by ``cu_seqlens_q``, each
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from relaykern.kernels.attention_common import check_attention_inputs
 from relaykern.kernels.decode_attention import paged_decode_attention
 from relaykern.kernels.extend_attention import paged_extend_attention
+from relaykern.kernels.rope import NewKV, qk_norm_rope_store, qk_norm_rope_store_reference
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -24,11 +26,34 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
 
 
+def paged_rope_attention(q: torch.Tensor, new_kv: NewKV, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
+                         split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+    """The model's attention from its raw projections: q and k normed and rotated, k and v stored, then attention.
+    A decode step does it all in the decode kernel; others run kernels/rope.py's kernel, then the extend kernel."""
+    if max_q_len == 1:
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, split_counters=split_counters,
+                                      new_kv=new_kv, pdl=pdl)
+    q = qk_norm_rope_store(q, new_kv.k, new_kv.v, new_kv.positions, new_kv.cos_sin_cache, kv_cache,
+                           new_kv.slot_mapping, new_kv.q_weight, new_kv.k_weight, new_kv.eps, pdl=pdl)
+    return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
+
+
+def paged_rope_attention_reference(q: torch.Tensor, new_kv: NewKV, kv_cache: torch.Tensor,
+                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                   max_q_len: int, scale: float, split_counters: torch.Tensor | None = None
+                                   ) -> torch.Tensor:
+    """``qk_norm_rope_store_reference``, then ``paged_attention_reference`` (split_counters unused)."""
+    q = qk_norm_rope_store_reference(q, new_kv.k, new_kv.v, new_kv.positions, new_kv.cos_sin_cache, kv_cache,
+                                     new_kv.slot_mapping, new_kv.q_weight, new_kv.k_weight, new_kv.eps)
+    return paged_attention_reference(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale)
+
+
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                               seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int,
-                              scale: float, split_counters: torch.Tensor | None = None) -> torch.Tensor:
+                              scale: float) -> torch.Tensor:
     """The spec (and CPU backend): per sequence, gather K/V from its blocks and run SDPA in fp32 with an explicit
-    bottom-right causal mask. max_q_len and split_counters are unused (kept for the common signature)."""
+    bottom-right causal mask. max_q_len is unused (kept for the common signature)."""
     check_attention_inputs(q, kv_cache, block_tables, seq_lens, cu_seqlens_q)
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // num_kv_heads

@@ -10,6 +10,11 @@ each program that wrote its partial output counts its arrival, and the last of a
 merges the group's rows (as split-K GEMMs and TensorRT-LLM's multi-block decode do). A batch-1 step then launches
 one kernel per layer instead of two (the merge launch cost about as much as the attention at 512 keys on an H200:
 0.07 against 0.18 ms per 1.7B step). A sequence whose keys fit in its first split writes its output directly.
+
+Given the step's raw q, k and v (``new_kv``), each program also does what kernels/rope.py's kernel would have done
+before it: norms and rotates its q heads (at position seq_len - 1), and the split holding that position writes the
+new token's k (normed, rotated) and v to the cache before it reads them back with the rest: one launch fewer per
+layer again.
 Index math and the shared pieces:
 kernels/attention_common.py; the reference: ``paged_attention_reference`` in kernels/attention.py.
 """
@@ -22,6 +27,7 @@ from relaykern.kernels.attention_common import (LOG2E, PER_STEP_ARGS, attend_til
                                                 dot_precision, key_tile, kv_strides, load_kv_tile, merge_row,
                                                 merge_splits, partial_buffers, store_result)
 from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
+from relaykern.kernels.rope import NewKV, norm_rope_rows, store_kv_row
 
 MAX_DECODE_SPLITS = 64
 
@@ -29,16 +35,18 @@ MAX_DECODE_SPLITS = 64
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _decode_kernel(
     q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, split_counters_ptr,
+    k_ptr, v_ptr, slot_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
     qk_scale, num_splits, stride_q_seq, stride_q_head, stride_kv, stride_block, stride_offset, stride_head,
-    stride_table, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    stride_table, stride_k_seq, stride_k_head, stride_v_seq, stride_v_head, stride_cos_sin,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SELF_MERGE: tl.constexpr, PDL: tl.constexpr,
+    SELF_MERGE: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
     over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
     rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps, except
     splits after the first that start past seq_len (the merge skips them). SELF_MERGE: the last split to finish
-    merges (see the module's docstring)."""
+    merges; ROPE: q, k, v are the raw projections (see the module's docstring)."""
     wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,8 +63,24 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    if ROPE:
+        dtype = kv_ptr.dtype.element_ty
+        q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, seq_len - 1, cos_sin_ptr,
+                           stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype).to(dtype)
+        slot = tl.load(slot_ptr + seq)
+        if end == seq_len and seq_len > 0 and slot >= 0:  # this split reads the new token's K/V: it writes them
+            one_row = tl.full([1], True, tl.int1)
+            k = norm_rope_rows(k_ptr, seq * stride_k_seq + kv_head * stride_k_head + tl.zeros([1], tl.int64), one_row,
+                               seq_len - 1, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
+                               HAS_NORM, dtype)
+            store_kv_row(kv_ptr, slot, kv_head, k, stride_kv, stride_offset, stride_head, 0, HEAD_DIM, BLOCK_D)
+            v = tl.load(v_ptr + seq * stride_v_seq + kv_head * stride_v_head + offs_d[None, :],
+                        mask=d_mask[None, :])
+            store_kv_row(kv_ptr, slot, kv_head, v, stride_kv, stride_offset, stride_head, 1, HEAD_DIM, BLOCK_D)
+            tl.debug_barrier()  # every thread's loads below see them
+    else:
+        q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
+                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -96,13 +120,18 @@ def _decode_kernel(
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                           split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+                           split_counters: torch.Tensor | None = None, new_kv: NewKV | None = None,
+                           pdl: bool = False) -> torch.Tensor:
     """One query per sequence (q [B, Hq, D], at position seq_lens[b] - 1) -> [B, Hq, D]. num_splits None picks it
     from B x Hkv and the context bound block_tables.shape[1] * block_size. A sequence with seq_lens[b] == 0
     (batch padding) gets zeros. ``split_counters``: int32 zeros, at least B x Hkv of them, for the splits to merge
     themselves (module docstring), which must not be in use by another launch at the same time; None: a merge
-    kernel. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
+    kernel. ``new_kv``: q is the step's raw q, normed, rotated and its k/v stored here (kernels/rope.py's
+    ``qk_norm_rope_store``; each row at position seq_lens[b] - 1, whatever ``new_kv.positions`` says); None: q is
+    ready and the cache holds the new K/V. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
     check_attention_inputs(q, kv_cache, block_tables, seq_lens, None)
+    if new_kv is not None:
+        new_kv.check(q, kv_cache)
     num_seqs, num_q_heads, head_dim = q.shape
     if num_seqs != seq_lens.shape[0]:
         raise ValueError(f"decode needs one query row per sequence: q has {num_seqs} rows, seq_lens "
@@ -118,13 +147,19 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         return out
     group = num_q_heads // num_kv_heads
     self_merge = split_counters is not None
+    rope = new_kv if new_kv is not None else NewKV(q, q, seq_lens, q, seq_lens)  # (unread stand-ins)
+    has_norm = rope.q_weight is not None
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, split_counters if self_merge else seq_lens,
-        scale * LOG2E, num_splits, q.stride(0), q.stride(1), *kv_strides(kv_cache), block_tables.stride(0),
+        rope.k, rope.v, rope.slot_mapping, rope.cos_sin_cache, rope.q_weight if has_norm else q,
+        rope.k_weight if has_norm else q, rope.eps, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
+        *kv_strides(kv_cache), block_tables.stride(0), rope.k.stride(0), rope.k.stride(1), rope.v.stride(0),
+        rope.v.stride(1), rope.cos_sin_cache.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         BLOCK_S=triton.next_power_of_2(MAX_DECODE_SPLITS), TILE=key_tile(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype), SELF_MERGE=self_merge, PDL=pdl, **launch_options(pdl),
+        DOT_PRECISION=dot_precision(q.dtype), SELF_MERGE=self_merge, ROPE=new_kv is not None, HAS_NORM=has_norm,
+        PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
     if not self_merge:

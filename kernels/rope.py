@@ -9,7 +9,10 @@ given) is RMSNorm over head_dim. Unfused, norm and rotation of q and k take abou
 Rotated k and v go straight to their slots of the layer's paged cache (``relaykern.kernels.store_kv``'s layout and
 slot convention, -1 = not stored): k is never written anywhere else, and the store costs no launch of its own.
 q, k and v may be strided views of the fused qkv projection's output; the rotated q is a new contiguous tensor.
+A decode step does all this inside the decode attention kernel instead (``NewKV``; the same ``norm_rope_rows``).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -26,11 +29,47 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def norm_rope_rows(src_ptr, row_offsets, row_mask, position, cos_sin_ptr, stride_cos_sin, weight_ptr, eps,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, dtype: tl.constexpr):
+    """Heads at ``src_ptr + row_offsets`` ([R, BLOCK_D], fp32 values in ``dtype``'s precision): RMSNorm per head
+    (if HAS_NORM), then rotated to ``position``. Element d pairs with its partner in the other half:
+    ``out[d] = x[d] cos - x[d + D/2] sin`` in the first half, ``x[d] cos + x[d - D/2] sin`` in the second."""
+    half: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, BLOCK_D)
+    first_half = offs < half
+    partner = tl.where(first_half, offs + half, offs - half)
+    mask = row_mask[:, None] & (offs < HEAD_DIM)[None, :]
+    x = tl.load(src_ptr + row_offsets[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(src_ptr + row_offsets[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        d_mask = offs < HEAD_DIM
+        weight = tl.load(weight_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        weight_partner = tl.load(weight_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        x = round_to(weight * round_to(x * inv_rms, dtype), dtype)
+        x_partner = round_to(weight_partner * round_to(x_partner * inv_rms, dtype), dtype)
+    frequency = tl.where(first_half, offs, offs - half)
+    table = cos_sin_ptr + position.to(tl.int64) * stride_cos_sin + frequency
+    cos = round_to(tl.load(table, mask=offs < HEAD_DIM, other=0.0), dtype)[None, :]
+    sin = round_to(tl.load(table + half, mask=offs < HEAD_DIM, other=0.0), dtype)[None, :]
+    return round_to(x * cos, dtype) + tl.where(first_half, -1.0, 1.0)[None, :] * round_to(x_partner * sin, dtype)
+
+
+@triton.jit
+def store_kv_row(cache_ptr, slot, kv_head, values, stride_cache_kv, stride_cache_slot, stride_cache_head,
+                 IS_VALUE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """values ([1, BLOCK_D]) into the K (or V) of ``kv_head`` at ``slot`` (kernels/store_kv.py's layout)."""
+    offs = tl.arange(0, BLOCK_D)[None, :]
+    dst = cache_ptr + IS_VALUE * stride_cache_kv + slot.to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head
+    tl.store(dst + offs, values.to(cache_ptr.dtype.element_ty), mask=offs < HEAD_DIM)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, cache_ptr, slot_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
     stride_cache_kv, stride_cache_slot, stride_cache_head,
-    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (token, head): heads 0..Hq-1 are q's (rotated into q_out), the next Hkv k's (rotated into the cache),
@@ -38,42 +77,51 @@ def _qk_norm_rope_store_kernel(
     wait_for_earlier_kernels(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    half: tl.constexpr = HEAD_DIM // 2
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < half
+    one_row = tl.full([1], True, tl.int1)
     dtype = q_out_ptr.dtype.element_ty
-    if head >= NUM_Q_HEADS:
-        slot = tl.load(slot_ptr + token).to(tl.int64)
-        if slot < 0:
-            return
-        kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
-        dst = cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head
-        if head >= NUM_Q_HEADS + NUM_KV_HEADS:
-            src = v_ptr + token * stride_v_token + kv_head * stride_v_head
-            tl.store(dst + stride_cache_kv + offs, tl.load(src + offs, mask=mask), mask=mask)
-            tl.store(dst + stride_cache_kv + half + offs, tl.load(src + half + offs, mask=mask), mask=mask)
-            return
-        src = k_ptr + token * stride_k_token + kv_head * stride_k_head
-        weight_ptr = k_weight_ptr
+    position = tl.load(positions_ptr + token)
+    if head < NUM_Q_HEADS:
+        q = norm_rope_rows(q_ptr, token * stride_q_token + head * stride_q_head + tl.zeros([1], tl.int64), one_row,
+                           position, cos_sin_ptr, stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM,
+                           dtype)
+        offs = tl.arange(0, BLOCK_D)[None, :]
+        tl.store(q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM + offs, q.to(dtype), mask=offs < HEAD_DIM)
+        return
+    slot = tl.load(slot_ptr + token)
+    if slot < 0:
+        return
+    kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
+    if head < NUM_Q_HEADS + NUM_KV_HEADS:
+        k = norm_rope_rows(k_ptr, token * stride_k_token + kv_head * stride_k_head + tl.zeros([1], tl.int64),
+                           one_row, position, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
+                           HAS_NORM, dtype)
+        store_kv_row(cache_ptr, slot, kv_head, k, stride_cache_kv, stride_cache_slot, stride_cache_head, 0,
+                     HEAD_DIM, BLOCK_D)
     else:
-        src = q_ptr + token * stride_q_token + head * stride_q_head
-        dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
-        weight_ptr = q_weight_ptr
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
-        w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(weight_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
-        x1 = round_to(w1 * round_to(x1 * inv_rms, dtype), dtype)
-        x2 = round_to(w2 * round_to(x2 * inv_rms, dtype), dtype)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = round_to(tl.load(cos_sin_ptr + position * stride_cos_sin + offs, mask=mask, other=0.0), dtype)
-    sin = round_to(tl.load(cos_sin_ptr + position * stride_cos_sin + half + offs, mask=mask, other=0.0), dtype)
-    out1 = round_to(x1 * cos, dtype) - round_to(x2 * sin, dtype)
-    out2 = round_to(x2 * cos, dtype) + round_to(x1 * sin, dtype)
-    tl.store(dst + offs, out1.to(dtype), mask=mask)
-    tl.store(dst + half + offs, out2.to(dtype), mask=mask)
+        offs = tl.arange(0, BLOCK_D)[None, :]
+        v = tl.load(v_ptr + token * stride_v_token + kv_head * stride_v_head + offs, mask=offs < HEAD_DIM)
+        store_kv_row(cache_ptr, slot, kv_head, v, stride_cache_kv, stride_cache_slot, stride_cache_head, 1,
+                     HEAD_DIM, BLOCK_D)
+
+
+@dataclass
+class NewKV:
+    """A step's raw k and v ([T, Hkv, D], views of the qkv projection) with what turns them and q into attention's
+    inputs: the slots they go to (-1: stored nowhere), the positions and RoPE table, and the per-head norm weights
+    (None: no norm, as in Qwen2 and Llama)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    def check(self, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        _check_inputs(q, self.k, self.positions, self.cos_sin_cache, self.q_weight, self.k_weight)
+        check_store_inputs(self.k, self.v, kv_cache, self.slot_mapping)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -111,7 +159,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
             k_weight if has_norm else k, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, PDL=pdl, num_warps=1,
+            BLOCK_D=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, PDL=pdl, num_warps=1,
             **launch_options(pdl),
         )
     return q_out

@@ -4,8 +4,9 @@ Cache layout of one layer: ``kv_cache[2, num_blocks, block_size, num_kv_heads, h
 Token t goes to slot ``s = slot_mapping[t]``, i.e. block ``s // block_size``, offset ``s % block_size``;
 ``s == -1`` means "do not store" (padding rows, e.g. of a CUDA-graph batch).
 
-The models store through ``relaykern.kernels.rope.qk_norm_rope_store`` (the same layout and checks, fused with the
-rotation of k); this kernel is the store alone, for callers that have k and v ready.
+The models store through ``relaykern.kernels.rope.qk_norm_rope_store`` or, at a decode step, the decode attention
+kernel (the same layout and checks, fused with the rotation of k); this kernel is the store alone, for callers that
+have k and v ready.
 """
 import torch
 import triton

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from relaykern.kernels import attention_common
-from relaykern.kernels.attention import paged_attention, paged_attention_reference
+from relaykern.kernels.attention import (paged_attention, paged_attention_reference, paged_rope_attention,
+                                        paged_rope_attention_reference)
+from relaykern.kernels.rope import NewKV
+from relaykern.models.layers import RotaryEmbedding
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
 from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, paged_decode_attention
 from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
@@ -180,6 +183,55 @@ def test_decode_split_counters_are_checked():
     for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
         with pytest.raises(ValueError, match="split_counters must be int32"):
             paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 2, bad)
+
+
+def new_kv_of(case: Case, with_norm: bool, seed: int) -> NewKV:
+    """Raw k and v for each sequence's last token, going to the slot of its position (seq_len - 1); a seq_len 0
+    row stores nowhere. Random norm weights and Qwen3's RoPE table."""
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs, (block_size, num_kv_heads, head_dim) = case.q.shape[0], case.kv_cache.shape[2:]
+    k, v = (torch.randn(num_seqs, num_kv_heads, head_dim, generator=gen).to(case.q) for _ in range(2))
+    last = (case.seq_lens.long() - 1).clamp(min=0)
+    blocks = case.block_tables.long().gather(1, (last // block_size)[:, None])[:, 0]
+    slots = torch.where(case.seq_lens > 0, blocks * block_size + last % block_size, -1)
+    cos_sin = RotaryEmbedding(head_dim, 256, 1e6, None).cos_sin_cache.to(case.q.device)
+    norms = tuple(torch.randn(head_dim, generator=gen).to(case.q) for _ in range(2)) if with_norm else ()
+    return NewKV(k, v, last, cos_sin, slots, *norms)
+
+
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3", "llama"])
+@pytest.mark.parametrize("num_splits,self_merge", [(None, False), (1, False), (3, True), (40, True)])
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_from_raw_projections_matches_reference(seed, num_splits, self_merge, with_norm):
+    """Norm, RoPE and the K/V store done inside the decode kernel: the reference's output and cache (the new
+    token's K/V written, nothing else touched)."""
+    case = random_case(400 + seed, decode=True)
+    new_kv = new_kv_of(case, with_norm, seed)
+    expected_cache = case.kv_cache.clone()
+    expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
+    out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, num_splits,
+                                 counters(case) if self_merge else None, new_kv)
+    assert_close(out, expected)
+    assert_close(case.kv_cache, expected_cache)
+
+
+def test_rope_attention_dispatches_decode_and_extend():
+    """The model's call: a decode step in the decode kernel, a ragged one through the rope kernel and the extend
+    kernel; a padding row (seq_len 0, slot -1) gets zeros and stores nothing."""
+    for q_lens, context_lens in (([1, 1, 1], [30, 0, 7]), ([3, 1], [20, 5])):
+        case = make_case(q_lens, context_lens, 4, 2, 16, 16, seed=len(q_lens))
+        if len(q_lens) == 3:
+            case.seq_lens[1] = 0
+        new_kv = new_kv_of(case, True, 0)
+        if len(q_lens) == 2:  # rows at positions seq_len - q_len ..., slots of the first blocks' offsets
+            new_kv = NewKV(*(t.repeat(2, 1, 1)[:4] for t in (new_kv.k, new_kv.v)),
+                           torch.tensor([20, 21, 22, 5]), new_kv.cos_sin_cache, torch.tensor([-1, 1, 2, 3]),
+                           new_kv.q_weight, new_kv.k_weight)
+        expected_cache = case.kv_cache.clone()
+        expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
+        out = paged_rope_attention(case.q, new_kv, case.kv_cache, *case.args()[2:], split_counters=counters(case))
+        assert_close(out, expected)
+        assert_close(case.kv_cache, expected_cache)
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(10, 2, 64), (7, 1, 128), (12, 2, 128)])

@@ -110,13 +110,18 @@ def _cases() -> list[Case]:
     tiny = dict(dtype=torch.float32, head_dim=16, block_size=16, num_kv_heads=2, group=2, context=40)
     # A one-block table: its row stride 1 is specialized to a constant, as at launch.
     cases.append(Case("tiny-decode-one-block", "attention", dict(tiny, q_lens=(1, 1), context=12)))
-    cases.append(Case("tiny-decode-self-merge", "attention", dict(tiny, q_lens=(1, 1), self_merge=True)))
+    cases.append(Case("tiny-decode-rope-self-merge", "attention", dict(tiny, q_lens=(1, 1), self_merge=True,
+                                                                      from_projections=True)))
     cases.append(Case("tiny-extend", "attention", dict(tiny, q_lens=(7, 1))))
-    # Decode splits merging themselves (the runner's forwards): every dtype and group, split.
+    # As the model calls them (from the raw projections: norm, RoPE and the K/V store in the decode kernel), the
+    # decode splits merging themselves: every dtype and group, split; with and without the per-head norm.
     for i, (dtype, group) in enumerate(itertools.product(DTYPES, GROUPS)):
-        cases.append(Case(f"decode-self-merge-{_name(dtype)}-g{group}", "attention", dict(
+        cases.append(Case(f"decode-rope-self-merge-{_name(dtype)}-g{group}", "attention", dict(
             dtype=dtype, head_dim=HEAD_DIMS[i % 2], block_size=16, group=group, q_lens=(1,) * (1 + i % 3),
-            context=LONG_CONTEXT, self_merge=True)))
+            context=LONG_CONTEXT, self_merge=True, from_projections=True, with_norm=i % 2 == 0)))
+    cases.append(Case("decode-rope-merge-kernel", "attention", dict(
+        dtype=torch.bfloat16, head_dim=128, block_size=16, group=2, q_lens=(1,), context=LONG_CONTEXT,
+        from_projections=True)))
     cases.append(Case("tiny-store_kv", "store_kv", dict(dtype=torch.float32, head_dim=16, num_kv_heads=2,
                                                         num_q_heads=4, slot_dtype=torch.int64)))
     # The layers' elementwise kernels at Qwen3-1.7B / 8B widths in bf16, and the tiny models' in fp32.
@@ -149,8 +154,8 @@ def _cases() -> list[Case]:
     # Each kernel that takes PDL, launched with it (kernels/pdl.py), at Qwen3-1.7B widths in bf16.
     bf16_1p7b = dict(dtype=torch.bfloat16, head_dim=128, block_size=16, group=2)
     cases += [Case("pdl-decode-split", "attention", dict(bf16_1p7b, q_lens=(1,), context=LONG_CONTEXT, pdl=True)),
-              Case("pdl-decode-self-merge", "attention", dict(bf16_1p7b, q_lens=(1,), context=LONG_CONTEXT, pdl=True,
-                                                              self_merge=True)),
+              Case("pdl-decode-rope-self-merge", "attention", dict(bf16_1p7b, q_lens=(1,), context=LONG_CONTEXT,
+                                                                   pdl=True, self_merge=True, from_projections=True)),
               Case("pdl-extend", "attention", dict(bf16_1p7b, q_lens=(16, 1), context=SHORT_CONTEXT, pdl=True)),
               Case("pdl-rms_norm", "rms_norm", dict(dtype=torch.bfloat16, hidden=2048, residual=True, pdl=True)),
               Case("pdl-qk_norm_rope_store", "qk_norm_rope_store", dict(dtype=torch.bfloat16, heads=(16, 8),
@@ -183,7 +188,7 @@ def _launch_store_kv(dtype, head_dim, num_kv_heads, num_q_heads, slot_dtype) -> 
 
 
 def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_kv_heads=NUM_KV_HEADS,
-                      pdl=False, self_merge=False) -> None:
+                      pdl=False, self_merge=False, from_projections=False, with_norm=True) -> None:
     # num_splits is left to choose_num_splits (with an H100's SM count); max_q_len picks decode or extend.
     max_blocks = math.ceil(context / block_size)
     q = torch.zeros(sum(q_lens), num_kv_heads * group, head_dim, dtype=dtype)
@@ -192,8 +197,19 @@ def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_k
     seq_lens = torch.full((len(q_lens),), context, dtype=torch.int32)
     cu_seqlens_q = torch.tensor((0, *itertools.accumulate(q_lens)), dtype=torch.int32)
     split_counters = torch.zeros(len(q_lens) * num_kv_heads, dtype=torch.int32) if self_merge else None
-    attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5,
-                              split_counters, pdl=pdl)
+    if not from_projections:
+        attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5,
+                                  split_counters, pdl=pdl)
+        return
+    # As the model passes them: views of the fused qkv projection, int64 positions and slots.
+    qkv = torch.zeros(sum(q_lens), (num_kv_heads * group + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q, k, v = (t.view(sum(q_lens), -1, head_dim) for t in qkv.split(
+        [num_kv_heads * group * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    norms = (torch.ones(head_dim, dtype=dtype), torch.ones(head_dim, dtype=dtype)) if with_norm else ()
+    new_kv = rope.NewKV(k, v, torch.zeros(sum(q_lens), dtype=torch.int64), torch.zeros(64, head_dim),
+                                torch.zeros(sum(q_lens), dtype=torch.int64), *norms)
+    attention.paged_rope_attention(q, new_kv, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens),
+                                   head_dim ** -0.5, split_counters, pdl=pdl)
 
 
 def _launch_rms_norm(dtype, hidden, residual, pdl=False) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from relaykern.kernels.rope import NewKV
 from relaykern.models.ops import BACKENDS, PDL_OPS, Ops
 
 
@@ -48,8 +49,8 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Attends from q over the layer's slice of the pool, which holds this step's K/V already (the model's
-    ``qk_norm_rope_store`` wrote them).
+    """Normalizes and rotates q and k, writes k and v to the layer's slice of the pool, and attends from q over it
+    (``ops.rope_attention``: in one kernel at a decode step).
 
     ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), bound by the runner
     through the model's ``bind_kv_cache``; the layer owns no memory of its own.
@@ -71,7 +72,7 @@ class Attention(nn.Module):
     def kv_cache(self, cache: torch.Tensor) -> None:
         self._kv_cache = cache
 
-    def forward(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """q ``[T, Hq, D]`` → ``[T, Hq, D]``."""
-        return ctx.ops.attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.max_q_len,
-                                 self.scale, ctx.split_counters)
+    def forward(self, q: torch.Tensor, new_kv: NewKV, ctx: AttentionContext) -> torch.Tensor:
+        """q ``[T, Hq, D]`` and this step's k and v (``new_kv``), before norm and RoPE → ``[T, Hq, D]``."""
+        return ctx.ops.rope_attention(q, new_kv, self.kv_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
+                                      ctx.max_q_len, self.scale, ctx.split_counters)

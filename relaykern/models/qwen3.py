@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from relaykern.kernels.rope import NewKV
 from relaykern.models.attention import Attention, AttentionContext
 from relaykern.models.config import ModelConfig
 from relaykern.models.layers import (Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, norm_linear,
@@ -40,9 +41,7 @@ class Qwen3Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-        q = ctx.ops.qk_norm_rope_store(q, k, v, positions, rope.cos_sin_cache, self.attn.kv_cache, ctx.slot_mapping,
-                                       *norms)
-        o = self.attn(q, ctx)
+        o = self.attn(q, NewKV(k, v, positions, rope.cos_sin_cache, ctx.slot_mapping, *norms), ctx)
         return self.o_proj(o.flatten(1), ctx)
 
 
