@@ -126,8 +126,9 @@ _gemv = (triton.autotune([INTERPRETED_CONFIG], key=[]) if _INTERPRETED else
          triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
                          do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25)))(_gemv_kernel)
 
-ShapeKey = tuple[int, int, int, torch.dtype]
-"""(N, K, prologue, weight dtype): what a served tile is chosen for."""
+ShapeKey = tuple[int, int, int, torch.dtype, bool]
+"""(N, K, prologue, weight dtype, PDL): what a served tile is chosen for (launched with PDL, a program loads its
+first weight tile before it waits for the kernel before: another tile may win)."""
 _served_tiles: dict[ShapeKey, triton.Config] = {}
 _recorded: list["Launch"] | None = None
 
@@ -141,7 +142,8 @@ class Launch:
 
     @property
     def key(self) -> ShapeKey:
-        return self.args[8], self.constexprs["K"], self.constexprs["PROLOGUE"], self.weight.dtype
+        constexprs = self.constexprs
+        return self.args[8], constexprs["K"], constexprs["PROLOGUE"], self.weight.dtype, constexprs["PDL"]
 
     @property
     def weight(self) -> torch.Tensor:

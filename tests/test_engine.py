@@ -122,6 +122,7 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     with pytest.warns(UserWarning) as warned:
         assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0, "gemv_self_merge_ms": 0.9}
     assert any("not captured" in str(w.message) for w in warned)
+    assert any("GEMV tiles for PDL launches not chosen" in str(w.message) for w in warned)
     assert any("left out" in str(w.message) for w in warned)
     assert any("cublas_self_merge gave other logits than cublas" in str(w.message) for w in warned)
     assert (runner.gemv, runner.pdl) == (True, False) and runner.split_counters is counters

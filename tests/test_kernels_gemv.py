@@ -49,25 +49,25 @@ def test_every_gpu_tile_computes_the_reference(tile):
 
 def test_recorded_launches_rerun_with_any_tile_and_a_served_tile_serves(monkeypatch):
     """What the runner's tile choice (engine/gemv_tiles.py) relies on: recorded launches keep their arguments, and
-    ``serve_tile`` decides the tile of later calls of that shape (N, K, prologue, dtype) only."""
+    ``serve_tile`` decides the tile of later calls of that shape (N, K, prologue, dtype, PDL) only."""
     monkeypatch.setattr(gemv_module, "_served_tiles", {})
     x, weight, kwargs = inputs("rms_norm", 64, 40, torch.float32, True, False)
     with gemv_module.recording() as launches:
         out, _ = gemv(x, weight, **kwargs)
         gemv(x[:, :32], weight[:, :32].contiguous())
-    assert [launch.key for launch in launches] == [(40, 64, 1, torch.float32), (40, 32, 0, torch.float32)]
+    assert [launch.key for launch in launches] == [(40, 64, 1, torch.float32, False), (40, 32, 0, torch.float32, False)]
     expected = out.clone()
     out.zero_()
     launches[0].run(GPU_CONFIGS[-1])
     assert_close(out, expected, torch.float32)
     ran = []
     monkeypatch.setattr(gemv_module.Launch, "run", lambda launch, tile: ran.append((launch.key, tile)))
-    gemv_module.serve_tile((40, 64, 1, torch.float32), GPU_CONFIGS[2])
+    gemv_module.serve_tile((40, 64, 1, torch.float32, False), GPU_CONFIGS[2])
     gemv(x, weight, **kwargs)
     gemv(x[:, :32], weight[:, :32].contiguous())
     gemv(x.double(), weight.double(), **{k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    assert ran == [((40, 64, 1, torch.float32), GPU_CONFIGS[2]), ((40, 32, 0, torch.float32), None),
-                   ((40, 64, 1, torch.float64), None)]  # (None: autotuned)
+    assert ran == [((40, 64, 1, torch.float32, False), GPU_CONFIGS[2]), ((40, 32, 0, torch.float32, False), None),
+                   ((40, 64, 1, torch.float64, False), None)]  # (None: autotuned)
 
 
 def test_gemv_bad_input():

@@ -5,7 +5,8 @@ Triton's autotuner times a tile launch by launch: for kernels of 5-40 us the hos
 after another, and reads each layer's weights once. So the runner records the GEMV launches of one batch-1 step,
 groups them by shape (N, K, prologue, dtype: one launch per layer, e.g. a model's 28 o projections, whose weights
 together outgrow the L2), replays each group from a graph with every tile, and serves the fastest
-(``kernels.gemv.serve_tile``).
+(``kernels.gemv.serve_tile``). A step launched with PDL is recorded and timed apart: its programs load their first
+weight tile while the kernel before ends, which favours other tiles.
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
         ms = _timed[key]
         if min(ms) < math.inf:
             gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
-        n, k, prologue, _ = key
-        timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}"] = dict(zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
+        n, k, prologue, _, pdl = key
+        timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}" + " pdl" * pdl] = dict(
+            zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
     return timing
 
 

@@ -48,11 +48,12 @@ def compile_forward_variants(runner: ModelRunner) -> None:
 def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     """ms of a batch-1 decode step replayed from a CUDA graph, with the projections on cuBLAS, as the fused GEMV
     kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as those
-    with every Triton kernel launched with PDL (kernels/pdl.py); each with the decode attention's splits merged by a
-    kernel of their own and merging themselves (``*_self_merge_ms``: kernels/decode_attention.py). The fastest
-    serves, at every batch size: sets ``runner.gemv``, ``runner.pdl`` and ``runner.split_counters``. Which wins
-    depends on the GPU and the shapes. PDL and self-merging must each give exactly the logits of the step without
-    them (the same arithmetic in the same order), or the variant is dropped with a warning."""
+    with every Triton kernel launched with PDL (kernels/pdl.py; their tiles chosen apart); each with the decode
+    attention's splits merged by a kernel of their own and merging themselves (``*_self_merge_ms``:
+    kernels/decode_attention.py). The fastest serves, at every batch size: sets ``runner.gemv``, ``runner.pdl`` and
+    ``runner.split_counters``. Which wins depends on the GPU and the shapes. PDL and self-merging must each give
+    exactly the logits of the step without them (the same arithmetic in the same order), or the variant is dropped
+    with a warning."""
     # (a small pool may hold fewer: the step's own token needs a place too)
     context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)
@@ -64,8 +65,15 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     variants = {f"{name}_ms": (gemv, pdl, None) for name, (gemv, pdl) in projections.items()}
     if counters is not None:
         variants.update({f"{name}_self_merge_ms": (gemv, pdl, counters) for name, (gemv, pdl) in projections.items()})
-    runner.gemv, runner.pdl = True, False  # (timed without PDL: a driver may not capture its launches)
-    runner.gemv_tiles = choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1]))
+    runner.gemv_tiles = {}
+    for pdl in sorted({pdl for _, pdl in projections.values()}):
+        runner.gemv, runner.pdl = True, pdl
+        try:
+            runner.gemv_tiles.update(choose_tiles(lambda: StepGraphs(runner, capture=False, shapes=[BATCH1])))
+        except Exception as err:  # noqa: BLE001 - PDL launches a driver cannot capture: the variant goes below
+            if not pdl:
+                raise
+            warnings.warn(f"GEMV tiles for PDL launches not chosen: {err}")
     timing, logits = {}, {}
     runner.blocks.allocate(WARMUP_SEQ_ID, [0] * context)
     try:  # K/V for the timed step to attend to, then the step at the position after them
