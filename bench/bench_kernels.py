@@ -90,22 +90,25 @@ def bench_copy(rep_ms: int) -> dict:
 
 
 def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int,
-                 num_splits: int | None = None, self_merge: bool = False, from_projections: bool = False):
+                 num_splits: int | None = None, self_merge: bool = False, from_projections: bool = False,
+                 pdl: bool = False):
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
     larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep).
     ``self_merge``: the splits merge themselves, else a merge kernel follows. ``from_projections``: q/k norm, RoPE
-    and the new token's K/V store done in the kernel (with ``self_merge``: the runner's decode step)."""
+    and the new token's K/V store done in the kernel (with ``self_merge``: the runner's decode step). ``pdl``:
+    launched with PDL, each launch reading its first keys while the one before ends."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     copies = [paged_inputs([1] * batch, context - 1, block_size, dtype) for _ in range(-(-L2_FLUSH_BYTES // kv_bytes))]
     scale = HEAD_DIM ** -0.5
     counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device="cuda") if self_merge else None
     new_kv = [new_token_kv(copy, block_size) if from_projections else None for copy in copies]
     ms = graph_ms(lambda i: paged_decode_attention(copies[i]["q"], copies[i]["kv_cache"], copies[i]["block_tables"],
-                                                   copies[i]["seq_lens"], scale, num_splits, counters, new_kv[i]),
+                                                   copies[i]["seq_lens"], scale, num_splits, counters, new_kv[i],
+                                                   pdl),
                   len(copies), rep_ms)
     gbs = kv_bytes / ms / 1e6
     forced = "" if num_splits is None else f" splits{num_splits}"
-    variant = " self-merge" * self_merge + " from projections" * from_projections
+    variant = " self-merge" * self_merge + " from projections" * from_projections + " pdl" * pdl
     return {"name": f"decode bs{batch} ctx{context} block{block_size}{forced}{variant}", "ms": ms, "GB/s": gbs,
             "fraction_of_copy": gbs / copy_gbs}
 
@@ -232,10 +235,12 @@ def main() -> None:
             measure(f"decode b{batch} ctx{context} bs{block_size}" + " self-merge" * fused,
                     lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms,
                                          self_merge=fused))
-            if fused:
-                measure(f"decode b{batch} ctx{context} bs{block_size} self-merge from projections",
+            if not fused:
+                continue
+            for pdl in (False, True) if pdl_supported(torch.device("cuda")) else (False,):
+                measure(f"decode b{batch} ctx{context} bs{block_size} self-merge from projections" + " pdl" * pdl,
                         lambda: bench_decode(batch, context, block_size, dtype, copy["GB/s"], args.rep_ms,
-                                             self_merge=True, from_projections=True))
+                                             self_merge=True, from_projections=True, pdl=pdl))
         for context, sweep in ((args.context, DECODE_SPLIT_SWEEP), (512, (1, 2, 4))):  # vs the launcher's choice
             for splits in sweep:
                 measure(f"decode b1 ctx{context} bs{block_size} splits{splits}",

@@ -15,6 +15,10 @@ Given the step's raw q, k and v (``new_kv``), each program also does what kernel
 before it: norms and rotates its q heads (at position seq_len - 1), and the split holding that position writes the
 new token's k (normed, rotated) and v to the cache before it reads them back with the rest: one launch fewer per
 layer again.
+
+Launched with PDL (kernels/pdl.py), every split but the last reads its first key tile before it waits for the
+kernel before (which writes q, and the new token's K/V that only the last split reads): at a short context, that is
+all a split reads.
 Index math and the shared pieces:
 kernels/attention_common.py; the reference: ``paged_attention_reference`` in kernels/attention.py.
 """
@@ -40,14 +44,17 @@ def _decode_kernel(
     stride_table, stride_k_seq, stride_k_head, stride_v_seq, stride_v_head, stride_cos_sin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SELF_MERGE: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
+    SELF_MERGE: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, READ_AHEAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (b, kv_head, split): the GROUP query heads of kv_head (rows of a BLOCK_H tile, so K/V is read once)
     over keys [split * split_len, (split + 1) * split_len) of sequence b, split_len = ceil(seq_len / num_splits)
     rounded up to TILE. One split writes the output; several write partial outputs and base-2 log-sum-exps, except
     splits after the first that start past seq_len (the merge skips them). SELF_MERGE: the last split to finish
-    merges; ROPE: q, k, v are the raw projections (see the module's docstring)."""
-    wait_for_earlier_kernels(PDL)
+    merges; ROPE: q, k, v are the raw projections; READ_AHEAD: the first key tile is read before the wait (see
+    the module's docstring)."""
+    # Launched with PDL, the kernel just before (the q/k/v projection, or the rope kernel) may still run: what it
+    # does not write (sequence lengths, block tables, the keys of earlier steps) is read before the wait.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,6 +70,15 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
+    table_row_ptr = block_tables_ptr + seq * stride_table
+    first = start + tl.arange(0, TILE)
+    if READ_AHEAD:  # every split but the last, whose keys end with the new token's, reads its first key tile now
+        ahead = end < seq_len
+    else:
+        ahead = end < 0
+    k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, (first < end) & ahead, kv_head, offs_d, d_mask,
+                                    stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
+    wait_for_earlier_kernels(PDL)
     if ROPE:
         dtype = kv_ptr.dtype.element_ty
         q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, seq_len - 1, cos_sin_ptr,
@@ -82,11 +98,14 @@ def _decode_kernel(
         q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
+    if not ahead:
+        k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, first < end, kv_head, offs_d, d_mask,
+                                        stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    table_row_ptr = block_tables_ptr + seq * stride_table
-    for tile_start in range(start, end, TILE):
+    m, l, acc = attend_tile(q, k_first, v_first, (first < end)[None, :], m, l, acc, qk_scale, DOT_PRECISION, True)
+    for tile_start in range(start + TILE, end, TILE):
         pos = tile_start + tl.arange(0, TILE)
         pos_mask = pos < end
         k, v = load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
@@ -159,12 +178,18 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         BLOCK_S=triton.next_power_of_2(MAX_DECODE_SPLITS), TILE=key_tile(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), SELF_MERGE=self_merge, ROPE=new_kv is not None, HAS_NORM=has_norm,
-        PDL=pdl, **launch_options(pdl),
+        READ_AHEAD=reads_ahead(pdl), PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
     if not self_merge:
         merge_splits(part_out, part_lse, out, num_splits, MAX_DECODE_SPLITS, seq_lens, pdl)
     return out
+
+
+def reads_ahead(pdl: bool) -> bool:
+    """Whether the splits read their first key tile before they wait for the kernel before: only worth it when that
+    kernel may still run (PDL); a seam for the CPU tests, where PDL does not exist."""
+    return pdl
 
 
 def check_split_counters(split_counters: torch.Tensor | None, needed: int, device: torch.device) -> None:

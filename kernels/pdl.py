@@ -5,10 +5,11 @@ program of the kernel before it has signalled, and do what does not depend on th
 weight tile, which no step writes) before they wait for it to finish.
 
 The contract, for every kernel given ``PDL=True``: each program calls ``wait_for_earlier_kernels`` before it reads
-anything an earlier kernel of the step wrote and before it writes anything. The wait returns once the kernel before
+anything the kernel just before it may write and before it writes anything. The wait returns once the kernel before
 has finished and its writes are visible; since that kernel waited in turn, every earlier one has finished too. The
-signal to the next kernel comes right after the wait, so the next kernel's programs only take the SM slots this one
-leaves free once all of its own have started.
+signal to the next kernel comes right after the wait, so a kernel starts only once every kernel but the one just
+before it has finished (what those wrote may be read before the wait: the decode attention reads its first keys so),
+and the next kernel's programs only take the SM slots this one leaves free once all of its own have started.
 
 Off PDL (``PDL=False``, the default, and always under the Triton interpreter) the kernels are unchanged. The runner
 serves with PDL only if a batch-1 step replays faster with it and gives the same logits (engine/runner.py).

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from relaykern.kernels import attention_common
+from relaykern.kernels import attention_common, decode_attention
 from relaykern.kernels.attention import (paged_attention, paged_attention_reference, paged_rope_attention,
                                         paged_rope_attention_reference)
-from relaykern.kernels.rope import NewKV
-from relaykern.models.layers import RotaryEmbedding
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
 from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, paged_decode_attention
 from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
+from relaykern.kernels.rope import NewKV
+from relaykern.models.layers import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # atol = rtol
@@ -213,6 +213,23 @@ def test_decode_from_raw_projections_matches_reference(seed, num_splits, self_me
                                  counters(case) if self_merge else None, new_kv)
     assert_close(out, expected)
     assert_close(case.kv_cache, expected_cache)
+
+
+@pytest.mark.parametrize("from_projections", [False, True])
+def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
+    """Splits that read their first key tile before the PDL wait (all but the last, which holds the new token):
+    the same output. The interpreter has no PDL: the read-ahead is forced on without it."""
+    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl: True)
+    for seed in range(3):
+        case = random_case(500 + seed, decode=True)
+        new_kv = new_kv_of(case, True, seed) if from_projections else None
+        expected_cache = case.kv_cache.clone()
+        expected = (paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:]) if new_kv
+                    else paged_attention_reference(*case.args()))
+        for num_splits, split_counters in ((3, counters(case)), (40, None), (1, None)):
+            out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                         num_splits, split_counters, new_kv)
+            assert_close(out, expected)
 
 
 def test_rope_attention_dispatches_decode_and_extend():
