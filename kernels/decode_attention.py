@@ -81,8 +81,6 @@ def _decode_kernel(
     wait_for_earlier_kernels(PDL)
     if ROPE:
         dtype = kv_ptr.dtype.element_ty
-        q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, seq_len - 1, cos_sin_ptr,
-                           stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype).to(dtype)
         slot = tl.load(slot_ptr + seq)
         if end == seq_len and seq_len > 0 and slot >= 0:  # this split reads the new token's K/V: it writes them
             one_row = tl.full([1], True, tl.int1)
@@ -94,6 +92,8 @@ def _decode_kernel(
                         mask=d_mask[None, :])
             store_kv_row(kv_ptr, slot, kv_head, v, stride_kv, stride_offset, stride_head, 1, HEAD_DIM, BLOCK_D)
             tl.debug_barrier()  # every thread's loads below see them
+        q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, seq_len - 1, cos_sin_ptr,
+                           stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype).to(dtype)
     else:
         q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)
