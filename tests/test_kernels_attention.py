@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from relaykern.kernels import attention_common, decode_attention
-from relaykern.kernels.attention import (paged_attention, paged_attention_reference, paged_rope_attention,
-                                        paged_rope_attention_reference)
+from relaykern.kernels.attention import (FUSED_ROPE_MAX_SEQS, paged_attention, paged_attention_reference,
+                                        paged_rope_attention, paged_rope_attention_reference)
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
 from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, paged_decode_attention
 from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
@@ -233,11 +233,13 @@ def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
 
 
 def test_rope_attention_dispatches_decode_and_extend():
-    """The model's call: a decode step in the decode kernel, a ragged one through the rope kernel and the extend
-    kernel; a padding row (seq_len 0, slot -1) gets zeros and stores nothing."""
-    for q_lens, context_lens in (([1, 1, 1], [30, 0, 7]), ([3, 1], [20, 5])):
+    """The model's call: a small decode step in the decode kernel, a larger one and a ragged one through the rope
+    kernel first; a padding row (seq_len 0, slot -1) gets zeros and stores nothing."""
+    large = FUSED_ROPE_MAX_SEQS + 1
+    for q_lens, context_lens in (([1, 1, 1], [30, 0, 7]), ([1] * large, list(range(3, 3 + large))),
+                                 ([3, 1], [20, 5])):
         case = make_case(q_lens, context_lens, 4, 2, 16, 16, seed=len(q_lens))
-        if len(q_lens) == 3:
+        if q_lens == [1, 1, 1]:
             case.seq_lens[1] = 0
         new_kv = new_kv_of(case, True, 0)
         if len(q_lens) == 2:  # rows at positions seq_len - q_len ..., slots of the first blocks' offsets
