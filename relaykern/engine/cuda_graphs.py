@@ -51,9 +51,10 @@ and launching it eagerly costs about its own GPU time (~21 ms at 512), so paddin
 cost more than it saves; the 768 shape halves that padding. For the 8B these shapes save host time more than
 latency; for the 1.7B (an eager forward ~14-23 ms of host time) they save both."""
 MAX_EXTEND_BATCH = 64
-"""Extend graphs serve small batches, where a mixed step is launch-bound (each graph's logits buffer costs rows x
-vocab x 4 bytes). A larger mixed step replays a decode graph for its one-token rows and an extend graph for the
-others when each fits one (``ModelRunner._split_logits``), else runs eagerly."""
+"""Extend graphs serve small batches, where a mixed step is launch-bound (in a larger one, the extend kernel would
+serve each one-token row with a tile sized for the shape's token count). A larger mixed step replays a decode graph
+for its one-token rows and an extend graph for the others when each fits one (``ModelRunner._split_logits``), else
+runs eagerly."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,11 @@ class StepGraphs:
         self.token_index = torch.arange(max(s.tokens for s in self.shapes), device=device)
         self.inputs: dict[GraphShape, torch.Tensor] = {}  # int64: ids [tokens], cu [rows + 1], start [rows], total
         self.tables: dict[GraphShape, torch.Tensor] = {}  # int32 [rows, max_blocks_per_seq]
-        self.logits: dict[GraphShape, torch.Tensor] = {}  # fp32 [rows, vocab], written by each replay
+        # One fp32 logits buffer for every shape (a model's steps run one at a time): per shape, the buffers took
+        # ~0.9 GB per model at max_num_seqs 256 (Qwen3's vocabulary).
+        vocab = runner.model_config.vocab_size
+        self.logits_buffer = torch.empty(max(s.rows for s in self.shapes), vocab, dtype=torch.float32, device=device)
+        self.logits: dict[GraphShape, torch.Tensor] = {}  # the buffer's first rows, written by each replay
         self.replays = {}
         pool = None
         for shape in self.shapes:
@@ -176,7 +181,7 @@ class StepGraphs:
         hidden = self.model(injected.input_ids, injected.positions, ctx)
         if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)
             hidden = hidden[(cu[1:] - 1).long()]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.logits_buffer[:shape.rows])
 
     def replay_ms(self, shape: GraphShape, repeats: int = 20) -> float:
         """Mean time of a replay of ``shape`` (CUDA events, after a few warm-up replays)."""
@@ -191,7 +196,7 @@ class StepGraphs:
         return start.elapsed_time(end) / repeats
 
     def _eager_replay(self, shape: GraphShape) -> None:
-        self.logits[shape].copy_(self._step(shape))
+        self._step(shape)
 
     def shape_for(self, lengths: list[int]) -> GraphShape | None:
         """The smallest captured shape holding rows of these token counts; None if none does."""
@@ -205,7 +210,7 @@ class StepGraphs:
         """Logits [B, vocab] of B rows (each: its new tokens, the position of the first, its block table: host int32
         [B, width], width <= max_blocks_per_seq), from the last token of each row. ``fed_tokens``: the tokens of the
         first rows, one each, as a device tensor, in place of theirs in ``tokens``. The result is a view of the
-        graph's buffer, valid until the next replay of that shape."""
+        logits buffer, valid until the next replay (of any shape)."""
         host = torch.tensor(self._pack(shape, tokens, starts), dtype=torch.int64, pin_memory=self.pin)
         self.inputs[shape].copy_(host, non_blocking=True)
         if fed_tokens is not None:  # the buffer starts with the ids, the first rows' one each

@@ -190,9 +190,10 @@ class ModelRunner:
         other_shape = self._shape_for([rows[i] for i in other])
         if single_shape is None or other_shape is None:
             return None
-        # The fed rows lead the step, one token each: they lead the one-token part.
-        parts = torch.cat([self._logits([rows[i] for i in single], fed_tokens, single_shape),
-                           self._logits([rows[i] for i in other], None, other_shape)])
+        # The fed rows lead the step, one token each: they lead the one-token part. (The graphs share one logits
+        # buffer: the first part is copied out before the second replay.)
+        first = self._logits([rows[i] for i in single], fed_tokens, single_shape).clone()
+        parts = torch.cat([first, self._logits([rows[i] for i in other], None, other_shape)])
         order = single + other
         if order == sorted(order):
             return parts

@@ -113,10 +113,12 @@ class Qwen3ForCausalLM(nn.Module):
         """``input_ids``, ``positions`` ``[T]`` → hidden ``[T, hidden_size]``; writes the rows' K/V to the cache."""
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden_size]`` → fp32 ``[N, vocab_size]`` (the product runs in the model dtype, as in HF)."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, hidden_size]`` → fp32 ``[N, vocab_size]`` (the product runs in the model dtype, as in HF), written
+        to ``out`` if given."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)
 
     def bind_kv_cache(self, pool: torch.Tensor) -> None:
         """Gives layer ``l`` the view ``pool[l]`` of ``pool[num_layers, 2, num_blocks, block_size, Hkv, head_dim]``."""
