@@ -10,14 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from relaykern.kernels.attention_common import check_attention_inputs
-from relaykern.kernels.decode_attention import paged_decode_attention
+from relaykern.kernels.decode_attention import SMALL_DECODE_BATCH, paged_decode_attention
 from relaykern.kernels.extend_attention import paged_extend_attention
 from relaykern.kernels.rope import NewKV, qk_norm_rope_store, qk_norm_rope_store_reference
 
-FUSED_ROPE_MAX_SEQS = 8
-"""Decode steps of at most this many sequences rotate and store in the decode kernel (a launch fewer per layer,
-which weighs at small batches); the rotation's tiles cost that kernel ~50 more registers per thread (sm_90, Qwen3
-shapes: 199 against 152), which at larger batches would leave 2 resident programs per SM instead of 3."""
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -35,15 +31,15 @@ def paged_rope_attention(q: torch.Tensor, new_kv: NewKV, kv_cache: torch.Tensor,
                          seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
                          split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """The model's attention from its raw projections: q and k normed and rotated, k and v stored, then attention.
-    A decode step of up to ``FUSED_ROPE_MAX_SEQS`` sequences does it all in the decode kernel; other steps run
-    kernels/rope.py's kernel first."""
-    if max_q_len == 1 and q.shape[0] <= FUSED_ROPE_MAX_SEQS:
+    A decode step of up to ``SMALL_DECODE_BATCH`` sequences does it all in the decode kernel (at positions
+    ``seq_lens - 1``, as the model's rows always are; ``new_kv.positions`` serve the other steps), its splits merging
+    themselves if ``split_counters`` are given; other steps run kernels/rope.py's kernel first, and merge kernels."""
+    if max_q_len == 1 and q.shape[0] <= SMALL_DECODE_BATCH:
         return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, split_counters=split_counters,
                                       new_kv=new_kv, pdl=pdl)
     q = qk_norm_rope_store(q, new_kv.k, new_kv.v, new_kv.positions, new_kv.cos_sin_cache, kv_cache,
                            new_kv.slot_mapping, new_kv.q_weight, new_kv.k_weight, new_kv.eps, pdl=pdl)
-    return paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, split_counters,
-                           pdl=pdl)
+    return paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
 
 
 def paged_rope_attention_reference(q: torch.Tensor, new_kv: NewKV, kv_cache: torch.Tensor,

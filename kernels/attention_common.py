@@ -9,8 +9,8 @@ kernels/attention.py):
   its K/V for all ``seq_lens[b]`` positions are already in the cache. Row i of b sits at position
   ``context_len_b + i`` with ``context_len_b = seq_lens[b] - q_len_b`` and sees keys at positions <= that
   (bottom-right causal). Query head h reads kv head ``h // (Hq // Hkv)`` (GQA).
-Both kernels split the keys of a program over a third grid axis when the grid would not fill the GPU; a second
-kernel merges the splits by their log-sum-exps.
+Both kernels split the keys of a program over a third grid axis when the grid would not fill the GPU; the splits
+are merged by their log-sum-exps, by a second kernel or (decode, given arrival counters) by the last split to finish.
 Kernels keep softmax statistics and accumulators in fp32 (base-2 exponent); tl.dot takes the cache dtype with fp32
 accumulation (probabilities are rounded to that dtype for P @ V, as flash-attention does); output is q's dtype.
 """

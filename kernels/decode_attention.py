@@ -16,11 +16,12 @@ what kernels/rope.py's kernel would have done before it: norms and rotates its q
 and the split holding that position writes the new token's k (normed, rotated) and v to the cache before it reads
 them back with the rest: one launch fewer per layer again.
 
-Launched with PDL (kernels/pdl.py), every split but the last reads its first key tile before it waits for the
-kernel before (which writes q, and the new token's K/V that only the last split reads): at a short context, that is
-all a split reads.
-Index math and the shared pieces:
-kernels/attention_common.py; the reference: ``paged_attention_reference`` in kernels/attention.py.
+Launched with PDL (kernels/pdl.py) at a small batch, every split but the last reads its first key tile before it
+waits for the kernel before (which writes q, and the new token's K/V that only the last split reads): at a short
+context, that is all a split reads.
+
+Index math and the shared pieces: kernels/attention_common.py; the reference: ``paged_attention_reference`` in
+kernels/attention.py.
 """
 import torch
 import triton
@@ -34,6 +35,11 @@ from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rope import NewKV, norm_rope_rows, store_kv_row
 
 MAX_DECODE_SPLITS = 64
+SMALL_DECODE_BATCH = 8
+"""Decode steps of at most this many sequences are latency-bound (a launch or a round trip to memory saved shows):
+the model's call (kernels/attention.py) merges their splits in the kernel and norms, rotates and stores in it, and
+with PDL reads ahead. Each costs the kernel registers, hence resident programs per SM, which larger batches need.
+(The fused and the separate q/k norms sum in other orders: in bf16 a K/V may differ in its last bit between them.)"""
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
@@ -62,6 +68,8 @@ def _decode_kernel(
     split_len = decode_split_len(seq_len, num_splits, TILE)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    # Split 0 never returns here (nor before the wait): every launch waits for the kernel before it, which the
+    # PDL chain needs (kernels/pdl.py), and a padding row's split 0 writes its zeros.
     if num_splits > 1 and split > 0 and start >= seq_len:
         return
 
@@ -71,41 +79,44 @@ def _decode_kernel(
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
     table_row_ptr = block_tables_ptr + seq * stride_table
-    first = start + tl.arange(0, TILE)
     if READ_AHEAD:  # every split but the last, whose keys end with the new token's, reads its first key tile now
+        first = start + tl.arange(0, TILE)
         ahead = end < seq_len
-    else:
-        ahead = end < 0
-    k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, (first < end) & ahead, kv_head, offs_d, d_mask,
-                                    stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
+        k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, (first < end) & ahead, kv_head, offs_d,
+                                        d_mask, stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
     wait_for_earlier_kernels(PDL)
     if ROPE:
         dtype = kv_ptr.dtype.element_ty
+        position = tl.maximum(seq_len - 1, 0)  # (a padding row's 0: its rotation is never used)
         slot = tl.load(slot_ptr + seq)
         if end == seq_len and seq_len > 0 and slot >= 0:  # this split reads the new token's K/V: it writes them
             one_row = tl.full([1], True, tl.int1)
             k = norm_rope_rows(k_ptr, seq * stride_k_seq + kv_head * stride_k_head + tl.zeros([1], tl.int64), one_row,
-                               seq_len - 1, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
+                               position, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
                                HAS_NORM, dtype)
             store_kv_row(kv_ptr, slot, kv_head, k, stride_kv, stride_offset, stride_head, 0, HEAD_DIM, BLOCK_D)
             v = tl.load(v_ptr + seq * stride_v_seq + kv_head * stride_v_head + offs_d[None, :],
                         mask=d_mask[None, :])
             store_kv_row(kv_ptr, slot, kv_head, v, stride_kv, stride_offset, stride_head, 1, HEAD_DIM, BLOCK_D)
             tl.debug_barrier()  # every thread's loads below see them
-        q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, seq_len - 1, cos_sin_ptr,
+        q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, position, cos_sin_ptr,
                            stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype).to(dtype)
     else:
         q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
-    if not ahead:
-        k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, first < end, kv_head, offs_d, d_mask,
-                                        stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    m, l, acc = attend_tile(q, k_first, v_first, (first < end)[None, :], m, l, acc, qk_scale, DOT_PRECISION, True)
-    for tile_start in range(start + TILE, end, TILE):
+    loop_start = start
+    if READ_AHEAD:  # (peeled off the loop only here: its tile, held through the wait, costs registers)
+        if not ahead:
+            k_first, v_first = load_kv_tile(kv_ptr, table_row_ptr, first, first < end, kv_head, offs_d, d_mask,
+                                            stride_kv, stride_block, stride_offset, stride_head, BLOCK_SIZE)
+        m, l, acc = attend_tile(q, k_first, v_first, (first < end)[None, :], m, l, acc, qk_scale, DOT_PRECISION,
+                                True)
+        loop_start = start + TILE
+    for tile_start in range(loop_start, end, TILE):
         pos = tile_start + tl.arange(0, TILE)
         pos_mask = pos < end
         k, v = load_kv_tile(kv_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
@@ -178,7 +189,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         BLOCK_S=triton.next_power_of_2(MAX_DECODE_SPLITS), TILE=key_tile(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), SELF_MERGE=self_merge, ROPE=new_kv is not None, HAS_NORM=has_norm,
-        READ_AHEAD=reads_ahead(pdl), PDL=pdl, **launch_options(pdl),
+        READ_AHEAD=reads_ahead(pdl, num_seqs), PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
     if not self_merge:
@@ -186,17 +197,18 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return out
 
 
-def reads_ahead(pdl: bool) -> bool:
-    """Whether the splits read their first key tile before they wait for the kernel before: only worth it when that
-    kernel may still run (PDL); a seam for the CPU tests, where PDL does not exist."""
-    return pdl
+def reads_ahead(pdl: bool, num_seqs: int) -> bool:
+    """Whether the splits read their first key tile before they wait for the kernel before: when that kernel may
+    still run (PDL), at a small batch (``SMALL_DECODE_BATCH``). A seam for the CPU tests, where PDL does not exist."""
+    return pdl and num_seqs <= SMALL_DECODE_BATCH
 
 
 def check_split_counters(split_counters: torch.Tensor | None, needed: int, device: torch.device) -> None:
     if split_counters is None:
         return
     if (split_counters.dtype != torch.int32 or split_counters.dim() != 1 or split_counters.numel() < needed
-            or split_counters.device != device):
-        raise ValueError(f"split_counters must be int32 [>= {needed}] (sequences x kv heads) on {device}, got "
-                         f"{split_counters.dtype} {tuple(split_counters.shape)} on {split_counters.device}")
+            or split_counters.device != device or not split_counters.is_contiguous()):
+        raise ValueError(f"split_counters must be a contiguous int32 [>= {needed}] (sequences x kv heads) on "
+                         f"{device}, got {split_counters.dtype} {tuple(split_counters.shape)} strides "
+                         f"{split_counters.stride()} on {split_counters.device}")
 

@@ -51,9 +51,9 @@ GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch},
                                              (4, 1024, 4, 0), (4, 2048, 8, 0))]
 """The tiles tried on a GPU: 1-8K weights per program step, up to 32 fp32 accumulators and 32 weights per thread
 (64 with PREFETCH: two tiles in registers; tests/test_kernels_compile.py compiles each for sm_90 and checks that
-none spills). The long rows (BLOCK_K 1024, 2048) load a 1.7B projection's whole row slice in one or two steps, the
-first before the PDL wait: with the H200's measured tiles every program held ~4 KB in flight, and the o and
-down projections (8 and 25 MB) read at 1.7 and 2.0 TB/s: latency-bound."""
+none spills). The long rows (BLOCK_K 1024, 2048) load a 1.7B projection's row slice in one to three steps (K 2048
+or 6144), the first before the PDL wait: with the H200's measured tiles every program held ~4 KB in flight, and the
+o and down projections (8 and 25 MB) read at 1.7 and 2.0 TB/s: latency-bound."""
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def _gemv_kernel(
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Shapes without a served tile, tuned on first use: short timings keep it quick (~11 configs per shape).
 _gemv = (triton.autotune([INTERPRETED_CONFIG], key=[]) if _INTERPRETED else
-         triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
+         triton.autotune(GPU_CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "PDL"],
                          do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25)))(_gemv_kernel)
 
 ShapeKey = tuple[int, int, int, torch.dtype, bool]

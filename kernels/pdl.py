@@ -9,10 +9,11 @@ anything the kernel just before it may write and before it writes anything. The 
 has finished and its writes are visible; since that kernel waited in turn, every earlier one has finished too. The
 signal to the next kernel comes right after the wait, so a kernel starts only once every kernel but the one just
 before it has finished (what those wrote may be read before the wait: the decode attention reads its first keys so),
-and the next kernel's programs only take the SM slots this one leaves free once all of its own have started.
+and the next kernel's programs only take the SM slots this one leaves free once all of its own have started. That
+chain holds only if some program of every launch waits: a program may return before its wait, never all of them.
 
 Off PDL (``PDL=False``, the default, and always under the Triton interpreter) the kernels are unchanged. The runner
-serves with PDL only if a batch-1 step replays faster with it and gives the same logits (engine/runner.py).
+serves with PDL only if a batch-1 step replays faster with it and gives the same logits (engine/startup.py).
 """
 import torch
 import triton

@@ -16,3 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_stay_in_bounds():
+    """Under the interpreter, every kernel launch of every test loads and stores only inside its tensors."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from memory_bounds import kernels_stay_in_bounds
+    with kernels_stay_in_bounds():
+        yield

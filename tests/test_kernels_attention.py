@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from memory_bounds import kernels_stay_in_bounds
 from relaykern.kernels import attention_common, decode_attention
-from relaykern.kernels.attention import (FUSED_ROPE_MAX_SEQS, paged_attention, paged_attention_reference,
-                                        paged_rope_attention, paged_rope_attention_reference)
+from relaykern.kernels.attention import (paged_attention, paged_attention_reference, paged_rope_attention,
+                                        paged_rope_attention_reference)
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
-from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, paged_decode_attention
+from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, SMALL_DECODE_BATCH, paged_decode_attention
 from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
 from relaykern.kernels.rope import NewKV
 from relaykern.models.layers import RotaryEmbedding
@@ -167,21 +168,32 @@ def test_decode_self_merge_matches_reference(seed, num_splits):
         assert not split_counters.any()
 
 
-def test_decode_self_merge_short_padding_and_group():
-    """A sequence whose keys fit in its first split writes directly, a padding row gets zeros, and the merging
-    program merges each of a group's 5 heads."""
+@pytest.mark.parametrize("from_projections", [False, True])
+def test_decode_self_merge_short_padding_and_group(monkeypatch, from_projections):
+    """A sequence whose keys fit in its first split writes directly, a padding row gets zeros (rotated nowhere
+    outside the RoPE table: its seq_len is 0), the merging program merges each of a group's 5 heads, and no load or
+    store leaves the kernel's tensors (read-ahead forced on, as with PDL)."""
+    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl, num_seqs: True)
     case = make_case([1, 1, 1], [200, 3, 0], 10, 2, 16, 16)
     case.seq_lens[2] = 0
-    out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 8,
-                                 counters(case))
-    assert torch.equal(out[2], torch.zeros_like(out[2]))
-    assert_close(out[:2], paged_attention_reference(*case.args())[:2])
+    new_kv = new_kv_of(case, True, 0) if from_projections else None
+    expected_cache = case.kv_cache.clone()
+    expected = (paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:]) if new_kv
+                else paged_attention_reference(*case.args()))
+    split_counters = counters(case)
+    with kernels_stay_in_bounds():
+        out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 8,
+                                     split_counters, new_kv)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and not split_counters.any()
+    assert_close(out[:2], expected[:2])
+    assert_close(case.kv_cache, expected_cache)
 
 
 def test_decode_split_counters_are_checked():
     case = make_case([1, 1], [40, 5], 4, 2, 16, 16)
-    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
-        with pytest.raises(ValueError, match="split_counters must be int32"):
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
+                torch.zeros(8, dtype=torch.int32)[::2]):
+        with pytest.raises(ValueError, match="split_counters must be a contiguous int32"):
             paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 2, bad)
 
 
@@ -209,17 +221,19 @@ def test_decode_from_raw_projections_matches_reference(seed, num_splits, self_me
     new_kv = new_kv_of(case, with_norm, seed)
     expected_cache = case.kv_cache.clone()
     expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
+    split_counters = counters(case) if self_merge else None
     out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, num_splits,
-                                 counters(case) if self_merge else None, new_kv)
+                                 split_counters, new_kv)
     assert_close(out, expected)
     assert_close(case.kv_cache, expected_cache)
+    assert split_counters is None or not split_counters.any()
 
 
 @pytest.mark.parametrize("from_projections", [False, True])
 def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
     """Splits that read their first key tile before the PDL wait (all but the last, which holds the new token):
     the same output. The interpreter has no PDL: the read-ahead is forced on without it."""
-    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl: True)
+    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl, num_seqs: True)
     for seed in range(3):
         case = random_case(500 + seed, decode=True)
         new_kv = new_kv_of(case, True, seed) if from_projections else None
@@ -235,7 +249,7 @@ def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
 def test_rope_attention_dispatches_decode_and_extend():
     """The model's call: a small decode step in the decode kernel, a larger one and a ragged one through the rope
     kernel first; a padding row (seq_len 0, slot -1) gets zeros and stores nothing."""
-    large = FUSED_ROPE_MAX_SEQS + 1
+    large = SMALL_DECODE_BATCH + 1
     for q_lens, context_lens in (([1, 1, 1], [30, 0, 7]), ([1] * large, list(range(3, 3 + large))),
                                  ([3, 1], [20, 5])):
         case = make_case(q_lens, context_lens, 4, 2, 16, 16, seed=len(q_lens))
@@ -248,9 +262,11 @@ def test_rope_attention_dispatches_decode_and_extend():
                            new_kv.q_weight, new_kv.k_weight)
         expected_cache = case.kv_cache.clone()
         expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
-        out = paged_rope_attention(case.q, new_kv, case.kv_cache, *case.args()[2:], split_counters=counters(case))
+        split_counters = counters(case)
+        out = paged_rope_attention(case.q, new_kv, case.kv_cache, *case.args()[2:], split_counters=split_counters)
         assert_close(out, expected)
         assert_close(case.kv_cache, expected_cache)
+        assert not split_counters.any()
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(10, 2, 64), (7, 1, 128), (12, 2, 128)])

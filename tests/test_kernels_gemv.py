@@ -63,11 +63,15 @@ def test_recorded_launches_rerun_with_any_tile_and_a_served_tile_serves(monkeypa
     ran = []
     monkeypatch.setattr(gemv_module.Launch, "run", lambda launch, tile: ran.append((launch.key, tile)))
     gemv_module.serve_tile((40, 64, 1, torch.float32, False), GPU_CONFIGS[2])
+    gemv_module.serve_tile((40, 64, 1, torch.float32, True), GPU_CONFIGS[4])  # launched with PDL: its own tile
     gemv(x, weight, **kwargs)
+    gemv(x, weight, pdl=True, **kwargs)
     gemv(x[:, :32], weight[:, :32].contiguous())
     gemv(x.double(), weight.double(), **{k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    assert ran == [((40, 64, 1, torch.float32, False), GPU_CONFIGS[2]), ((40, 32, 0, torch.float32, False), None),
-                   ((40, 64, 1, torch.float64, False), None)]  # (None: autotuned)
+    assert ran == [((40, 64, 1, torch.float32, False), GPU_CONFIGS[2]),
+                   ((40, 64, 1, torch.float32, True), GPU_CONFIGS[4]),
+                   ((40, 32, 0, torch.float32, False), None),  # (None: autotuned)
+                   ((40, 64, 1, torch.float64, False), None)]
 
 
 def test_gemv_bad_input():

@@ -63,7 +63,7 @@ class ModelRunner:
                                            device=self.device) if self.backend == "triton" else None)
         """The decode attention's arrival counters (``AttentionContext.split_counters``; this model's forwards run
         one at a time: its background stream waits for its serving one and the other way round). None: a merge
-        kernel merges the splits (the torch backend, or start-up found that faster)."""
+        kernel merges the splits (start-up found that faster), or the torch backend's reference runs (no splits)."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a

@@ -1,6 +1,7 @@
 """What a runner compiles and chooses at start-up on a GPU, before it serves: the kernel variants serving would
 otherwise compile mid-run, and the fastest batch-1 step (cuBLAS, the fused GEMV kernels with their tiles chosen
-from graph replays, those launched with PDL; decode attention merging its splits itself or with a merge kernel). Each runs forwards of a scratch sequence whose KV is forgotten."""
+from graph replays, those launched with PDL; decode attention merging its splits itself or with a merge kernel).
+Each runs forwards of a scratch sequence whose KV is forgotten."""
 from __future__ import annotations
 
 import warnings
@@ -50,10 +51,10 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     kernels (kernels/gemv.py, their tiles chosen first: engine/gemv_tiles.py), and (on Hopper and later) as those
     with every Triton kernel launched with PDL (kernels/pdl.py; their tiles chosen apart); each with the decode
     attention's splits merged by a kernel of their own and merging themselves (``*_self_merge_ms``:
-    kernels/decode_attention.py). The fastest serves, at every batch size: sets ``runner.gemv``, ``runner.pdl`` and
-    ``runner.split_counters``. Which wins depends on the GPU and the shapes. PDL and self-merging must each give
-    exactly the logits of the step without them (the same arithmetic in the same order), or the variant is dropped
-    with a warning."""
+    kernels/decode_attention.py). The fastest serves: sets ``runner.gemv``, ``runner.pdl`` and
+    ``runner.split_counters`` (which only decode steps of a few sequences use: kernels/attention.py). Which wins
+    depends on the GPU and the shapes. PDL and self-merging must each give exactly the logits of the step without
+    them (the same arithmetic in the same order), or the variant is dropped with a warning."""
     # (a small pool may hold fewer: the step's own token needs a place too)
     context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)

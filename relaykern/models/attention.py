@@ -50,7 +50,7 @@ class AttentionContext:
 
 class Attention(nn.Module):
     """Normalizes and rotates q and k, writes k and v to the layer's slice of the pool, and attends from q over it
-    (``ops.rope_attention``: in one kernel at a decode step).
+    (``ops.rope_attention``: in one kernel at a decode step of a few sequences).
 
     ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), bound by the runner
     through the model's ``bind_kv_cache``; the layer owns no memory of its own.
