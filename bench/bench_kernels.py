@@ -95,8 +95,8 @@ def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, 
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
     larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep).
     ``self_merge``: the splits merge themselves, else a merge kernel follows. ``from_projections``: q/k norm, RoPE
-    and the new token's K/V store done in the kernel (with ``self_merge``: the runner's decode step). ``pdl``:
-    launched with PDL, each launch reading its first keys while the one before ends."""
+    and the new token's K/V store done in the kernel (with ``self_merge``: the runner's fused decode step). ``pdl``:
+    launched with PDL, each launch reading its first keys while the one before ends (as the fused step does)."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     copies = [paged_inputs([1] * batch, context - 1, block_size, dtype) for _ in range(-(-L2_FLUSH_BYTES // kv_bytes))]
     scale = HEAD_DIM ** -0.5
@@ -104,7 +104,7 @@ def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, 
     new_kv = [new_token_kv(copy, block_size) if from_projections else None for copy in copies]
     ms = graph_ms(lambda i: paged_decode_attention(copies[i]["q"], copies[i]["kv_cache"], copies[i]["block_tables"],
                                                    copies[i]["seq_lens"], scale, num_splits, counters, new_kv[i],
-                                                   pdl),
+                                                   read_ahead=pdl, pdl=pdl),
                   len(copies), rep_ms)
     gbs = kv_bytes / ms / 1e6
     forced = "" if num_splits is None else f" splits{num_splits}"

@@ -31,12 +31,13 @@ def paged_rope_attention(q: torch.Tensor, new_kv: NewKV, kv_cache: torch.Tensor,
                          seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
                          split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """The model's attention from its raw projections: q and k normed and rotated, k and v stored, then attention.
-    A decode step of up to ``SMALL_DECODE_BATCH`` sequences does it all in the decode kernel (at positions
-    ``seq_lens - 1``, as the model's rows always are; ``new_kv.positions`` serve the other steps), its splits merging
-    themselves if ``split_counters`` are given; other steps run kernels/rope.py's kernel first, and merge kernels."""
-    if max_q_len == 1 and q.shape[0] <= SMALL_DECODE_BATCH:
+    Given ``split_counters``, a decode step of up to ``SMALL_DECODE_BATCH`` sequences does it all in the decode
+    kernel (at positions ``seq_lens - 1``, as the model's decode rows are), its splits merging themselves, reading
+    ahead if launched with PDL; other steps run kernels/rope.py's kernel first (at ``new_kv.positions``), then
+    attention with merge kernels."""
+    if max_q_len == 1 and q.shape[0] <= SMALL_DECODE_BATCH and split_counters is not None:
         return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, split_counters=split_counters,
-                                      new_kv=new_kv, pdl=pdl)
+                                      new_kv=new_kv, read_ahead=pdl, pdl=pdl)
     q = qk_norm_rope_store(q, new_kv.k, new_kv.v, new_kv.positions, new_kv.cos_sin_cache, kv_cache,
                            new_kv.slot_mapping, new_kv.q_weight, new_kv.k_weight, new_kv.eps, pdl=pdl)
     return paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)

@@ -16,7 +16,7 @@ what kernels/rope.py's kernel would have done before it: norms and rotates its q
 and the split holding that position writes the new token's k (normed, rotated) and v to the cache before it reads
 them back with the rest: one launch fewer per layer again.
 
-Launched with PDL (kernels/pdl.py) at a small batch, every split but the last reads its first key tile before it
+Reading ahead (launched with PDL, kernels/pdl.py), every split but the last reads its first key tile before it
 waits for the kernel before (which writes q, and the new token's K/V that only the last split reads): at a short
 context, that is all a split reads.
 
@@ -37,9 +37,10 @@ from relaykern.kernels.rope import NewKV, norm_rope_rows, store_kv_row
 MAX_DECODE_SPLITS = 64
 SMALL_DECODE_BATCH = 8
 """Decode steps of at most this many sequences are latency-bound (a launch or a round trip to memory saved shows):
-the model's call (kernels/attention.py) merges their splits in the kernel and norms, rotates and stores in it, and
-with PDL reads ahead. Each costs the kernel registers, hence resident programs per SM, which larger batches need.
-(The fused and the separate q/k norms sum in other orders: in bf16 a K/V may differ in its last bit between them.)"""
+given split counters, the model's call (kernels/attention.py) runs them fused (their splits merging themselves, the
+norm, rotation and store inside, reading ahead with PDL). That costs the kernel registers, hence resident programs
+per SM, which larger batches need. (The fused and the separate q/k norms sum in other orders: in bf16 a K/V may
+differ in its last bit between them.)"""
 
 
 @triton.jit(do_not_specialize=PER_STEP_ARGS)
@@ -87,7 +88,7 @@ def _decode_kernel(
     wait_for_earlier_kernels(PDL)
     if ROPE:
         dtype = kv_ptr.dtype.element_ty
-        position = tl.maximum(seq_len - 1, 0)  # (a padding row's 0: its rotation is never used)
+        position = seq_len - 1  # (-1 for a padding row: norm_rope_rows reads no table row then)
         slot = tl.load(slot_ptr + seq)
         if end == seq_len and seq_len > 0 and slot >= 0:  # this split reads the new token's K/V: it writes them
             one_row = tl.full([1], True, tl.int1)
@@ -151,14 +152,16 @@ def _decode_kernel(
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            split_counters: torch.Tensor | None = None, new_kv: NewKV | None = None,
-                           pdl: bool = False) -> torch.Tensor:
+                           read_ahead: bool = False, pdl: bool = False) -> torch.Tensor:
     """One query per sequence (q [B, Hq, D], at position seq_lens[b] - 1) -> [B, Hq, D]. num_splits None picks it
     from B x Hkv and the context bound block_tables.shape[1] * block_size. A sequence with seq_lens[b] == 0
     (batch padding) gets zeros. ``split_counters``: int32 zeros, at least B x Hkv of them, for the splits to merge
     themselves (module docstring), which must not be in use by another launch at the same time; None: a merge
     kernel. ``new_kv``: q is the step's raw q, normed, rotated and its k/v stored here (kernels/rope.py's
-    ``qk_norm_rope_store``; each row at position seq_lens[b] - 1, whatever ``new_kv.positions`` says); None: q is
-    ready and the cache holds the new K/V. ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
+    ``qk_norm_rope_store``; row b at position seq_lens[b] - 1, as a decode row is: ``new_kv.positions`` go unread);
+    None: q is ready and the cache holds the new K/V. ``read_ahead``: every split but the last reads its first key
+    tile before it waits for the kernel before (worth it launched with ``pdl``: programmatic dependent launch,
+    kernels/pdl.py)."""
     check_attention_inputs(q, kv_cache, block_tables, seq_lens, None)
     if new_kv is not None:
         new_kv.check(q, kv_cache)
@@ -189,18 +192,12 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         BLOCK_S=triton.next_power_of_2(MAX_DECODE_SPLITS), TILE=key_tile(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), SELF_MERGE=self_merge, ROPE=new_kv is not None, HAS_NORM=has_norm,
-        READ_AHEAD=reads_ahead(pdl, num_seqs), PDL=pdl, **launch_options(pdl),
+        READ_AHEAD=read_ahead, PDL=pdl, **launch_options(pdl),
         num_warps=4, num_stages=2,  # two K/V buffers in shared memory leave room for more resident programs
     )
     if not self_merge:
         merge_splits(part_out, part_lse, out, num_splits, MAX_DECODE_SPLITS, seq_lens, pdl)
     return out
-
-
-def reads_ahead(pdl: bool, num_seqs: int) -> bool:
-    """Whether the splits read their first key tile before they wait for the kernel before: when that kernel may
-    still run (PDL), at a small batch (``SMALL_DECODE_BATCH``). A seam for the CPU tests, where PDL does not exist."""
-    return pdl and num_seqs <= SMALL_DECODE_BATCH
 
 
 def check_split_counters(split_counters: torch.Tensor | None, needed: int, device: torch.device) -> None:

@@ -50,8 +50,9 @@ def norm_rope_rows(src_ptr, row_offsets, row_mask, position, cos_sin_ptr, stride
         x_partner = round_to(weight_partner * round_to(x_partner * inv_rms, dtype), dtype)
     frequency = tl.where(first_half, offs, offs - half)
     table = cos_sin_ptr + position.to(tl.int64) * stride_cos_sin + frequency
-    cos = round_to(tl.load(table, mask=offs < HEAD_DIM, other=0.0), dtype)[None, :]
-    sin = round_to(tl.load(table + half, mask=offs < HEAD_DIM, other=0.0), dtype)[None, :]
+    in_table = (offs < HEAD_DIM) & (position >= 0)  # (-1: a padding row, whose rotation goes unused)
+    cos = round_to(tl.load(table, mask=in_table, other=0.0), dtype)[None, :]
+    sin = round_to(tl.load(table + half, mask=in_table, other=0.0), dtype)[None, :]
     return round_to(x * cos, dtype) + tl.where(first_half, -1.0, 1.0)[None, :] * round_to(x_partner * sin, dtype)
 
 

@@ -76,9 +76,9 @@ def test_start_up_warm_up_leaves_no_trace(checkpoints):
 
 def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     """The GPU start-up chooses each projection shape's GEMV tile from graph replays of the step's own launches,
-    then times a batch-1 step per projection path, each with and without decode attention's self-merging splits,
-    and serves the fastest; a PDL variant that cannot be captured is skipped with a warning, as is a variant whose
-    logits differ from its plain one's. Run here by hand with eager "replays" and made-up timings."""
+    then times a batch-1 step per projection path, each with separate and with fused attention kernels, and serves
+    the fastest; a PDL variant that cannot be captured is skipped with a warning, as is a variant whose logits differ
+    from its plain one's. Run here by hand with eager "replays" and made-up timings."""
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu", num_blocks=64,
                                                                        attention_backend="triton"))
     prompts, sampling = prompts_of([5]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -99,7 +99,7 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
 
         def run(self, *args, **kwargs):
             logits = super().run(*args, **kwargs)
-            return logits + 1 if self.variant() == (False, False, True) else logits  # the fastest, but wrong
+            return logits + 1e3 if self.variant() == (False, False, True) else logits  # the fastest, but wrong
 
         def replay_ms(self, shape):
             return replay_ms[self.variant()]
@@ -120,11 +120,11 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     monkeypatch.setattr(startup, "BATCH1_CONTEXT", 20)  # the interpreter is slow; 20: past one block
     runner = engine.slm
     with pytest.warns(UserWarning) as warned:
-        assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0, "gemv_self_merge_ms": 0.9}
+        assert choose_batch1_step(runner) == {"cublas_ms": 2.0, "gemv_ms": 1.0, "gemv_fused_attention_ms": 0.9}
     assert any("not captured" in str(w.message) for w in warned)
     assert any("GEMV tiles for PDL launches not chosen" in str(w.message) for w in warned)
     assert any("left out" in str(w.message) for w in warned)
-    assert any("cublas_self_merge gave other logits than cublas" in str(w.message) for w in warned)
+    assert any("cublas_fused_attention gave other logits than cublas" in str(w.message) for w in warned)
     assert (runner.gemv, runner.pdl) == (True, False) and runner.split_counters is counters
     assert runner.blocks.num_seqs == 0 and runner.blocks.num_free_blocks == runner.num_blocks
     # One recorded shape per projection kind (q/k/v and gate/up with the norm, o, down with SiLU-and-mul): each

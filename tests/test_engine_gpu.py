@@ -28,13 +28,14 @@ def gpu_config(**kw) -> EngineConfig:
                         max_num_seqs=16, kv_cache_memory_gb=0.25, **kw)
 
 
-@pytest.mark.parametrize("gemv,pdl,self_merge", [(False, False, False), (True, False, False), (True, True, False),
+@pytest.mark.parametrize("gemv,pdl,fused_attention", [(False, False, False), (True, False, False), (True, True, False),
                                                  (False, False, True), (True, True, True)],
-                         ids=["cublas", "fused_gemv", "fused_gemv_pdl", "cublas_self_merge", "fused_gemv_pdl_self_merge"])
-def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, self_merge):
+                         ids=["cublas", "fused_gemv", "fused_gemv_pdl", "cublas_fused_attention",
+                              "fused_gemv_pdl_fused_attention"])
+def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, fused_attention):
     """Decode and ragged (prefill) graphs; batch-1 steps with each projection path (cuBLAS, fused GEMV, that with
-    every Triton kernel launched with PDL), decode attention merging its splits itself or with a merge kernel,
-    whichever start-up chose."""
+    every Triton kernel launched with PDL), attention in separate kernels or fused (decode steps of a few
+    sequences), whichever start-up chose."""
     if pdl and not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU and a Triton that has it")
     engine = RelayEngine(slm_dir, slm_config=gpu_config())
@@ -49,7 +50,7 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, self_merge):
         runner.gemv, runner.pdl = gemv, pdl
         heads = runner.model_config.num_kv_heads
         runner.split_counters = torch.zeros(runner.config.max_num_seqs * heads, dtype=torch.int32,
-                                            device="cuda") if self_merge else None
+                                            device="cuda") if fused_attention else None
         runner.graphs = StepGraphs(runner)
     prompts = [[100 + i for i in range(n)] for n in (5, 17, 33, 900)]
     replayed = []

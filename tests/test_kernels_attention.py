@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memory_bounds import kernels_stay_in_bounds
-from relaykern.kernels import attention_common, decode_attention
+from relaykern.kernels import attention_common
 from relaykern.kernels.attention import (paged_attention, paged_attention_reference, paged_rope_attention,
                                         paged_rope_attention_reference)
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
@@ -169,11 +169,10 @@ def test_decode_self_merge_matches_reference(seed, num_splits):
 
 
 @pytest.mark.parametrize("from_projections", [False, True])
-def test_decode_self_merge_short_padding_and_group(monkeypatch, from_projections):
+def test_decode_self_merge_short_padding_and_group(from_projections):
     """A sequence whose keys fit in its first split writes directly, a padding row gets zeros (rotated nowhere
     outside the RoPE table: its seq_len is 0), the merging program merges each of a group's 5 heads, and no load or
-    store leaves the kernel's tensors (read-ahead forced on, as with PDL)."""
-    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl, num_seqs: True)
+    store leaves the kernel's tensors (reading ahead, as the fused step with PDL; the interpreter has no PDL)."""
     case = make_case([1, 1, 1], [200, 3, 0], 10, 2, 16, 16)
     case.seq_lens[2] = 0
     new_kv = new_kv_of(case, True, 0) if from_projections else None
@@ -183,7 +182,7 @@ def test_decode_self_merge_short_padding_and_group(monkeypatch, from_projections
     split_counters = counters(case)
     with kernels_stay_in_bounds():
         out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale, 8,
-                                     split_counters, new_kv)
+                                     split_counters, new_kv, read_ahead=True)
     assert torch.equal(out[2], torch.zeros_like(out[2])) and not split_counters.any()
     assert_close(out[:2], expected[:2])
     assert_close(case.kv_cache, expected_cache)
@@ -230,10 +229,9 @@ def test_decode_from_raw_projections_matches_reference(seed, num_splits, self_me
 
 
 @pytest.mark.parametrize("from_projections", [False, True])
-def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
+def test_decode_reading_ahead_matches_reference(from_projections):
     """Splits that read their first key tile before the PDL wait (all but the last, which holds the new token):
-    the same output. The interpreter has no PDL: the read-ahead is forced on without it."""
-    monkeypatch.setattr(decode_attention, "reads_ahead", lambda pdl, num_seqs: True)
+    the same output. The interpreter has no PDL: reading ahead without it."""
     for seed in range(3):
         case = random_case(500 + seed, decode=True)
         new_kv = new_kv_of(case, True, seed) if from_projections else None
@@ -242,13 +240,15 @@ def test_decode_reading_ahead_matches_reference(monkeypatch, from_projections):
                     else paged_attention_reference(*case.args()))
         for num_splits, split_counters in ((3, counters(case)), (40, None), (1, None)):
             out = paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
-                                         num_splits, split_counters, new_kv)
+                                         num_splits, split_counters, new_kv, read_ahead=True)
             assert_close(out, expected)
 
 
-def test_rope_attention_dispatches_decode_and_extend():
-    """The model's call: a small decode step in the decode kernel, a larger one and a ragged one through the rope
-    kernel first; a padding row (seq_len 0, slot -1) gets zeros and stores nothing."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_rope_attention_dispatches_decode_and_extend(fused):
+    """The model's call: given counters (``fused``), a small decode step in the decode kernel alone; a larger one,
+    a ragged one, and any without counters through the rope kernel first; a padding row (seq_len 0, slot -1) gets
+    zeros and stores nothing."""
     large = SMALL_DECODE_BATCH + 1
     for q_lens, context_lens in (([1, 1, 1], [30, 0, 7]), ([1] * large, list(range(3, 3 + large))),
                                  ([3, 1], [20, 5])):
@@ -262,11 +262,11 @@ def test_rope_attention_dispatches_decode_and_extend():
                            new_kv.q_weight, new_kv.k_weight)
         expected_cache = case.kv_cache.clone()
         expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
-        split_counters = counters(case)
+        split_counters = counters(case) if fused else None
         out = paged_rope_attention(case.q, new_kv, case.kv_cache, *case.args()[2:], split_counters=split_counters)
         assert_close(out, expected)
         assert_close(case.kv_cache, expected_cache)
-        assert not split_counters.any()
+        assert split_counters is None or not split_counters.any()
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(10, 2, 64), (7, 1, 128), (12, 2, 128)])

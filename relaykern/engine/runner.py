@@ -61,9 +61,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.split_counters = (torch.zeros(config.max_num_seqs * mc.num_kv_heads, dtype=torch.int32,
                                            device=self.device) if self.backend == "triton" else None)
-        """The decode attention's arrival counters (``AttentionContext.split_counters``; this model's forwards run
-        one at a time: its background stream waits for its serving one and the other way round). None: a merge
-        kernel merges the splits (start-up found that faster), or the torch backend's reference runs (no splits)."""
+        """The decode attention's arrival counters (``AttentionContext.split_counters``: small decode steps fused;
+        this model's forwards run one at a time: its background stream waits for its serving one and the other way
+        round). None: separate kernels (start-up found them faster), or the torch backend's references."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a

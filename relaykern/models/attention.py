@@ -34,8 +34,9 @@ class AttentionContext:
     that found it faster)."""
     split_counters: torch.Tensor | None = None
     """The decode kernel's arrival counters (int32 zeros, one per sequence and kv head, shared by the layers, which
-    run one after another): its splits merge themselves instead of a merge kernel's launch per layer
-    (kernels/decode_attention.py). The runner owns one per model."""
+    run one after another). Given, a decode step of a few sequences runs fused: one kernel per layer norms, rotates
+    and stores the new K/V and attends, its splits merging themselves (kernels/attention.py). The runner owns one
+    per model and keeps it if start-up found the fused steps faster."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -50,7 +51,7 @@ class AttentionContext:
 
 class Attention(nn.Module):
     """Normalizes and rotates q and k, writes k and v to the layer's slice of the pool, and attends from q over it
-    (``ops.rope_attention``: in one kernel at a decode step of a few sequences).
+    (``ops.rope_attention``: in one kernel at a decode step of a few sequences, with ``split_counters``).
 
     ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), bound by the runner
     through the model's ``bind_kv_cache``; the layer owns no memory of its own.
