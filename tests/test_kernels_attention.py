@@ -15,6 +15,7 @@ from relaykern.kernels.attention import (paged_attention, paged_attention_refere
 from relaykern.kernels.attention_common import TILE_N, choose_num_splits
 from relaykern.kernels.decode_attention import MAX_DECODE_SPLITS, SMALL_DECODE_BATCH, paged_decode_attention
 from relaykern.kernels.extend_attention import MAX_SPLITS, MIN_SPLIT_KEYS, choose_extend_tile, paged_extend_attention
+from relaykern.kernels.pdl import pdl_supported
 from relaykern.kernels.rope import NewKV
 from relaykern.models.layers import RotaryEmbedding
 
@@ -205,7 +206,7 @@ def new_kv_of(case: Case, with_norm: bool, seed: int) -> NewKV:
     last = (case.seq_lens.long() - 1).clamp(min=0)
     blocks = case.block_tables.long().gather(1, (last // block_size)[:, None])[:, 0]
     slots = torch.where(case.seq_lens > 0, blocks * block_size + last % block_size, -1)
-    cos_sin = RotaryEmbedding(head_dim, 256, 1e6, None).cos_sin_cache.to(case.q.device)
+    cos_sin = RotaryEmbedding(head_dim, int(case.seq_lens.max()) + 1, 1e6, None).cos_sin_cache.to(case.q.device)
     norms = tuple(torch.randn(head_dim, generator=gen).to(case.q) for _ in range(2)) if with_norm else ()
     return NewKV(k, v, last, cos_sin, slots, *norms)
 
@@ -370,6 +371,28 @@ def test_gpu_decode_qwen3_8b(batch, block_size, dtype):
     outs = [paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
                                    split_counters=split_counters) for _ in range(20)]
     assert_close(outs[0], expected, dtype)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert not split_counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_fused_decode_from_projections_with_pdl(batch):
+    """The fused decode step as the runner launches it (Qwen3-8B heads, bf16): from the raw projections, splits
+    merging themselves, launched with PDL and reading ahead when the GPU has PDL; launches back to back, each
+    against the reference (its K/V store rewrites the same slot with the same values)."""
+    dtype = torch.bfloat16
+    case = make_case([1] * batch, [2047] * batch, 32, 8, 128, 16, dtype, seed=batch)
+    new_kv = new_kv_of(case, True, batch)
+    expected_cache = case.kv_cache.clone()
+    expected = paged_rope_attention_reference(case.q, new_kv, expected_cache, *case.args()[2:])
+    pdl = pdl_supported(case.q.device)
+    split_counters = counters(case)
+    outs = [paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, case.scale,
+                                   split_counters=split_counters, new_kv=new_kv, read_ahead=pdl, pdl=pdl)
+            for _ in range(20)]
+    assert_close(outs[0], expected, dtype)
+    assert_close(case.kv_cache, expected_cache, dtype)
     assert all(torch.equal(out, outs[0]) for out in outs)
     assert not split_counters.any()
 
