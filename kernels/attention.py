@@ -15,7 +15,6 @@ from relaykern.kernels.extend_attention import paged_extend_attention
 from relaykern.kernels.rope import NewKV, qk_norm_rope_store, qk_norm_rope_store_reference
 
 
-
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
                     split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:

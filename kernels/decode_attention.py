@@ -148,7 +148,6 @@ def _decode_kernel(
                               GROUP + h, num_splits, num_parts, HEAD_DIM, BLOCK_S, BLOCK_D)
 
 
-
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            split_counters: torch.Tensor | None = None, new_kv: NewKV | None = None,

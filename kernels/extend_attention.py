@@ -102,7 +102,6 @@ def _extend_kernel(
                   HEAD_DIM)
 
 
-
 def choose_extend_tile(max_q_len: int, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_Q): a tile is BLOCK_Q query rows x group heads = BLOCK_M rows, sized to the longest q_len
     so a 4-row catch-up uses the smallest tile tl.dot allows (16 rows) and long prefills 128 rows (16 in fp32)."""

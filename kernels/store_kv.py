@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 
-
 def check_kv_cache(kv_cache: torch.Tensor) -> None:
     """The one layout every paged kernel assumes: contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]."""
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():

@@ -1,6 +1,6 @@
 """What a runner compiles and chooses at start-up on a GPU, before it serves: the kernel variants serving would
 otherwise compile mid-run, and the fastest batch-1 step (cuBLAS, the fused GEMV kernels with their tiles chosen
-from graph replays, those launched with PDL; decode attention merging its splits itself or with a merge kernel).
+from graph replays, those launched with PDL; a small decode step's attention fused or in separate kernels).
 Each runs forwards of a scratch sequence whose KV is forgotten."""
 from __future__ import annotations
 
