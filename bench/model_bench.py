@@ -214,7 +214,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
                     "tokens_per_s": preset.prefill_length / prefill_ms * 1e3},
         "mixed_steps": mixed,
         # The runner's start-up choice for batch-1 steps: cuBLAS, the fused GEMV kernels, or those launched with PDL,
-        # each with the decode attention's splits merging themselves or not (empty on a CPU).
+        # each with separate or fused decode attention kernels (empty on a CPU).
         "batch1_projections": dict(runner.gemv_timing, chosen=min(runner.gemv_timing, key=runner.gemv_timing.get)
                                    .removesuffix("_ms") if runner.gemv_timing else "cublas"),
         "gemv_tiles": runner.gemv_tiles,  # ms per launch of each tile by shape, from graph replays (the fastest serves)

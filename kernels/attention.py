@@ -16,13 +16,11 @@ from relaykern.kernels.rope import NewKV, qk_norm_rope_store, qk_norm_rope_store
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
-                    split_counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+                    cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float, pdl: bool = False) -> torch.Tensor:
     """Attention from a ready q (the new K/V already stored): decode kernel when every sequence has one query row
-    (max_q_len == 1, then T must equal B; ``split_counters`` as it takes them), extend kernel otherwise."""
+    (max_q_len == 1, then T must equal B), extend kernel otherwise."""
     if max_q_len == 1:
-        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, split_counters=split_counters,
-                                      pdl=pdl)
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, pdl=pdl)
     return paged_extend_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, pdl=pdl)
 
 

@@ -196,11 +196,11 @@ def _launch_attention(dtype, head_dim, block_size, group, q_lens, context, num_k
     block_tables = torch.zeros(len(q_lens), max_blocks, dtype=torch.int32)
     seq_lens = torch.full((len(q_lens),), context, dtype=torch.int32)
     cu_seqlens_q = torch.tensor((0, *itertools.accumulate(q_lens)), dtype=torch.int32)
-    split_counters = torch.zeros(len(q_lens) * num_kv_heads, dtype=torch.int32) if self_merge else None
     if not from_projections:
         attention.paged_attention(q, kv_cache, block_tables, seq_lens, cu_seqlens_q, max(q_lens), head_dim ** -0.5,
-                                  split_counters, pdl=pdl)
+                                  pdl=pdl)
         return
+    split_counters = torch.zeros(len(q_lens) * num_kv_heads, dtype=torch.int32) if self_merge else None
     # As the model passes them: views of the fused qkv projection, int64 positions and slots.
     qkv = torch.zeros(sum(q_lens), (num_kv_heads * group + 2 * num_kv_heads) * head_dim, dtype=dtype)
     q, k, v = (t.view(sum(q_lens), -1, head_dim) for t in qkv.split(

@@ -191,9 +191,11 @@ class ModelRunner:
         if single_shape is None or other_shape is None:
             return None
         # The fed rows lead the step, one token each: they lead the one-token part. (The graphs share one logits
-        # buffer: the first part is copied out before the second replay.)
-        first = self._logits([rows[i] for i in single], fed_tokens, single_shape).clone()
-        parts = torch.cat([first, self._logits([rows[i] for i in other], None, other_shape)])
+        # buffer: each part is copied out before the next replay.)
+        first = self._logits([rows[i] for i in single], fed_tokens, single_shape)
+        parts = first.new_empty((len(rows), first.shape[1]))
+        parts[:len(single)].copy_(first)
+        parts[len(single):].copy_(self._logits([rows[i] for i in other], None, other_shape))
         order = single + other
         if order == sorted(order):
             return parts
