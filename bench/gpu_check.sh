@@ -97,11 +97,14 @@ step install 200 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 # `relaykern bench` only hands its arguments to relaykern.bench.run.main; calling the module needs no console script.
 # By default the quick gpu preset widened to every shape the issues name, with the full preset's 512-token responses
 # (at 256 no call has the 256 unread tokens that start early catch-up: its runs would measure nothing), three runs
-# per throughput figure, and no HF baselines (that goal is long met; they cost a minute): about 5 minutes.
+# per throughput figure, calls staggered over the batch too (where the SLM goes on beside the LLM's forwards, or
+# waits for them: RelayConfig.decouple_llm), no prefetching runs (slower than reading at calls in both H200 runs of
+# 2026-11-26 and 11-27), and no HF baselines (that goal is long met; they cost a minute): about 5 minutes.
 # RELAY_BENCH_ARGS replaces these options, e.g. "" for the full preset or "--quick --pair 0.6b+4b".
 # No plots: $OUT returns at most 8 files (draw them later: python -m relaykern.bench.plots relay.json --out-dir D).
 DEFAULT_RELAY_ARGS="--quick --no-plots --set decode_batch_sizes=1,16,64,256 call_lengths=1,10,100 \
-catchup_lengths=16,64,256,512,768,1024,2048 max_tokens=512 throughput_repeats=3 hf_baselines=false"
+catchup_lengths=16,64,256,512,768,1024,2048 max_tokens=512 throughput_repeats=3 staggered=true llm_prefetch_tokens=0 \
+hf_baselines=false"
 step relay_bench 330 "$PYTHON" -m relaykern.bench.run --preset gpu --out "$OUT/relay.json" \
   --cache-dir /tmp/relaykern-checkpoints ${RELAY_BENCH_ARGS-$DEFAULT_RELAY_ARGS}
 step overlap 80 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" --cache-dir /tmp/relaykern-checkpoints

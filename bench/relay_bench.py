@@ -163,7 +163,7 @@ def overhead_fit(ns: list[int], extra_ms: list[float], probed_slope: float) -> t
 
 
 RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_tokens", "early_catchup_tokens",
-               "read_ahead_yields", "overlap_steps")
+               "read_ahead_yields", "overlap_steps", "decouple_llm")
 """The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
 
 
@@ -285,7 +285,9 @@ def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode
     if preset.staggered:
         batched = dataclasses.replace(default_relay, llm_batch_wait_steps=preset.llm_batch_wait_steps,
                                       llm_batch_min_rows=preset.llm_batch_min_rows)
-        named += [("staggered 1.0%", 0.01, True, None), ("staggered 1.0% batched", 0.01, True, batched)]
+        lockstep = dataclasses.replace(default_relay, decouple_llm=False)  # the SLM's steps wait for the LLM's
+        named += [("staggered 1.0%", 0.01, True, None), ("staggered 1.0%, lockstep", 0.01, True, lockstep),
+                  ("staggered 1.0% batched", 0.01, True, batched)]
     for name, ratio, staggered, relay in named:
         with using_relay(engine, relay) as knobs:
             figures = dict(median_run(engine, workloads(ratio, staggered), name, preset.throughput_repeats), **knobs)

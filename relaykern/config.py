@@ -125,6 +125,13 @@ class RelayConfig:
         join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in turn when no row goes
         on, a row to carry on has a logits processor that needs the tokens on the host (see ``LogitsProcessor``),
         or blocks are short. Outputs do not depend on it (default on).
+    decouple_llm: the SLM's steps go on while an LLM forward runs: a step reads the LLM's oldest forward only once
+        the device has run it (or when the SLM has nothing to do), so that a catch-up or a decode step of the larger
+        model does not hold every other request to one SLM step per LLM forward. At most two LLM forwards are in
+        flight, the second launched overlapped (as ``overlap_steps`` says; without it, one). False: each step waits
+        for both models' forwards. On a CPU a forward has run when it returns, so nothing changes there; on a GPU
+        which rows share a forward then depends on timing, so outputs may differ from run to run as much as rounding
+        in another batch makes them (in bf16, a greedy pick now and then). Default on.
     """
 
     max_calls: int = 5
@@ -136,6 +143,7 @@ class RelayConfig:
     early_catchup_tokens: int = 0
     read_ahead_yields: bool = True
     overlap_steps: bool = True
+    decouple_llm: bool = True
 
     def __post_init__(self) -> None:
         if self.early_catchup_tokens is None:  # (its default until 2026-11-27: 256 on a GPU, 0 on a CPU)

@@ -68,14 +68,16 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, fused_attenti
         assert out.token_ids == ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3),
+@pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(decouple_llm=False),
+                                   RelayConfig(llm_batch_wait_steps=4, llm_batch_min_rows=3),
                                    RelayConfig(llm_prefetch_tokens=3), RelayConfig(early_catchup_tokens=1),
                                    RelayConfig(early_catchup_tokens=1, read_ahead_yields=False)],
-                         ids=["eager", "batched_calls", "prefetch", "early_catchup", "early_catchup_same_stream"])
+                         ids=["eager", "lockstep", "batched_calls", "prefetch", "early_catchup",
+                              "early_catchup_same_stream"])
 def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, tokenizer, relay):
-    """Both models on their own streams, CUDA graphs (decode and ragged), pinned readbacks, LLM forwards that read
-    prompts ahead with nothing waiting for them (on the LLM's background stream, or on its own): the reference
-    relay's tokens."""
+    """Both models on their own streams, the SLM going on while the LLM's forwards run (or waiting for each:
+    lockstep), CUDA graphs (decode and ragged), pinned readbacks, LLM forwards that read prompts ahead with nothing
+    waiting for them (on the LLM's background stream, or on its own): the reference relay's tokens."""
     engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=gpu_config(), llm_config=gpu_config())
     prompts = [text_tokens(tokenizer, f"Question {i}") for i in range(4)]
     samplings = [SamplingParams(temperature=0, max_tokens=32, logits_processors=[force_tokens(

@@ -64,7 +64,7 @@ class ReadAhead:
             seqs, budget = may_call, relay.llm_prefetch_tokens  # a forward reads all the weights: full chunks only
         else:
             return
-        seqs, rows = self.scheduler.schedule_prefetch(self.llm, lambda s: s.llm, seqs, budget)
+        seqs, rows = self.scheduler.schedule_prefetch(self.llm, Phase.LLM.view, seqs, budget)
         if not rows:
             return
         background = relay.read_ahead_yields

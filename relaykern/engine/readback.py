@@ -24,6 +24,10 @@ class Readback:
                 self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(tensor.device))
 
+    def ready(self) -> bool:
+        """Whether ``wait`` would return at once: the device has run everything up to the copies."""
+        return self.event is None or self.event.query()
+
     def wait(self) -> list[list | None]:
         """Each tensor as a (nested) list, ``None`` kept."""
         if self.event is not None:

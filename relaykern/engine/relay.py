@@ -15,6 +15,10 @@ Each ``step()`` launches two forwards before it waits on either:
 4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
    those tokens by id (same tokenizer: injection without re-encoding).
 
+The SLM does not wait for the LLM (``RelayConfig.decouple_llm``): a step reads the LLM's oldest forward only once
+the device has run it, or when the SLM has nothing to do, so while a long catch-up or a step of the larger model
+runs, every other sequence goes on in the SLM's steps.
+
 A step in which the LLM has no call to serve may instead launch a forward reading ahead what the sequences the SLM
 is serving have written: a request's text up to a command the SLM has begun (``RelayConfig.early_catchup_tokens``),
 or full chunks of all of it (``RelayConfig.llm_prefetch_tokens``); nothing waits for it.
@@ -31,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence as Seq
 
@@ -41,12 +44,10 @@ from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.engine.admission import new_sequence, new_sequences
 from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
-from relaykern.engine.forward import Launched, run_forward
+from relaykern.engine.forward import Launched, Launcher
 from relaykern.engine.llm_turns import ReadAhead, llm_runs_now
 from relaykern.engine.llm_view import feed_llm_view, note_safe_point
-from relaykern.engine.readback import Readback
-from relaykern.engine.row import Row
-from relaykern.engine.runner import ModelRunner, host_to_device
+from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
 from relaykern.outputs import CallRecord, RelayOutput, Source
@@ -81,15 +82,17 @@ class RelayEngine:
         self.token_bytes = known + [b""] * (vocab - len(known))  # embedding padding rows write nothing
         with self.slm.scope():  # the table is copied on the stream that will read it
             self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
-        models = [(self.slm, lambda s: s.slm)] + ([(self.llm, lambda s: s.llm)] if self.llm else [])
+        models = [(self.slm, Phase.SLM.view)] + ([(self.llm, Phase.LLM.view)] if self.llm else [])
         self.scheduler = Scheduler(models)
+        self.slm_forwards = Launcher(self.slm, Phase.SLM, self.scheduler, self.detector)
+        self.llm_forwards = Launcher(self.llm, Phase.LLM, self.scheduler) if self.llm else None
         self.steps = 0
         self.next_slm: Launched | None = None
-        self.next_llm: Launched | None = None
-        self.overlapped_steps = {"slm": 0, "llm": 0}
+        """The SLM's forward launched overlapped by the step before, read by the next step."""
+        self.llm_in_flight: list[Launched] = []
+        """The LLM's forwards launched and not read yet, oldest first: at most two (the second launched overlapped)."""
         self.dropped_rows = 0
-        """Counters: forwards launched overlapped, per model, and their rows dropped (the request left the model's
-        phase)."""
+        """Counter: rows of launched forwards dropped when read (the request left the model's phase)."""
         self.read_ahead = ReadAhead(self.scheduler, self.llm, self._feed_llm_view) if self.llm else None
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
@@ -158,52 +161,78 @@ class RelayEngine:
         cache is dropped (the old weights computed it); requests in flight keep their KV: sync between requests."""
         self.slm.load_weights(named_tensors)
 
+    @property
+    def overlapped_steps(self) -> dict[str, int]:
+        """Forwards launched before the one before them was read back, per model."""
+        return {"slm": self.slm_forwards.overlapped, "llm": self.llm_forwards.overlapped if self.llm else 0}
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
         """One SLM forward and one LLM forward, both launched before the host waits on either (the SLM's may have
-        been launched by the step before)."""
-        slm, llm, self.next_slm, self.next_llm = self.next_slm, self.next_llm, None, None
-        slm = slm or self._launch(self.slm, Phase.SLM, busy=llm.seqs if llm else [])
-        if llm is None and self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, bool(slm)):
-            llm = self._launch(self.llm, Phase.LLM, busy=slm.seqs if slm else [])
-        if self.llm is not None and llm is None and not self.reprefill_llm:
+        been launched by the step before); the LLM's is read once the device has run it
+        (``RelayConfig.decouple_llm``)."""
+        slm, self.next_slm = self.next_slm, None
+        in_flight = self.llm_in_flight
+        slm = slm or self.slm_forwards.launch(busy=[seq for launched in in_flight for seq in launched.seqs])
+        if not in_flight and self.llm is not None and llm_runs_now(self.relay, self.scheduler, self.steps, bool(slm)):
+            self._in_flight(self.llm_forwards.launch(busy=slm.seqs if slm else []))
+        if self.llm is not None and not in_flight and not self.reprefill_llm:
             self.read_ahead.launch(self.relay)
+        # The SLM goes on while the LLM's oldest forward runs; without SLM work the host waits for it.
+        llm = in_flight[0] if in_flight and (slm is None or not self.relay.decouple_llm or
+                                             in_flight[0].readback.ready()) else None
         # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it.
         returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
                                             seq.call.produced + 1 >= seq.call.n_served
                                             for seq, row in zip(llm.seqs, llm.rows))
         if self.relay.overlap_steps and not returning:
-            self.next_slm = slm and self._launch_overlapped(self.slm, slm)
+            self.next_slm = slm and self.slm_forwards.launch_overlapped(slm)
         self.steps += 1
         if slm is not None:
-            self._read(self.slm, slm)
+            self._read(self.slm_forwards, slm)
         self._reap()
-        # After the SLM's tokens, so that the calls they start join it; not while calls wait to be batched.
-        if self.relay.overlap_steps and self.relay.llm_batch_wait_steps == 0:
-            self.next_llm = llm and self._launch_overlapped(self.llm, llm)
+        # After the SLM's tokens, so that the calls they start join it; not while calls wait to be batched. At most
+        # one a step, from the one unread LLM forward: before the oldest is read, or after it if two were in flight.
+        overlap_llm = self.relay.overlap_steps and self.relay.llm_batch_wait_steps == 0
+        launches_now = overlap_llm and len(in_flight) == 1
+        if launches_now:
+            self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0]))
         if llm is not None:
-            self._read(self.llm, llm)
+            self._read(self.llm_forwards, in_flight.pop(0))
+            if overlap_llm and not launches_now and len(in_flight) == 1:
+                self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0]))
         self._reap()
-        for name, phase in (("next_slm", Phase.SLM), ("next_llm", Phase.LLM)):
-            launched = getattr(self, name)
-            if launched is not None and launched.fed == len(launched.rows) and \
-                    not any(self._decoding(s, r, phase) for s, r in zip(launched.seqs, launched.rows)):
-                self.dropped_rows += len(launched.rows)
-                setattr(self, name, None)  # every request in it left that model's phase: nothing in it to read
+        if self._nothing_to_read(self.slm_forwards, self.next_slm):
+            self.next_slm = None
+        if len(in_flight) == 1 and self._nothing_to_read(self.llm_forwards, in_flight[0]):
+            in_flight.clear()
 
-    def _read(self, runner: ModelRunner, launched: Launched) -> None:
+    def _in_flight(self, launched: Launched | None) -> None:
+        if launched is not None:
+            self.llm_in_flight.append(launched)
+
+    def _nothing_to_read(self, forwards: Launcher, launched: Launched | None) -> bool:
+        """Whether every request in ``launched`` (the one forward of its model in flight, fed on the device) left that
+        model's phase: its rows would all be dropped when read. Counts them as dropped."""
+        if launched is None or launched.fed < len(launched.rows) or \
+                any(forwards.goes_on(s, r) for s, r in zip(launched.seqs, launched.rows)):
+            return False
+        self.dropped_rows += len(launched.rows)
+        return True
+
+    def _read(self, forwards: Launcher, launched: Launched) -> None:
         """Applies a forward's results: the sampled tokens (with the SLM's detection events) and cached lengths."""
         tokens, logprobs = launched.readback.wait()
-        is_slm = runner is self.slm
-        phase = Phase.SLM if is_slm else Phase.LLM
-        live = [s if not s.finished and (i >= launched.fed or self._decoding(s, r, phase)) else None
+        runner, phase = forwards.runner, forwards.phase
+        is_slm = phase is Phase.SLM
+        live = [s if not s.finished and (i >= launched.fed or forwards.goes_on(s, r)) else None
                 for i, (s, r) in enumerate(zip(launched.seqs, launched.rows))]
         found = self.detector.unpack(tokens, live) if is_slm else tokens
         for i, (seq, row, token, logprob) in enumerate(zip(live, launched.rows, found, logprobs or [None] * len(live))):
             if seq is None:  # it ended, or left the phase at the token this row was fed: what it sampled is dropped
                 self.dropped_rows += 1
                 continue
-            view = seq.slm if is_slm else seq.llm
+            view = phase.view(seq)
             if not view.allocated:  # released since (a failed overlapped step's chunk): recomputed, as preempted
                 self.dropped_rows += 1
                 continue
@@ -221,62 +250,10 @@ class RelayEngine:
             elif row.samples:
                 self._on_llm_token(seq, token, logprob)
 
-    @staticmethod
-    def _decoding(seq: Sequence, row: Row, phase: Phase) -> bool:
-        """Whether ``seq`` goes on in ``phase``'s model from the token a carried ``row`` was fed (the last it wrote)."""
-        return seq.goes_on(phase, seq.slm if phase is Phase.SLM else seq.llm, row.start + 1)
-
-    def _launch_overlapped(self, runner: ModelRunner, launched: Launched) -> Launched | None:
-        """Launches ``runner``'s next step before ``launched`` is read back, its rows fed on the device with the
-        tokens ``launched`` samples; None when the next step must be scheduled as usual
-        (``Scheduler.schedule_overlapped``)."""
-        phase, view_of = (Phase.SLM, lambda s: s.slm) if runner is self.slm else (Phase.LLM, lambda s: s.llm)
-        plan = self.scheduler.schedule_overlapped(phase, runner, view_of, launched.seqs, launched.rows)
-        if plan is None:
-            return None
-        carried, seqs, rows = plan
-        with runner.scope():
-            index = None if carried == list(range(len(launched.rows))) else \
-                host_to_device(runner.device, carried, torch.int64)
-            pick = (lambda t: t) if index is None else (lambda t: t[..., index])  # noqa: E731
-            try:
-                tokens, logprobs = runner.execute(rows, fed_tokens=pick(launched.sampled) if carried else None)
-            except Exception as err:  # noqa: BLE001 - scheduled in turn next step, where a failing row fails alone
-                warnings.warn(f"an overlapped {phase.value.upper()} step failed, scheduled in turn: {err!r}")
-                for seq in seqs[len(carried):]:  # their blocks were registered for KV never written
-                    self.scheduler.release(seq, keep_cached=False)
-                return None
-            self.overlapped_steps["slm" if runner is self.slm else "llm"] += 1
-            fed_states = pick(launched.detected[5:]) if carried and runner is self.slm else None
-            return self._launched(runner, seqs, rows, tokens, logprobs, fed_states, len(carried))
-
     def _reap(self) -> None:
         """Frees the blocks of finished requests at once, so the next forward's scheduling can use them."""
         for seq in [s for s in self.scheduler.running if s.finished]:
             self.scheduler.finish(seq)
-
-    def _launch(self, runner: ModelRunner, phase: Phase, busy: list[Sequence]) -> "Launched | None":
-        """Schedules and launches one model's forward (sampling, and detection for the SLM) and starts reading its
-        results back; ``busy``: the other model's launched sequences, which scheduling must not preempt."""
-        view_of = (lambda s: s.slm) if runner is self.slm else (lambda s: s.llm)
-        seqs, rows = self.scheduler.schedule(phase, runner, view_of, busy)
-        with runner.scope():  # detection and the readback go on the model's stream, after its forward
-            result = run_forward(runner, self.scheduler, seqs, rows) if rows else None
-            if result is None:
-                return None
-            return self._launched(runner, seqs, rows, *result)
-
-    def _launched(self, runner: ModelRunner, seqs: list[Sequence], rows: list[Row], tokens: torch.Tensor,
-                  logprobs: torch.Tensor | None, fed_states: torch.Tensor | None = None, fed: int = 0) -> Launched:
-        """A launched forward's results, read back from the device: the SLM's with fused detection on its sampled
-        ``tokens`` (``fed_states`` as ``Detector.launch`` takes them)."""
-        if runner is not self.slm:
-            return Launched(seqs, rows, Readback(tokens, logprobs), tokens, fed=fed)
-        if not all(row.samples for row in rows):  # a chunk's token is no token: detection skips it (-1)
-            samples = host_to_device(runner.device, [row.samples for row in rows], torch.bool)
-            tokens = torch.where(samples, tokens, -1)
-        detected = self.detector.launch(tokens, seqs, fed_states)
-        return Launched(seqs, rows, Readback(detected, logprobs), tokens, detected, fed=fed)
 
     def _on_slm_token(self, seq: Sequence, token: int, event: int, n: int, start_offset: int, event_end: int,
                       logprob: float | None) -> None:

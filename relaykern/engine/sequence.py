@@ -25,6 +25,10 @@ class Phase(enum.Enum):
     LLM = "llm"  # serving a call: the LLM catches up on its view, then writes n_served tokens
     FINISHED = "finished"
 
+    def view(self, seq: "Sequence") -> "ModelView | None":
+        """The sequence's view for the model that serves this phase (``Phase.SLM.view``: a scheduler's view_of)."""
+        return seq.slm if self is Phase.SLM else seq.llm
+
 
 @dataclass
 class ModelView:

@@ -213,7 +213,8 @@ def random_variant(rng: random.Random, case: dict, backend: str = "torch") -> di
     return dict(slm=slm, llm=llm,
                 relay=dict(overlap_steps=rng.random() < 0.7, early_catchup_tokens=rng.choice([0, 1, 5]),
                            llm_prefetch_tokens=rng.choice([0, 0, 3, 9]), llm_batch_wait_steps=rng.choice([0, 0, 3]),
-                           llm_batch_min_rows=rng.choice([1, 2, 6, 16])),
+                           llm_batch_min_rows=rng.choice([1, 2, 6, 16]), decouple_llm=rng.random() < 0.8),
+                llm_lag=rng.choice([0, 0, 0.5, 0.9]), lag_seed=rng.randrange(1 << 30),
                 llm_cache="reprefill" if rng.random() < 0.12 else "persistent", staggered=rng.random() < 0.35,
                 abort_rate=rng.choice([0, 0, 0, 0.01, 0.05]), abort_seed=rng.randrange(1 << 30),
                 repeats=rng.choice([0, 0, 0, 1]), resync=rng.random() < 0.5, backend=backend,
@@ -226,6 +227,6 @@ def baseline_variant(backend: str = "torch") -> dict:
                  enable_prefix_caching=False)
     return dict(slm=model, llm=dict(model),
                 relay=dict(overlap_steps=False, early_catchup_tokens=0, llm_prefetch_tokens=0,
-                           llm_batch_wait_steps=0, llm_batch_min_rows=16),
+                           llm_batch_wait_steps=0, llm_batch_min_rows=16, decouple_llm=False),
                 llm_cache="persistent", staggered=False, abort_rate=0, abort_seed=0, repeats=0, resync=False,
                 backend=backend)

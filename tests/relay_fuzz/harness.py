@@ -7,6 +7,7 @@ them (no read-ahead, preemption, prefix hits, aborts, and the persistent LLM cac
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import traceback
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from relaykern import EngineConfig, RelayConfig, RelayEngine
 from relaykern.engine import cuda_graphs
 from relaykern.engine.cuda_graphs import StepGraphs
+from relaykern.engine.readback import Readback
 from relaykern.outputs import RelayOutput
 from relaykern.reference import reference_generate
 
@@ -134,6 +136,15 @@ def serve(engine: RelayEngine, case: dict, variant: dict, aborts: random.Random)
     return [engine.output(seq) for seq in seqs]
 
 
+def lagging_llm(rate: float, seed: int) -> contextlib.AbstractContextManager:
+    """A GPU still running the LLM's forward when the relay loop polls it (``RelayConfig.decouple_llm``), at random
+    with probability ``rate``: on a CPU every forward has run when it returns."""
+    if not rate:
+        return contextlib.nullcontext()
+    rng = random.Random(seed)
+    return mock.patch.object(Readback, "ready", lambda readback: rng.random() >= rate)
+
+
 def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
     """Serves the case ``1 + variant["repeats"]`` times on one engine (later passes hit the prefix caches the
     earlier ones left, or, with ``resync``, find the SLM's dropped by a weight sync of its own weights); the outputs
@@ -142,11 +153,12 @@ def run(case: dict, variant: dict, checkpoints: tuple[Path, Path]) -> Outcome:
     outcome = Outcome([], [], [], set())
     watch(engine, variant, outcome)
     aborts = random.Random(variant["abort_seed"])
-    outputs = serve(engine, case, variant, aborts)
-    for _ in range(variant["repeats"]):
-        if variant["resync"]:
-            engine.load_slm_weights(load_file(Path(checkpoints[0]) / "model.safetensors").items())
-        outputs += serve(engine, case, variant, aborts)
+    with lagging_llm(variant.get("llm_lag", 0), variant.get("lag_seed", 0)):  # (absent from variants saved before)
+        outputs = serve(engine, case, variant, aborts)
+        for _ in range(variant["repeats"]):
+            if variant["resync"]:
+                engine.load_slm_weights(load_file(Path(checkpoints[0]) / "model.safetensors").items())
+            outputs += serve(engine, case, variant, aborts)
     outcome.outputs = [comparable(o) for o in outputs]
     outcome.logprobs = [o.logprobs for o in outputs]
     outcome.llm_reads = [(o.stats.llm_prefill_tokens, [r.llm_catchup for r in o.stats.call_records])

@@ -1,0 +1,64 @@
+"""``RelayConfig.decouple_llm``: the SLM's steps go on while an LLM forward has not run yet.
+
+On a CPU every forward has run when it returns, so these tests make the LLM's readbacks say they are not ready
+(``Readback.ready``), always or at random, as a GPU still running a long LLM forward would.
+"""
+import random
+from unittest import mock
+
+import pytest
+
+from relay_fixtures import *  # noqa: F401,F403
+from relaykern import EngineConfig, RelayConfig, RelayEngine
+from relaykern.engine.readback import Readback
+from test_relay import comparable, scenarios, scripted
+
+
+def make_engine(slm_dir, llm_dir, **relay) -> RelayEngine:
+    return RelayEngine(slm_dir, llm_dir, relay=RelayConfig(**relay),
+                       slm_config=EngineConfig(device="cpu", block_size=4), llm_config=EngineConfig(device="cpu"))
+
+
+def test_requests_that_do_not_call_go_on_while_the_llm_runs(slm_dir, llm_dir, tokenizer):
+    """With the LLM's forward never ready, the host reads it only when the SLM has nothing left to do: the request
+    that never calls writes all its tokens before the first LLM token of the one that calls is read. Both write
+    what the loop that waits for the LLM every step writes."""
+    prompts = [text_tokens(tokenizer, "Q: 2 + 2 = ?"), text_tokens(tokenizer, "Q: 3 * 3 = ?")]
+    samplings = [scripted({2: command_tokens(tokenizer, 6)}), scripted({}, max_tokens=16)]
+    engine = make_engine(slm_dir, llm_dir)
+    deltas = []
+    with mock.patch.object(Readback, "ready", lambda self: False):
+        for index, source, tokens in engine.stream(prompts, samplings):
+            deltas.append((index, source))
+    first_llm_token = deltas.index((0, "llm"))
+    assert max(i for i, (index, _) in enumerate(deltas) if index == 1) < first_llm_token
+    lockstep = make_engine(slm_dir, llm_dir, decouple_llm=False).generate(prompts, samplings)
+    assert [comparable(o) for o in engine.generate(prompts, samplings)] == [comparable(o) for o in lockstep]
+    assert_no_blocks_held(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
+def test_llm_forwards_read_whenever_ready_change_no_output(slm_dir, llm_dir, tokenizer, overlap):
+    """LLM forwards ready at random steps: every scenario writes what the lockstep loop writes, with at most two
+    LLM forwards in flight (one without overlapped steps), and every block comes back."""
+    samplings = list(scenarios(tokenizer).values()) + [scripted({6: command_tokens(tokenizer, 9)}, max_tokens=40)]
+    prompts = [text_tokens(tokenizer, f"Q{i}: {i} * {i + 3} = ?") for i in range(len(samplings))]
+    expected = make_engine(slm_dir, llm_dir, decouple_llm=False, overlap_steps=overlap).generate(prompts, samplings)
+    engine = make_engine(slm_dir, llm_dir, overlap_steps=overlap)
+    rng = random.Random(0)
+    deferred = most_in_flight = 0
+
+    def ready(readback) -> bool:
+        nonlocal deferred
+        deferred += (not_ready := rng.random() < 0.6)
+        return not not_ready
+
+    seqs = [engine.add_request(*request) for request in zip(prompts, samplings)]
+    with mock.patch.object(Readback, "ready", ready):
+        while not all(seq.finished for seq in seqs):
+            engine.step()
+            most_in_flight = max(most_in_flight, len(engine.llm_in_flight))
+    assert [comparable(engine.output(s)) for s in seqs] == [comparable(o) for o in expected]
+    assert most_in_flight == (2 if overlap else 1)
+    assert deferred >= 5 and (engine.overlapped_steps["llm"] > 0) == overlap
+    assert_no_blocks_held(engine)
