@@ -1,6 +1,8 @@
 """The engine on a GPU: Triton kernels compiled, CUDA graphs on. fp32 so tokens can be compared exactly with
 transformers and with the reference relay (bf16 differs from HF's own bf16 path by rounding order)."""
+import contextlib
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from relay_fixtures import SLM_SHAPE
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.gemv_tiles import choose_tiles
+from relaykern.engine.readback import Readback
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.startup import BATCH1
 from relaykern.kernels.gemv import GPU_CONFIGS
@@ -89,9 +92,12 @@ def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, t
     assert all(o.stats.calls == 2 for o in ours)
 
 
-def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer):
+@pytest.mark.parametrize("lagging", [False, True], ids=["llm_read_when_ready", "llm_read_late"])
+def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer, lagging):
     """The blocks of an aborted request go to others at once while its rows may still be in flight (overlapped steps,
-    two streams, graphs): stream order keeps every other request's tokens those of a run without aborts."""
+    two streams, graphs): stream order keeps every other request's tokens those of a run without aborts. Also with
+    the LLM's forwards read late (``decouple_llm``: each readback said not ready half the times it is asked), so that
+    the SLM's steps and more LLM forwards are launched while one stays unread."""
     from test_relay import comparable, random_script, run_with_random_aborts
 
     rng = random.Random(1)
@@ -101,7 +107,10 @@ def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer
     expected = [comparable(o) for o in roomy.generate(prompts, samplings)]
     tight = gpu_config(block_size=4, num_blocks=30)
     engine = RelayEngine(slm_dir, llm_dir, slm_config=tight, llm_config=tight)
-    assert run_with_random_aborts(engine, prompts, samplings, expected, rng, rate=0.01) > 5
+    lag, ready = random.Random(2), Readback.ready
+    with mock.patch.object(Readback, "ready", lambda readback: ready(readback) and lag.random() < 0.5) if lagging \
+            else contextlib.nullcontext():
+        assert run_with_random_aborts(engine, prompts, samplings, expected, rng, rate=0.01) > 5
 
 
 def test_logits_with_nothing_to_sample_fail_their_request_alone_on_gpu(slm_dir):

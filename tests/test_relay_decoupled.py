@@ -9,9 +9,9 @@ from unittest import mock
 import pytest
 
 from relay_fixtures import *  # noqa: F401,F403
-from relaykern import EngineConfig, RelayConfig, RelayEngine
+from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.readback import Readback
-from test_relay import comparable, scenarios, scripted
+from test_relay import comparable, record_calls, scenarios, scripted
 
 
 def make_engine(slm_dir, llm_dir, **relay) -> RelayEngine:
@@ -61,4 +61,32 @@ def test_llm_forwards_read_whenever_ready_change_no_output(slm_dir, llm_dir, tok
     assert [comparable(engine.output(s)) for s in seqs] == [comparable(o) for o in expected]
     assert most_in_flight == (2 if overlap else 1)
     assert deferred >= 5 and (engine.overlapped_steps["llm"] > 0) == overlap
+    assert_no_blocks_held(engine)
+
+
+def test_a_failed_overlapped_llm_launch_waits_for_the_forward_before_it(slm_dir, llm_dir, tokenizer):
+    """An overlapped LLM launch that fails (the LLM's logits processor raises on the call's second token) is not
+    tried again while the forward before it stays unread: one failed forward, not one a step. Read at last, that
+    request's row runs in turn and fails alone."""
+    def raising(generated, logits):
+        if len(generated) == second_llm_token:
+            raise RuntimeError("teacher processor fell over")
+        return logits
+
+    raising.position_only = True
+    command = command_tokens(tokenizer, 6)
+    second_llm_token = 2 + len(command) + 1
+    prompts = [text_tokens(tokenizer, "Q: 2 + 2 = ?"), text_tokens(tokenizer, "Q: 3 * 3 = ?")]
+    samplings = [scripted({2: command}), scripted({}, max_tokens=20)]
+    llm_samplings = [SamplingParams(temperature=0, logits_processors=[raising]), None]
+    engine = make_engine(slm_dir, llm_dir)
+    forwards = record_calls(engine.llm)
+    seqs = [engine.add_request(*request) for request in zip(prompts, samplings, llm_samplings)]
+    with mock.patch.object(Readback, "ready", lambda self: False), \
+            pytest.warns(UserWarning, match="overlapped LLM step failed"):
+        while not all(seq.finished for seq in seqs):
+            engine.step()
+    assert [engine.output(s).finish_reason for s in seqs] == ["error", "length"]
+    assert "teacher processor fell over" in engine.output(seqs[0]).error
+    assert len(forwards) == 3  # the catch-up, the failed overlapped forward, the row in turn (failing alone)
     assert_no_blocks_held(engine)

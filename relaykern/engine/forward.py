@@ -70,6 +70,8 @@ class Launcher:
     detector: Detector | None = None
     overlapped: int = 0
     """Counter: forwards launched before the one before them was read back."""
+    failed_after: Launched | None = None
+    """The forward after which an overlapped launch failed: none is tried again until it is read."""
 
     def launch(self, busy: list[Sequence]) -> Launched | None:
         """Schedules and launches a forward and starts reading its results back; ``busy``: the other model's launched
@@ -83,6 +85,8 @@ class Launcher:
         """Launches the next forward before ``launched`` is read back, its rows fed on the device with the tokens
         ``launched`` samples; None when the next forward must be scheduled as usual
         (``Scheduler.schedule_overlapped``)."""
+        if launched is self.failed_after:
+            return None
         plan = self.scheduler.schedule_overlapped(self.phase, self.runner, self.phase.view, launched.seqs,
                                                   launched.rows)
         if plan is None:
@@ -94,10 +98,12 @@ class Launcher:
             pick = (lambda t: t) if index is None else (lambda t: t[..., index])  # noqa: E731
             try:
                 tokens, logprobs = self.runner.execute(rows, fed_tokens=pick(launched.sampled) if carried else None)
-            except Exception as err:  # noqa: BLE001 - scheduled in turn next step, where a failing row fails alone
+            except Exception as err:  # noqa: BLE001 - scheduled in turn once ``launched`` is read, where a failing
+                # row fails alone
                 warnings.warn(f"an overlapped {self.phase.value.upper()} step failed, scheduled in turn: {err!r}")
                 for seq in seqs[len(carried):]:  # their blocks were registered for KV never written
                     self.scheduler.release(seq, keep_cached=False)
+                self.failed_after = launched
                 return None
             self.overlapped += 1
             fed_states = pick(launched.detected[5:]) if carried and self.detector else None

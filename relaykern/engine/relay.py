@@ -197,6 +197,8 @@ class RelayEngine:
         launches_now = overlap_llm and len(in_flight) == 1
         if launches_now:
             self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0]))
+        if llm is None and in_flight and in_flight[0].readback.ready():  # (done while the host read the SLM's)
+            llm = in_flight[0]
         if llm is not None:
             self._read(self.llm_forwards, in_flight.pop(0))
             if overlap_llm and not launches_now and len(in_flight) == 1:
