@@ -22,7 +22,9 @@ def bench_run(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         # N = 20 after 64 cached tokens: the LLM's decode chain crosses a block boundary.
-        status = cli.main(["bench", "--preset", "tiny", "--quick", "--out", str(out), "--set", "call_lengths=1,20"])
+        # Calls staggered too: those runs, with the LLM read whenever its forward is done and in lockstep.
+        status = cli.main(["bench", "--preset", "tiny", "--quick", "--out", str(out), "--set", "call_lengths=1,20",
+                           "staggered=true"])
     return status, json.loads(out.read_text()), printed.getvalue(), out
 
 
@@ -120,10 +122,14 @@ def test_workloads_did_the_scripted_work(bench_run):
     _, report, _, _ = bench_run
     preset, throughput = report["preset"], report["relay_throughput"]
     batch, max_tokens = preset["relay_batch"], preset["max_tokens"]
-    assert preset["llm_prefetch_tokens"] > 0 and not preset["staggered"]
+    assert preset["llm_prefetch_tokens"] > 0 and preset["staggered"]
     assert [run["name"] for run in throughput["runs"]] == [f"aligned {r:.1%}" for r in preset["call_ratios"]] + [
-        "prefetching, aligned 1.0%", "reading early, aligned 1.0%"]
-    lazy, prefetching, early = throughput["runs"][1], throughput["runs"][-2], throughput["runs"][-1]
+        "prefetching, aligned 1.0%", "reading early, aligned 1.0%", "staggered 1.0%", "staggered 1.0%, lockstep",
+        "staggered 1.0% batched"]
+    lazy, prefetching, early = throughput["runs"][1], throughput["runs"][3], throughput["runs"][4]
+    staggered, lockstep, batched = throughput["runs"][5:]
+    assert "decouple_llm" not in staggered and not lockstep["decouple_llm"] and batched["llm_batch_wait_steps"] > 0
+    assert staggered["tokens"] == lockstep["tokens"] == batched["tokens"] and staggered["calls"] == lazy["calls"]
     # Reading from a command's first tokens reads the same tokens as at the calls, some of them earlier.
     assert early["early_catchup_tokens"] == preset["early_catchup_tokens"] and early["read_ahead_forwards"] > 0
     assert early["llm_prefill_tokens"] == lazy["llm_prefill_tokens"]
