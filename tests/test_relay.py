@@ -317,26 +317,26 @@ def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, 
     """``engine.abort`` ends a request at once, whether the SLM writes it (its next row already launched, overlapped),
     the LLM serves its call, or it still waits for a slot: its blocks in both pools are freed, what it wrote is
     kept, and the other requests write what they write alone. A stream closed early aborts its requests."""
-    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(4)]
-    samplings = [scripted({}), scripted({}), scripted({2: command_tokens(tokenizer, 8)}), scripted({})]
+    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(5)]
+    samplings = [scripted({}), scripted({}), scripted({2: command_tokens(tokenizer, 8)}), scripted({}), scripted({})]
     engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu", max_num_seqs=3),
                          llm_config=EngineConfig(device="cpu"))
     alone = [engine.generate([prompt], sampling)[0] for prompt, sampling in zip(prompts, samplings)]
     seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
-    while seqs[2].phase is not Phase.LLM:
+    while seqs[2].phase is not Phase.LLM:  # (the fourth request takes the third's SLM row meanwhile)
         engine.step()
     assert seqs[0].phase is Phase.SLM and engine.next_slm is not None and seqs[0] in engine.next_slm.seqs
-    assert seqs[3] in engine.scheduler.waiting
-    for seq in (seqs[0], seqs[2], seqs[3]):
+    assert seqs[4] in engine.scheduler.waiting
+    for seq in (seqs[0], seqs[2], seqs[4]):
         engine.abort(seq)
     while engine.scheduler.has_work:
         engine.step()
     outs = [engine.output(seq) for seq in seqs]
-    assert [o.finish_reason for o in outs] == ["abort", "length", "abort", "abort"]
-    assert comparable(outs[1]) == comparable(alone[1])
+    assert [o.finish_reason for o in outs] == ["abort", "length", "abort", "length", "abort"]
+    assert comparable(outs[1]) == comparable(alone[1]) and comparable(outs[3]) == comparable(alone[3])
     for out, full in zip(outs, alone):
         assert out.token_ids == full.token_ids[:len(out.token_ids)]
-    assert outs[3].token_ids == [] and outs[2].stats.calls == 1
+    assert outs[4].token_ids == [] and outs[2].stats.calls == 1
     assert_no_blocks_held(engine)
 
     queued = engine.add_request(prompts[0], scripted({}))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from relaykern.config import RelayConfig
 from relaykern.engine.runner import host_to_device
 from relaykern.engine.sequence import Sequence
 from relaykern.kernels.detect import build_detection_table, detect_commands, detect_commands_reference
+from relaykern.protocol import EVENT_CALL
 
 DetectedRow = tuple[int, int, int, int, int]
 """(token, event, n, start_offset, event_end) of one row."""
@@ -23,6 +25,15 @@ class Detector:
         self.table = build_detection_table(token_bytes, device)
         self.device = device
         self.kernel = detect_commands if backend == "triton" else detect_commands_reference
+        self.call_states = set(torch.nonzero((self.table.event == EVENT_CALL).any(dim=1)).flatten().tolist())
+        """Automaton states from which some token completes a command (for Qwen3, after ``</call``)."""
+
+    def may_call(self, seq: Sequence, relay: RelayConfig) -> bool:
+        """Whether the SLM's next token may complete a command that sends the request to the LLM or ends it (most
+        likely, once the command's text has come this far): a row fed that token would be dropped. Not a command
+        of N = 0, or one left as text (no LLM, or ``max_calls`` reached with ``after_max_calls="continue"``)."""
+        return seq.scan_state in self.call_states and seq.scan_n > 0 and seq.llm is not None and \
+            (seq.stats.calls < relay.max_calls or relay.after_max_calls == "finish")
 
     def launch(self, tokens: torch.Tensor, seqs: list[Sequence], fed_states: torch.Tensor | None = None
                ) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Callable
 
 import torch
 
@@ -68,6 +69,8 @@ class Launcher:
     phase: Phase
     scheduler: Scheduler
     detector: Detector | None = None
+    may_leave: Callable[[Sequence], bool] | None = None
+    """Whether a request's next token may make it leave ``phase``: an overlapped step leaves its row out."""
     overlapped: int = 0
     """Counter: forwards launched before the one before them was read back."""
     failed_after: Launched | None = None
@@ -88,7 +91,7 @@ class Launcher:
         if launched is self.failed_after:
             return None
         plan = self.scheduler.schedule_overlapped(self.phase, self.runner, self.phase.view, launched.seqs,
-                                                  launched.rows)
+                                                  launched.rows, self.may_leave)
         if plan is None:
             return None
         carried, seqs, rows = plan

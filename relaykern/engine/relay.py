@@ -26,7 +26,8 @@ or full chunks of all of it (``RelayConfig.llm_prefetch_tokens``); nothing waits
 Each model's next forward is launched before its results are read (``RelayConfig.overlap_steps``): the SLM's
 before step 3, the LLM's between steps 3 and 4 (so that the calls step 3 starts join it), their rows that go on fed
 on the device with the tokens this one samples. The host's bookkeeping then overlaps the GPU's next step. A row
-whose request stopped, called or ended its call at the token it was fed is dropped when read.
+whose request stopped, called or ended its call at the token it was fed is dropped when read; a request whose
+command has come as far as ``</call`` gets no row (its next token most likely calls).
 
 Without an LLM this is a plain single-model engine (commands stay text and are counted as unserved).
 """
@@ -84,7 +85,8 @@ class RelayEngine:
             self.detector = Detector(self.token_bytes, self.slm.device, self.slm.backend)
         models = [(self.slm, Phase.SLM.view)] + ([(self.llm, Phase.LLM.view)] if self.llm else [])
         self.scheduler = Scheduler(models)
-        self.slm_forwards = Launcher(self.slm, Phase.SLM, self.scheduler, self.detector)
+        self.slm_forwards = Launcher(self.slm, Phase.SLM, self.scheduler, self.detector,
+                                     may_leave=lambda seq: self.detector.may_call(seq, self.relay))
         self.llm_forwards = Launcher(self.llm, Phase.LLM, self.scheduler) if self.llm else None
         self.steps = 0
         self.next_slm: Launched | None = None

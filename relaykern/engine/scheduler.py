@@ -122,12 +122,14 @@ class Scheduler:
         return batch, rows
 
     def schedule_overlapped(self, phase: Phase, runner: ModelRunner, view_of: ViewOf, seqs: list[Sequence],
-                            rows: list[Row]) -> tuple[list[int], list[Sequence], list[Row]] | None:
+                            rows: list[Row], may_leave: Callable[[Sequence], bool] | None = None
+                            ) -> tuple[list[int], list[Sequence], list[Row]] | None:
         """``runner``'s next step, scheduled before the host knows what its launched step (``seqs``, ``rows``)
         samples: (the indices of that step's rows carried on, the next step's sequences, its rows). A row that
         samples is carried on (first, in order), fed the token sampled on it (``FED_ON_DEVICE`` until then) at the
-        next position, unless that token ends the request or the LLM's call, or its request is known to have left
-        ``phase`` (its row's token will be dropped). Rows for the other sequences in ``phase`` follow, scheduled as
+        next position, unless that token ends the request or the LLM's call, may make the request leave ``phase``
+        (``may_leave``: the SLM's command completing), or its request is known to have left ``phase`` (its row's
+        token will be dropped). Rows for the other sequences in ``phase`` follow, scheduled as
         usual from free blocks (catch-ups, prefills, admissions, and the next chunks of the launched step's chunked
         rows, whose tokens the host knows). None if the next step must be scheduled in turn: no row is carried on (a
         step of new rows alone is the usual schedule's, which also keeps the LLM's batching wait), a row to carry has
@@ -146,7 +148,8 @@ class Scheduler:
                 continue
             if not all(getattr(p, "position_only", False) for p in row.sampling.logits_processors):
                 return None
-            if seq.tokens_left <= 1 or (phase is Phase.LLM and seq.call.produced + 2 > seq.call.n_served):
+            if seq.tokens_left <= 1 or (may_leave is not None and may_leave(seq)) or \
+                    (phase is Phase.LLM and seq.call.produced + 2 > seq.call.n_served):
                 continue
             if not runner.blocks.reserve_positions(seq.request_id, start + 1):
                 return None

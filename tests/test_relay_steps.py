@@ -1,7 +1,8 @@
-"""``RelayConfig.decouple_llm``: the SLM's steps go on while an LLM forward has not run yet.
+"""How the relay loop launches its forwards: the SLM's steps going on while an LLM forward has not run yet
+(``RelayConfig.decouple_llm``), and no overlapped row for a token that leaves the SLM's run.
 
-On a CPU every forward has run when it returns, so these tests make the LLM's readbacks say they are not ready
-(``Readback.ready``), always or at random, as a GPU still running a long LLM forward would.
+On a CPU every forward has run when it returns, so the decoupling tests make the LLM's readbacks say they are not
+ready (``Readback.ready``), always or at random, as a GPU still running a long LLM forward would.
 """
 import random
 from unittest import mock
@@ -90,3 +91,16 @@ def test_a_failed_overlapped_llm_launch_waits_for_the_forward_before_it(slm_dir,
     assert "teacher processor fell over" in engine.output(seqs[0]).error
     assert len(forwards) == 3  # the catch-up, the failed overlapped forward, the row in turn (failing alone)
     assert_no_blocks_held(engine)
+
+
+def test_no_slm_row_is_launched_after_a_command_that_calls(slm_dir, llm_dir, tokenizer):
+    """An overlapped SLM step leaves out the row of a request whose command has come as far as ``</call``: the
+    token that row would be fed most likely completes the call, sending the request to the LLM, and the row would
+    be dropped. A request calling twice, every other step overlapped: no row dropped, the same output as in turn."""
+    prompt = text_tokens(tokenizer, "Q: 5 * 7 = ?")
+    sampling = scripted({3: command_tokens(tokenizer, 4), 14: command_tokens(tokenizer, 2)}, max_tokens=30)
+    engine = make_engine(slm_dir, llm_dir)
+    out = engine.generate([prompt], sampling)[0]
+    assert out.stats.calls == 2 and engine.dropped_rows == 0 and engine.overlapped_steps["slm"] > 10
+    in_turn = make_engine(slm_dir, llm_dir, overlap_steps=False).generate([prompt], sampling)[0]
+    assert comparable(out) == comparable(in_turn)
