@@ -6,7 +6,8 @@ One step: rollout (through a ``RolloutBackend``) → rewards → advantages → 
 by the trainer in the training precision → one or more optimizer updates over mini-batches → weight sync. The
 loss is a token mean over each mini-batch's SLM-written tokens, summed over micro-batches and ranks (DDP over
 ``torchrun``; each rank takes whole prompt groups). Every random draw of step ``s`` comes from
-``derive_seed(seed, s, rank)``, so a run resumed from a checkpoint replays the uninterrupted run.
+``derive_seed(seed, s, rank)``, so a run resumed from a checkpoint replays the uninterrupted run (on a GPU, up to
+the rounding of rollout rows batched by timing: ``RelayConfig.decouple_llm``).
 """
 from __future__ import annotations
 
