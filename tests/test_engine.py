@@ -171,6 +171,45 @@ def test_a_step_no_graph_holds_is_replayed_in_two_parts_in_its_rows_order(checkp
     assert torch.equal(tokens, eager_tokens) and torch.allclose(logprobs, eager_logprobs, atol=1e-5)
 
 
+def test_a_split_step_whose_rows_read_each_others_blocks_gives_one_forwards_logits(checkpoints, monkeypatch):
+    """Rows of one step that share blocks found in the prefix cache in that same step (one forward stores every
+    row's K/V of a layer before any row attends): split into a one-token part and an other part, each part must
+    find what it reads written. Later samples of a prompt admitted with its first read the first's prompt blocks
+    (their last token alone: one-token rows); a prompt reading a block that a one-token row completes in the step
+    runs as one forward."""
+    monkeypatch.setattr(cuda_graphs, "MAX_EXTEND_BATCH", 1)
+    path = checkpoints["qwen3"]
+    prompt = prompts_of([2 * 16 + 1])[0]  # the samples after the first find two blocks cached, one token left
+    engine = RelayEngine(path, slm_config=EngineConfig(device="cpu"))
+    engine.slm.graphs = StepGraphs(engine.slm, capture=False)
+    split, parts = engine.slm._split_logits, []
+    engine.slm._split_logits = lambda rows, fed: parts.append(split(rows, fed)) or parts[-1]
+    outs = engine.generate([prompt] * 3, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert parts[0] is not None and engine.slm.prefix_hit_tokens == 2 * 2 * 16
+    assert [o.token_ids for o in outs] == hf_greedy(path, [prompt], 4) * 3
+
+    tokens = prompts_of([8])[0]
+    wanting = SamplingParams(temperature=0, logprobs=True)
+    rows = [Row(0, tokens[3:4], 3, True, wanting, 0, 0, [], True), Row(1, tokens[4:], 4, True, wanting, 0, 0, [], True)]
+
+    def run_step(graphs: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The step on a fresh pool: the one-token row completes block 0, which the other row reads."""
+        runner = RelayEngine(path, slm_config=EngineConfig(device="cpu", block_size=4)).slm
+        runner.blocks.allocate(0, tokens[:3])
+        runner.blocks.append(0, tokens[3:4])  # block 0 complete, registered: the next allocation finds it
+        assert runner.blocks.allocate(1, tokens) == 4
+        parts = []
+        if graphs:
+            runner.graphs = StepGraphs(runner, capture=False)
+            split = runner._split_logits
+            runner._split_logits = lambda rows, fed: parts.append(split(rows, fed)) or parts[-1]
+        return *runner.execute(rows), parts
+
+    eager_tokens, eager_logprobs, _ = run_step(graphs=False)
+    split_tokens, logprobs, parts = run_step(graphs=True)
+    assert parts == [None] and torch.equal(split_tokens, eager_tokens) and torch.equal(logprobs, eager_logprobs)
+
+
 def test_logprobs_are_the_models(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompt = prompts_of([9])[0]

@@ -170,9 +170,8 @@ class ModelRunner:
             ctx, input_ids, positions = self._prepare(rows, fed_tokens)
             hidden = self.model(input_ids, positions, ctx)
             return self.model.compute_logits(hidden[ctx.cu_seqlens_q[1:].long() - 1])
-        tables = self.blocks.block_tables([row.seq_id for row in rows],
-                                          max(self.blocks_needed(row.start + len(row.tokens)) for row in rows))
-        return self.graphs.run(shape, [row.tokens for row in rows], [row.start for row in rows], tables, fed_tokens)
+        return self.graphs.run(shape, [row.tokens for row in rows], [row.start for row in rows], self._tables(rows),
+                               fed_tokens)
 
     def _split_logits(self, rows: list[Row], fed_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """A step no graph holds (more rows than extend graphs take, beside catch-ups or prompts) whose one-token
@@ -181,21 +180,27 @@ class ModelRunner:
         for Qwen3-1.7B, 4.41 ms for 8B); launched kernel by kernel, such a step costs the host more (~14 ms for 1.7B,
         ~20 ms for 8B). Longer other rows make the step compute-bound, where launching eagerly costs little. In bf16
         a row's logits depend on the kernels and shapes it is computed in, so a split step's may differ slightly
-        from an unsplit one's. None: run the step as one forward."""
+        from an unsplit one's. None: run the step as one forward.
+
+        A row may read KV that another row of its step writes (a block found in the prefix cache in the step that
+        computes it: the later samples of one prompt, admitted with the first). One forward stores every row's K/V
+        of a layer before any row attends; split, a part reads only what the part before it wrote. So the other
+        rows go first (they write the prompts that one-token rows, such as a prompt's last token, read), and a
+        step where one of them reads a block a one-token row completes runs as one forward."""
         single = [i for i, row in enumerate(rows) if len(row.tokens) == 1]
         other = [i for i, row in enumerate(rows) if len(row.tokens) != 1]
         if not single or not other or sum(len(rows[i].tokens) for i in other) > MAX_SPLIT_TOKENS:
             return None
-        single_shape = self._shape_for([rows[i] for i in single])
-        other_shape = self._shape_for([rows[i] for i in other])
-        if single_shape is None or other_shape is None:
+        single_rows, other_rows = [rows[i] for i in single], [rows[i] for i in other]
+        single_shape, other_shape = self._shape_for(single_rows), self._shape_for(other_rows)
+        if single_shape is None or other_shape is None or self._reads_what_is_completed(other_rows, single_rows):
             return None
         # The fed rows lead the step, one token each: they lead the one-token part. (The graphs share one logits
         # buffer: each part is copied out before the next replay.)
-        first = self._logits([rows[i] for i in single], fed_tokens, single_shape)
+        first = self._logits(other_rows, None, other_shape)
         parts = first.new_empty((len(rows), first.shape[1]))
-        parts[:len(single)].copy_(first)
-        parts[len(single):].copy_(self._logits([rows[i] for i in other], None, other_shape))
+        parts[len(single):].copy_(first)
+        parts[:len(single)].copy_(self._logits(single_rows, fed_tokens, single_shape))
         order = single + other
         if order == sorted(order):
             return parts
@@ -203,6 +208,24 @@ class ModelRunner:
         for place, i in enumerate(order):
             position[i] = place
         return parts[host_to_device(self.device, position, torch.int64)]
+
+    def _reads_what_is_completed(self, readers: list[Row], one_token_rows: list[Row]) -> bool:
+        """Whether a row of ``readers`` holds, before its own tokens, a block that one of ``one_token_rows``
+        completes in this step."""
+        completing = [row for row in one_token_rows if (row.start + 1) % self.block_size == 0]
+        readers = [row for row in readers if row.start >= self.block_size]
+        if not completing or not readers:
+            return False
+        written = self._tables(completing)[torch.arange(len(completing)),
+                                            torch.tensor([row.start // self.block_size for row in completing])]
+        read = self._tables(readers)
+        cached = torch.arange(read.shape[1]) < torch.tensor([row.start // self.block_size for row in readers])[:, None]
+        return bool(torch.isin(read[cached], written).any())
+
+    def _tables(self, rows: list[Row]) -> torch.Tensor:
+        """The rows' block tables (host), as wide as the longest row needs."""
+        return self.blocks.block_tables([row.seq_id for row in rows],
+                                        max(self.blocks_needed(row.start + len(row.tokens)) for row in rows))
 
     def _prepare(self, rows: list[Row], fed_tokens: torch.Tensor | None
                  ) -> tuple[AttentionContext, torch.Tensor, torch.Tensor]:
@@ -219,8 +242,7 @@ class ModelRunner:
             flat[:len(fed_tokens)].copy_(fed_tokens)
         cu_rows = packed[total:total + batch + 1].to(torch.int32)
         start = packed[total + batch + 1:].to(torch.int32)
-        width = max(self.blocks_needed(row.start + n) for row, n in zip(rows, lengths))
-        tables = self.blocks.block_tables([row.seq_id for row in rows], width)
+        tables = self._tables(rows)
         if self.device.type == "cuda":
             tables = tables.pin_memory().to(self.device, non_blocking=True)
         inject = inject_tokens if self.backend == "triton" else inject_tokens_reference
