@@ -32,8 +32,7 @@ class Detector:
         """Whether the SLM's next token may complete a command that sends the request to the LLM or ends it (most
         likely, once the command's text has come this far): a row fed that token would be dropped. Not a command
         of N = 0, or one left as text (no LLM, or ``max_calls`` reached with ``after_max_calls="continue"``)."""
-        return seq.scan_state in self.call_states and seq.scan_n > 0 and seq.llm is not None and \
-            (seq.stats.calls < relay.max_calls or relay.after_max_calls == "finish")
+        return seq.scan_state in self.call_states and seq.scan_n > 0 and not seq.command_stays_text(relay)
 
     def launch(self, tokens: torch.Tensor, seqs: list[Sequence], fed_states: torch.Tensor | None = None
                ) -> torch.Tensor:

@@ -280,11 +280,11 @@ class RelayEngine:
             seq.finish("length")
 
     def _serve(self, seq: Sequence, n: int) -> None:
-        if seq.llm is not None and seq.stats.calls >= self.relay.max_calls and self.relay.after_max_calls == "finish":
-            return seq.finish("max_calls")
-        if seq.llm is None or seq.stats.calls >= self.relay.max_calls:
-            seq.stats.unserved_calls += 1  # left as text
+        if seq.command_stays_text(self.relay):
+            seq.stats.unserved_calls += 1
             return
+        if seq.stats.calls >= self.relay.max_calls:
+            return seq.finish("max_calls")
         n_served = serve_length(n, self.relay.max_call_tokens, seq.tokens_left)
         if n_served == 0:
             return

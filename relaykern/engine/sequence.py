@@ -13,7 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from relaykern.config import SamplingParams
+from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import CallRecord, RelayStats, Source, append_span
 from relaykern.protocol import TEXT
 
@@ -118,6 +118,11 @@ class Sequence:
             return True
         stops = (stop.encode() for stop in params.stop or ())
         return any(self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
+
+    def command_stays_text(self, relay: RelayConfig) -> bool:
+        """Whether a command completed now would be left as text: no LLM, or ``max_calls`` served with
+        ``after_max_calls="continue"`` (with ``"finish"`` it ends the request)."""
+        return self.llm is None or (self.stats.calls >= relay.max_calls and relay.after_max_calls == "continue")
 
     def goes_on(self, phase: Phase, view: ModelView, end: int) -> bool:
         """Whether the request is still in ``phase`` with nothing written after token ``end`` of ``view``: a forward
