@@ -74,3 +74,30 @@ class FileConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainingRun(FileConfig):
+    """What SFT and GRPO runs share: the optimiser (AdamW, ``lr_schedule`` ``"cosine"`` or ``"constant"`` after a
+    linear warm-up), micro-batching, precision (``"fp32"`` or ``"bf16"`` autocast), seed, checkpoints (every
+    ``save_every`` steps, 0: at the end only; the last ``keep_last`` kept; ``resume`` from the newest) and device.
+    Each trainer's config sets its own defaults."""
+
+    output_dir: str = "runs"
+    micro_batch_size: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    device: str | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant")}.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{name} must be one of {allowed}, got {getattr(self, name)!r}")

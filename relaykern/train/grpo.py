@@ -25,7 +25,7 @@ from relaykern.eval.grading import is_correct
 from relaykern.outputs import RelayOutput
 from relaykern.train.batch import ResponseLogProbs, collate
 from relaykern.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from relaykern.train.config import FileConfig
+from relaykern.train.config import TrainingRun
 from relaykern.train.data import PromptSource, chat_prompt_ids
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
@@ -38,7 +38,7 @@ from relaykern.train.runtime import (autocast, derive_seed, frozen_dtype, init_r
 
 
 @dataclass
-class GRPOConfig(FileConfig):
+class GRPOConfig(TrainingRun):
     """Defaults are the paper's (lr 1e-6, G 8, 128 prompts, clip 0.2/0.3, dual clip 3, KL 0.01, T 1.0) and the
     official config's mini-batches (32 prompts x 8 samples: four updates a step).
 
@@ -51,7 +51,8 @@ class GRPOConfig(FileConfig):
     ``rollout``: ``"engine"`` (relaykern's relay engine, weights synced in process) or ``"reference"`` (the HF
     reference relay on the live policy: slow, exact, for checks). ``rollout_kv_cache_gb``: the engine's KV budget
     on a GPU shared with training (default: 30 % of the free memory). ``llm_batch_wait_steps`` /
-    ``llm_batch_min_rows``: RelayConfig's throughput mode for the engine's rollouts (0: off).
+    ``llm_batch_min_rows``: RelayConfig's throughput mode for the engine's rollouts (0: off). The optimiser,
+    precision and checkpoint fields: ``TrainingRun``.
     """
 
     slm: str = "tiny"
@@ -67,11 +68,8 @@ class GRPOConfig(FileConfig):
     group_size: int = 8
     mini_batch_size: int = 256
     micro_batch_size: int = 4
-    lr: float = 1e-6
     weight_decay: float = 0.01
     warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    max_grad_norm: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.3
     dual_clip: float = 3.0
@@ -89,17 +87,11 @@ class GRPOConfig(FileConfig):
     rollout_logprobs: bool = True
     rollout: str = "engine"
     rollout_kv_cache_gb: float | None = None
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 0
-    keep_last: int = 2
-    device: str | None = None
-    resume: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "called_if": CALLED_IF,
-                   "precision": ("fp32", "bf16"), "rollout": ("engine", "reference")}
+                   "rollout": ("engine", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

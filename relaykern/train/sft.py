@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from relaykern.train.batch import ResponseBatch, ResponseLogProbs, collate
 from relaykern.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from relaykern.train.config import FileConfig
+from relaykern.train.config import TrainingRun
 from relaykern.train.data import SFTDataConfig, build_sft_records, read_jsonl, write_jsonl
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.runtime import (Runtime, autocast, derive_seed, frozen_dtype, init_runtime, load_causal_lm,
@@ -27,9 +27,10 @@ from relaykern.train.runtime import (Runtime, autocast, derive_seed, frozen_dtyp
 
 
 @dataclass
-class SFTConfig(FileConfig):
+class SFTConfig(TrainingRun):
     """``model``: HF dir or ``"tiny"``. Data: ``train_file`` (SFT JSONL), or built from ``data`` with ``llm`` into
-    ``output_dir/sft_data.jsonl``. ``batch_size`` is records per optimizer step over all ranks."""
+    ``output_dir/sft_data.jsonl``. ``batch_size`` is records per optimizer step over all ranks. The optimiser,
+    precision and checkpoint fields: ``TrainingRun``."""
 
     model: str = "tiny"
     output_dir: str = "runs/sft"
@@ -39,25 +40,10 @@ class SFTConfig(FileConfig):
     epochs: int = 1
     max_steps: int = 0
     batch_size: int = 8
-    micro_batch_size: int = 2
     lr: float = 2e-5
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"
-    max_grad_norm: float = 1.0
     max_length: int = 4096
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 0
-    keep_last: int = 2
-    device: str | None = None
-    resume: bool = True
-
-    def __post_init__(self) -> None:
-        for name, allowed in {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant")}.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SFTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def completion_loss_sum(policy: torch.nn.Module, batch: ResponseBatch) -> torch.Tensor:
