@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from relaykern.config import SamplingParams
+from relaykern.engine.relay import RelayEngine
 from relaykern.scripted import force_tokens
 from relaykern.tiny import save_tiny_checkpoint
 from relaykern.tokenizer import load_qwen3_tokenizer
@@ -27,7 +29,8 @@ from relaykern.tokenizer import load_qwen3_tokenizer
 __all__ = [
     "tokenizer", "slm_dir", "llm_dir", "slm_model", "llm_model",
     "force_tokens", "text_tokens", "command_tokens", "greedy_tokens", "assert_no_blocks_held",
-    "assert_nothing_to_sample_fails_alone",
+    "assert_nothing_to_sample_fails_alone", "EOS", "MAX_TOKENS", "scripted", "scenarios", "comparable", "record_calls",
+    "random_script", "run_with_random_aborts",
 ]
 
 # The two models share the vocabulary and differ in width and depth, so a mix-up shows in their tokens.
@@ -120,3 +123,76 @@ def assert_nothing_to_sample_fails_alone(engine, prompts: list[list[int]]) -> No
     for out in outs[2:]:
         assert out.finish_reason == "error" and "nothing to sample" in out.error and len(out.token_ids) == 2
     assert_no_blocks_held(engine)
+
+
+EOS = 151645
+MAX_TOKENS = 24
+
+
+def scripted(schedule: dict[int, list[int]], max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
+    kw.setdefault("temperature", 0)
+    return SamplingParams(max_tokens=max_tokens, logits_processors=[force_tokens(schedule)], **kw)
+
+
+def scenarios(tok) -> dict[str, SamplingParams]:
+    call = lambda n: command_tokens(tok, n)  # noqa: E731
+    return {
+        "call": scripted({3: call(5)}),
+        "two_calls": scripted({1: call(3), 14: call(2)}),
+        "n_zero": scripted({2: call(0)}),
+        "huge_n": scripted({1: call(99999999999)}),
+        "malformed": scripted({2: text_tokens(tok, "<call>abc")}),
+        "unterminated_at_max_tokens": scripted({MAX_TOKENS - 4: text_tokens(tok, "<call>12")}),
+        "straddling": scripted({2: text_tokens(tok, "x.<call>7</call>,")}),
+        "glued_zero_then_call": scripted({1: text_tokens(tok, ".<call>0</call>,") + call(4)}),
+        "call_at_last_token": scripted({MAX_TOKENS - len(call(3)): call(3)}),
+        "stop_string": scripted({5: text_tokens(tok, " STOP")}, stop=["STOP"]),
+        "no_call": scripted({}),
+    }
+
+
+def comparable(out):
+    s = out.stats
+    records = [(r.n_asked, r.n_served, r.slm_catchup) for r in s.call_records]
+    return (out.token_ids, out.spans, out.finish_reason, s.slm_tokens, s.llm_tokens, s.calls, s.unserved_calls,
+            s.slm_catchup_tokens, records, out.text)
+
+
+def record_calls(obj, method: str = "execute") -> list[tuple]:
+    """The positional arguments of every call of ``obj.<method>`` from now on (a runner's: ``(rows,)`` per
+    forward)."""
+    calls, original = [], getattr(obj, method)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(obj, method, recorded)
+    return calls
+
+
+def random_script(rng: random.Random, tok) -> SamplingParams:
+    schedule, position = {}, rng.randint(0, 3)
+    for _ in range(rng.randint(0, 2)):
+        command = command_tokens(tok, rng.randint(0, 6))
+        schedule[position] = command
+        position += len(command) + 7 + rng.randint(0, 4)
+    return scripted(schedule, max_tokens=rng.randint(4, 28))
+
+
+def run_with_random_aborts(engine: RelayEngine, prompts, samplings, expected, rng: random.Random, rate: float) -> int:
+    """Runs the requests, aborting each running or waiting one with probability ``rate`` after every step: the
+    others must write ``expected`` (``comparable`` outputs of a run without aborts), the aborted ones a prefix of
+    theirs, and no block may stay held. The number aborted."""
+    seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
+    while engine.scheduler.has_work:
+        engine.step()
+        for seq in engine.scheduler.sequences():
+            if rng.random() < rate:
+                engine.abort(seq)
+    outs = [comparable(engine.output(seq)) for seq in seqs]
+    aborted = [i for i, seq in enumerate(seqs) if seq.finish_reason == "abort"]
+    assert all(out == want if i not in aborted else out[0] == want[0][:len(out[0])]
+               for i, (out, want) in enumerate(zip(outs, expected)))
+    assert_no_blocks_held(engine)
+    return len(aborted)

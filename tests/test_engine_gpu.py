@@ -98,8 +98,6 @@ def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer
     two streams, graphs): stream order keeps every other request's tokens those of a run without aborts. Also with
     the LLM's forwards read late (``decouple_llm``: each readback said not ready half the times it is asked), so that
     the SLM's steps and more LLM forwards are launched while one stays unread."""
-    from test_relay import comparable, random_script, run_with_random_aborts
-
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 12))] for _ in range(64)]
     samplings = [random_script(rng, tokenizer) for _ in prompts]

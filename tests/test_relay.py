@@ -1,52 +1,17 @@
-"""The relay engine against the reference relay (token for token, greedy), its KV invariant, and its robustness.
+"""The relay engine against the reference relay (token for token, greedy), its KV invariant, the LLM's reading
+ahead, and its robustness. (Pools, preemption, aborts and batch limits: test_relay_pool.py; how the loop launches
+its forwards: test_relay_steps.py.)
 
 The SLM is scripted by logits processors that force commands at chosen response positions; the LLM runs greedy.
 """
-import random
-
 import pytest
 import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
-from relaykern.engine import cuda_graphs
-from relaykern.engine.cuda_graphs import MAX_EXTEND_BATCH, StepGraphs
 from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
-from relaykern.engine.sequence import Phase
 from relaykern.reference import reference_generate
-
-EOS = 151645
-MAX_TOKENS = 24
-
-
-def scripted(schedule: dict[int, list[int]], max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
-    kw.setdefault("temperature", 0)
-    return SamplingParams(max_tokens=max_tokens, logits_processors=[force_tokens(schedule)], **kw)
-
-
-def scenarios(tok) -> dict[str, SamplingParams]:
-    call = lambda n: command_tokens(tok, n)  # noqa: E731
-    return {
-        "call": scripted({3: call(5)}),
-        "two_calls": scripted({1: call(3), 14: call(2)}),
-        "n_zero": scripted({2: call(0)}),
-        "huge_n": scripted({1: call(99999999999)}),
-        "malformed": scripted({2: text_tokens(tok, "<call>abc")}),
-        "unterminated_at_max_tokens": scripted({MAX_TOKENS - 4: text_tokens(tok, "<call>12")}),
-        "straddling": scripted({2: text_tokens(tok, "x.<call>7</call>,")}),
-        "glued_zero_then_call": scripted({1: text_tokens(tok, ".<call>0</call>,") + call(4)}),
-        "call_at_last_token": scripted({MAX_TOKENS - len(call(3)): call(3)}),
-        "stop_string": scripted({5: text_tokens(tok, " STOP")}, stop=["STOP"]),
-        "no_call": scripted({}),
-    }
-
-
-def comparable(out):
-    s = out.stats
-    records = [(r.n_asked, r.n_served, r.slm_catchup) for r in s.call_records]
-    return (out.token_ids, out.spans, out.finish_reason, s.slm_tokens, s.llm_tokens, s.calls, s.unserved_calls,
-            s.slm_catchup_tokens, records, out.text)
 
 
 def run_both(slm_dir, llm_dir, slm_model, llm_model, tokenizer, prompts, samplings, relay, backend="torch",
@@ -84,19 +49,6 @@ def test_engine_equals_reference_on_a_mixed_batch(slm_dir, llm_dir, slm_model, l
         assert by_name["two_calls"].stats.calls == 2
         assert by_name["huge_n"].stats.call_records[0].n_served == 6
     assert_no_blocks_held(engine)
-
-
-def record_calls(obj, method: str = "execute") -> list[tuple]:
-    """The positional arguments of every call of ``obj.<method>`` from now on (a runner's: ``(rows,)`` per
-    forward)."""
-    calls, original = [], getattr(obj, method)
-
-    def recorded(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    setattr(obj, method, recorded)
-    return calls
 
 
 def test_batched_llm_calls_write_the_same_tokens_with_fewer_llm_forwards(slm_dir, llm_dir, tokenizer):
@@ -197,59 +149,6 @@ def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokeniz
     assert "<call>" not in command_free and "call>" not in command_free and ".," in command_free
 
 
-def random_script(rng: random.Random, tok) -> SamplingParams:
-    schedule, position = {}, rng.randint(0, 3)
-    for _ in range(rng.randint(0, 2)):
-        command = command_tokens(tok, rng.randint(0, 6))
-        schedule[position] = command
-        position += len(command) + 7 + rng.randint(0, 4)
-    return scripted(schedule, max_tokens=rng.randint(4, 28))
-
-
-def test_500_random_relays_through_a_tight_pool_match_and_leak_nothing(slm_dir, llm_dir, tokenizer):
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 12))] for _ in range(500)]
-    samplings = [random_script(rng, tokenizer) for _ in prompts]
-
-    def engine(num_blocks, relay=None):
-        config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=64)
-        return RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=config, llm_config=config)
-
-    expected = [comparable(o) for o in engine(4096, RelayConfig(overlap_steps=False)).generate(prompts, samplings)]
-    # Tight pools (steps overlapped), with the LLM running whenever it has work and reading from each command's
-    # first tokens, with calls held back to share its forwards, and with the LLM reading ahead (taking free blocks,
-    # given back under pressure).
-    relays = (RelayConfig(early_catchup_tokens=1), RelayConfig(llm_batch_wait_steps=5, llm_batch_min_rows=6),
-              RelayConfig(llm_prefetch_tokens=9))
-    for relay in relays:
-        tight = engine(30, relay)
-        outs = tight.generate(prompts, samplings)
-        assert [comparable(o) for o in outs] == expected
-        assert sum(o.stats.calls for o in outs) > 100
-        assert_no_blocks_held(tight)
-    aborted = run_with_random_aborts(engine(30, RelayConfig(llm_prefetch_tokens=9)), prompts, samplings, expected,
-                                     rng, rate=0.002)
-    assert aborted > 20
-
-
-def run_with_random_aborts(engine: RelayEngine, prompts, samplings, expected, rng: random.Random, rate: float) -> int:
-    """Runs the requests, aborting each running or waiting one with probability ``rate`` after every step: the
-    others must write ``expected`` (``comparable`` outputs of a run without aborts), the aborted ones a prefix of
-    theirs, and no block may stay held. The number aborted."""
-    seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
-    while engine.scheduler.has_work:
-        engine.step()
-        for seq in engine.scheduler.sequences():
-            if rng.random() < rate:
-                engine.abort(seq)
-    outs = [comparable(engine.output(seq)) for seq in seqs]
-    aborted = [i for i, seq in enumerate(seqs) if seq.finish_reason == "abort"]
-    assert all(out == want if i not in aborted else out[0] == want[0][:len(out[0])]
-               for i, (out, want) in enumerate(zip(outs, expected)))
-    assert_no_blocks_held(engine)
-    return len(aborted)
-
-
 def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
     """RelayConfig.llm_prefetch_tokens: while the LLM serves no call it reads ahead (5 tokens a forward here,
     sampling nothing) the prompts and then the SLM's text up to each safe point, so a late call's catch-up is one
@@ -313,155 +212,6 @@ def test_early_catchup_reads_up_to_a_command_while_the_slm_writes_it(slm_dir, ll
     assert [o.stats.llm_prefill_tokens for o in early] == [o.stats.llm_prefill_tokens for o in at_call]
 
 
-def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, llm_dir, tokenizer):
-    """``engine.abort`` ends a request at once, whether the SLM writes it (its next row already launched, overlapped),
-    the LLM serves its call, or it still waits for a slot: its blocks in both pools are freed, what it wrote is
-    kept, and the other requests write what they write alone. A stream closed early aborts its requests."""
-    prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}?") for i in range(5)]
-    samplings = [scripted({}), scripted({}), scripted({2: command_tokens(tokenizer, 8)}), scripted({}), scripted({})]
-    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu", max_num_seqs=3),
-                         llm_config=EngineConfig(device="cpu"))
-    alone = [engine.generate([prompt], sampling)[0] for prompt, sampling in zip(prompts, samplings)]
-    seqs = [engine.add_request(prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
-    while seqs[2].phase is not Phase.LLM:  # (the fourth request takes the third's SLM row meanwhile)
-        engine.step()
-    assert seqs[0].phase is Phase.SLM and engine.next_slm is not None and seqs[0] in engine.next_slm.seqs
-    assert seqs[4] in engine.scheduler.waiting
-    for seq in (seqs[0], seqs[2], seqs[4]):
-        engine.abort(seq)
-    while engine.scheduler.has_work:
-        engine.step()
-    outs = [engine.output(seq) for seq in seqs]
-    assert [o.finish_reason for o in outs] == ["abort", "length", "abort", "length", "abort"]
-    assert comparable(outs[1]) == comparable(alone[1]) and comparable(outs[3]) == comparable(alone[3])
-    for out, full in zip(outs, alone):
-        assert out.token_ids == full.token_ids[:len(out.token_ids)]
-    assert outs[4].token_ids == [] and outs[2].stats.calls == 1
-    assert_no_blocks_held(engine)
-
-    queued = engine.add_request(prompts[0], scripted({}))
-    with pytest.raises(ValueError, match="not one of this engine's"):
-        RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu")).abort(queued)
-    engine.abort(queued)
-    assert queued.finish_reason == "abort" and not engine.scheduler.has_work
-    stream = engine.stream(prompts[:2], scripted({}))
-    next(stream)
-    stream.close()
-    assert not engine.scheduler.has_work
-    assert_no_blocks_held(engine)
-    assert [comparable(o) for o in engine.generate(prompts, samplings)] == [comparable(o) for o in alone]
-
-
-def test_read_ahead_gives_its_blocks_back_to_calls(slm_dir, llm_dir, tokenizer):
-    """An LLM pool of 16 blocks of 4 tokens, filled by reading ahead: a call short of blocks takes back the views
-    read ahead for sequences the SLM is serving (never preempting them). Outputs equal the lazy LLM's with ample
-    pools; nothing leaks."""
-    rng = random.Random(3)
-    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(14, 20))] for _ in range(8)]
-    samplings = [scripted({rng.randint(6, 14): command_tokens(tokenizer, 3)} if i % 4 else {}, max_tokens=24)
-                 for i in range(8)]
-
-    def run(relay: RelayConfig, llm_blocks: int):
-        engine = RelayEngine(slm_dir, llm_dir, relay=relay, slm_config=EngineConfig(device="cpu", block_size=4),
-                             llm_config=EngineConfig(device="cpu", block_size=4, num_blocks=llm_blocks))
-        forwards, room_made = record_calls(engine.llm), record_calls(engine.scheduler, "_make_room")
-        outs = [comparable(o) for o in engine.generate(prompts, samplings)]
-        assert_no_blocks_held(engine)
-        read_ahead = sum(not any(row.samples for row in rows) for (rows,) in forwards)
-        return outs, read_ahead, [args[0] is engine.llm for args in room_made]
-
-    expected, _, _ = run(RelayConfig(), 400)
-    outs, read_ahead, room_made = run(RelayConfig(llm_prefetch_tokens=8), 16)
-    assert outs == expected and read_ahead > 0 and any(room_made)
-
-
-def test_chunked_prefills_and_catch_ups_give_the_same_outputs(slm_dir, llm_dir, tokenizer):
-    """A budget of 8 tokens per forward splits prompts and catch-ups into chunks, only the last of which samples
-    (and a tight pool preempts between chunks): the same outputs as one row per view, no forward over budget."""
-    rng = random.Random(2)
-    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(9, 30))] for _ in range(24)]
-    samplings = [random_script(rng, tokenizer) for _ in prompts]
-
-    def run(budget: int, num_blocks: int):
-        config = EngineConfig(device="cpu", block_size=4, num_blocks=num_blocks, max_num_seqs=16,
-                              max_num_batched_tokens=budget)
-        engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
-        forwards = [record_calls(engine.slm), record_calls(engine.llm)]
-        outs = engine.generate(prompts, samplings)
-        assert_no_blocks_held(engine)
-        largest = max(sum(len(row.tokens) for row in rows) for calls in forwards for (rows,) in calls)
-        return [comparable(o) for o in outs], [o.stats.llm_prefill_tokens for o in outs], largest
-
-    expected, prefill, largest = run(8192, 4096)
-    assert largest > 8 and sum(out[5] for out in expected) > 10  # prompts longer than 8, calls made
-    chunked, chunked_prefill, largest = run(8, 4096)
-    assert chunked == expected and chunked_prefill == prefill and largest <= 8
-    tight, _, largest = run(8, 24)
-    assert tight == expected and largest <= 8
-
-
-def test_each_model_keeps_to_its_own_batch_limits(slm_dir, llm_dir, tokenizer):
-    """``max_num_seqs`` and ``max_num_batched_tokens`` of each model's EngineConfig bound that model's forwards
-    (here the LLM's far below the SLM's: calls wait for rows, catch-ups come in chunks), also when the LLM reads
-    ahead; the outputs are unchanged."""
-    prompts = [text_tokens(tokenizer, f"Q{i}: what is {i} * {i + 3}?") for i in range(8)]
-    samplings = [scripted({2 + i % 3: command_tokens(tokenizer, 4)}, max_tokens=16) for i in range(8)]
-    expected = [comparable(o) for o in RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(device="cpu"),
-                                                  llm_config=EngineConfig(device="cpu")).generate(prompts, samplings)]
-    for relay in (RelayConfig(), RelayConfig(llm_prefetch_tokens=4)):
-        engine = RelayEngine(slm_dir, llm_dir, relay=relay,
-                             slm_config=EngineConfig(device="cpu", block_size=4, max_num_seqs=16,
-                                                     max_num_batched_tokens=64),
-                             llm_config=EngineConfig(device="cpu", block_size=4, max_num_seqs=2,
-                                                     max_num_batched_tokens=5))
-        forwards = {"slm": record_calls(engine.slm), "llm": record_calls(engine.llm)}
-        assert [comparable(o) for o in engine.generate(prompts, samplings)] == expected
-        sizes = {name: [(len(rows), sum(len(row.tokens) for row in rows)) for (rows,) in calls]
-                 for name, calls in forwards.items()}
-        assert max(rows for rows, _ in sizes["llm"]) == 2 and max(tokens for _, tokens in sizes["llm"]) <= 5
-        assert max(rows for rows, _ in sizes["slm"]) == 8 and max(tokens for _, tokens in sizes["slm"]) <= 64
-        assert_no_blocks_held(engine)
-
-
-def test_overlapped_steps_feed_the_next_chunk_at_once(slm_dir, llm_dir, tokenizer):
-    """A long prompt arriving while another request decodes: with overlapped steps, each of its chunks rides in the
-    step right after the one before (the host knows its tokens), not a step later."""
-    config = EngineConfig(device="cpu", block_size=4, max_num_batched_tokens=8)
-    engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
-    decoding = engine.add_request([101, 102, 103], scripted({}, max_tokens=20))
-    engine.step()
-    forwards = record_calls(engine.slm)
-    long = engine.add_request(list(range(1000, 1030)), scripted({}, max_tokens=3))
-    while not (decoding.finished and long.finished):
-        engine.step()
-    with_long = [i for i, (rows,) in enumerate(forwards) if any(row.seq_id == long.request_id for row in rows)]
-    chunks = [row for (rows,) in forwards for row in rows if row.seq_id == long.request_id and not row.samples]
-    assert len(chunks) >= 4 and with_long[:len(chunks) + 1] == list(range(with_long[0], with_long[0] + len(chunks) + 1))
-    assert [row.start for row in chunks] == [sum(len(row.tokens) for row in chunks[:i]) for i in range(len(chunks))]
-    assert engine.overlapped_steps["slm"] >= len(chunks)
-    assert_no_blocks_held(engine)
-
-    # An overlapped step carrying a chunk fails (another request's processor raises in it): that request fails
-    # alone; the chunked prompt, its blocks given back, is recomputed and writes what it writes alone.
-    def raising(generated, logits):
-        if len(generated) == 2:
-            raise RuntimeError("processor fell over")
-        return logits
-
-    raising.position_only = True
-    prompt = list(range(2000, 2027))
-    broken = engine.add_request([101, 102, 103, 104, 105], SamplingParams(
-        temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[raising]))
-    long = engine.add_request(prompt, scripted({}, max_tokens=2))
-    with pytest.warns(UserWarning, match="overlapped SLM step failed"):
-        while not (broken.finished and long.finished):
-            engine.step()
-    assert broken.finish_reason == "error" and "fell over" in broken.error
-    assert engine.output(long).token_ids == engine.generate([prompt], scripted({}, max_tokens=2))[0].token_ids
-    assert max(sum(len(row.tokens) for row in rows) for (rows,) in forwards) <= 8  # the recompute too
-    assert_no_blocks_held(engine)
-
-
 def test_robustness(slm_dir, llm_dir, tokenizer, tmp_path):
     # A command with no LLM configured stays text and is counted as unserved.
     alone = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))
@@ -511,79 +261,3 @@ def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, to
     assert persistent.calls == 2
     # The second call re-reads the prompt and everything before it instead of only what is new.
     assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens
-
-
-@pytest.mark.parametrize("backend,requests,max_tokens,extend_batch", [
-    ("torch", 16, 64, MAX_EXTEND_BATCH), ("triton", 5, 16, MAX_EXTEND_BATCH), ("torch", 12, 64, 1)],
-    ids=["torch", "triton", "split"])
-def test_step_graph_buffers_give_the_same_tokens(slm_dir, llm_dir, tokenizer, monkeypatch, backend, requests,
-                                                 max_tokens, extend_batch):
-    """The CUDA-graph path's buffer handling (padding rows and tokens, one input buffer per shape, block tables of
-    growing width), replayed eagerly on the CPU: the same outputs as the plain path, through a pool that preempts.
-    Decode steps and extend steps (prompts, catch-ups, both mixed with decode rows) both go through the graphs
-    (``max_tokens`` per forward: longer prompts are chunked; under the interpreter, fewer graph shapes). "split":
-    extend graphs of one row only, so that mixed steps replay the decode graph for their one-token rows and an extend
-    graph for the others (``ModelRunner._split_logits``), in whatever order the rows come."""
-    monkeypatch.setattr(cuda_graphs, "MAX_EXTEND_BATCH", extend_batch)
-    rng = random.Random(1)
-    prompts = [[rng.randrange(100, 150000) for _ in range(rng.randint(1, 30))] for _ in range(requests)]
-    samplings = [random_script(rng, tokenizer) for _ in prompts]
-
-    def run(graphs: bool):
-        config = EngineConfig(device="cpu", block_size=4, num_blocks=40, max_num_seqs=6, attention_backend=backend,
-                              max_num_batched_tokens=max_tokens)
-        engine = RelayEngine(slm_dir, llm_dir, slm_config=config, llm_config=config)
-        replays, splits = [], []
-        if graphs:
-            for runner in (engine.slm, engine.llm):
-                runner.graphs = StepGraphs(runner, capture=False)
-                replays.append(record_calls(runner.graphs, "run"))
-                split = runner._split_logits
-                runner._split_logits = lambda rows, fed, split=split: splits.append(split(rows, fed)) or splits[-1]
-        return [comparable(o) for o in engine.generate(prompts, samplings)], replays, splits
-
-    plain, _, _ = run(graphs=False)
-    replayed, replays, splits = run(graphs=True)
-    assert replayed == plain
-    shapes = [[call[0] for call in calls] for calls in replays]
-    assert all(sum(s.decode for s in model) >= 2 for model in shapes)  # both models decoded through the graphs
-    assert all(sum(not s.decode for s in model) >= 1 for model in shapes)  # and caught up / prefilled
-    if extend_batch > 1:
-        assert any(not s.decode and s.batch > 1 for model in shapes for s in model)  # a mixed or batched extend
-    else:
-        assert sum(logits is not None for logits in splits) >= 2
-
-
-def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):
-    """SLM steps launched before the step before is read back (fed on the device; ``RelayConfig.overlap_steps``)
-    write what steps in turn write, greedy and sampled, including rows dropped because their request stopped or
-    called at the token they were fed; every block comes back."""
-    cases = scenarios(tokenizer)
-    cases["sampled"] = scripted({4: command_tokens(tokenizer, 2)}, temperature=1.0, seed=7)
-    cases["sampled_logprobs"] = scripted({}, temperature=0.8, top_p=0.9, seed=3, logprobs=True)
-    # All calling at once (the SLM idle), one of them stopped by the LLM's EOS in the middle of its call.
-    aligned = [scripted({2: command_tokens(tokenizer, n)}, max_tokens) for n, max_tokens in ((9, 24), (6, 24), (9, 14))]
-    llm_eos = [SamplingParams(temperature=0, logits_processors=[force_tokens({12: [EOS]})]), None, None]
-    for samplings, llm_samplings in ((list(cases.values()), [None] * len(cases)), (aligned, llm_eos)):
-        prompts = [text_tokens(tokenizer, f"Q{i}: {i} * {i + 2} = ?") for i in range(len(samplings))]
-        outputs, engines = {}, {}
-        for overlap in (False, True):
-            engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(overlap_steps=overlap),
-                                 slm_config=EngineConfig(device="cpu", block_size=4, num_blocks=64),
-                                 llm_config=EngineConfig(device="cpu", block_size=4))
-            seqs = [engine.add_request(*request) for request in zip(prompts, samplings, llm_samplings)]
-            while not all(seq.finished for seq in seqs):
-                engine.step()
-            outputs[overlap] = [engine.output(seq) for seq in seqs]
-            engines[overlap] = engine
-            assert_no_blocks_held(engine)
-        for a, b in zip(outputs[False], outputs[True]):
-            assert comparable(a) == comparable(b)
-            if a.logprobs is not None:  # (rows batched otherwise: products summed in another order)
-                torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
-        assert engines[False].overlapped_steps == {"slm": 0, "llm": 0} and engines[True].steps == engines[False].steps
-        overlapped = engines[True].overlapped_steps
-        if samplings is aligned:  # the LLM's decode steps while the SLM, every request calling, waits
-            assert overlapped["llm"] >= 3 and outputs[True][0].finish_reason == "stop"
-        else:  # (a step in which a call ends runs in turn; the malformed and stop requests end at once)
-            assert overlapped["slm"] >= engines[True].steps // 2 and engines[True].dropped_rows > 0
