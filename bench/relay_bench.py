@@ -92,8 +92,10 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     (``early_same_priority``: ``read_ahead_yields=False``).
 
     The relay request reads k tokens into the LLM at its call (a prompt of k - 4 tokens, then 4 SLM tokens; the
-    command's are stripped), the LLM writes n, the SLM 4 more. A request of as many tokens that never calls is timed
-    beside it (fresh prompts each run: no prefix-cache hits). Over the call lengths n,
+    command's are stripped), the LLM writes n, the SLM 4 more. Beside it, "alone": the same request with the command
+    left as text (``max_calls=0``), the SLM writing the n tokens, so that both force the same tokens through the
+    same logits processor. Runs are interleaved, fresh prompts each (no prefix-cache hits); medians and minima are
+    kept. Over the call lengths n,
 
         T_relay(n) - T_alone(n) = overhead + n * (per-token difference)
 
@@ -110,6 +112,7 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
     ahead = END_TO_END_SLM_TOKENS
     early = dataclasses.replace(engine.relay, early_catchup_tokens=preset.early_catchup_tokens)
     modes = [("default", None), ("early", early)]
+    as_text = dataclasses.replace(engine.relay, max_calls=0, after_max_calls="continue")
     if engine.llm.stream is not None:  # reading early at the steps' priority (a CPU has no streams to prioritize)
         modes.append(("early_same_priority", dataclasses.replace(early, read_ahead_yields=False)))
     relays, fits = [], []
@@ -122,31 +125,39 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
             command = engine.tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
             length = ahead + len(command) + n + ahead
 
-            def seconds(schedule: dict[int, list[int]]) -> float:
+            def seconds() -> float:
                 prompt = [rng.randrange(LOWEST_PROMPT_TOKEN, top) for _ in range(max(1, k - ahead))]
                 sampling = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True,
-                                          logits_processors=[force_tokens(schedule)])
+                                          logits_processors=[force_tokens({ahead: command})])
                 return timed(lambda: engine.generate([prompt], sampling), engine.slm.device)[1]
 
-            seconds({}), seconds({ahead: command})  # warm-up: this shape's first forwards
-            row = {"k": k, "n": n, "alone_ms": statistics.median(seconds({}) for _ in range(preset.repeats)) * 1e3}
-            for mode, relay in modes:
-                with using_relay(engine, relay):
-                    row[mode] = {"relay_ms": statistics.median(seconds({ahead: command})
-                                                               for _ in range(preset.repeats)) * 1e3}
+            timings: dict[str, list[float]] = {name: [] for name in ("alone", *(mode for mode, _ in modes))}
+            for repeat in range(preset.repeats + 1):  # interleaved (drift hits every variant alike); first: warm-up
+                for name, relay in (("alone", as_text), *modes):
+                    with using_relay(engine, relay):
+                        elapsed = seconds() * 1e3
+                    if repeat:
+                        timings[name].append(elapsed)
+            row = {"k": k, "n": n, "alone_ms": statistics.median(timings["alone"]),
+                   "alone_min_ms": min(timings["alone"])}
+            for mode, _ in modes:
+                row[mode] = {"relay_ms": statistics.median(timings[mode]), "relay_min_ms": min(timings[mode])}
             rows.append(row)
             if n == traced_n:
                 trace = {"n": n}
-                for name, schedule in (("alone", {}), ("relay", {ahead: command})):
-                    with traced(engine) as forwards:
-                        seconds(schedule)
+                for name, relay in (("alone", as_text), ("relay", None)):
+                    with using_relay(engine, relay), traced(engine) as forwards:
+                        seconds()
                     timeline = forwards.timeline()
                     trace[name] = {**summarize(timeline), "forwards": timeline}
         fit = {"k": k, "slm_step_ms": slm_step, "llm_step_ms": llm_step, "trace": trace}
+        ns = [r["n"] for r in rows]
         for mode, _ in modes:
-            intercept, slope = overhead_fit([r["n"] for r in rows], [r[mode]["relay_ms"] - r["alone_ms"] for r in rows],
-                                            llm_step - slm_step)
-            fit[mode] = {"overhead_ms": intercept, "per_token_ms": slope, "overhead_llm_steps": intercept / llm_step}
+            intercept, slope = overhead_fit(ns, [r[mode]["relay_ms"] - r["alone_ms"] for r in rows], llm_step - slm_step)
+            from_minima, _ = overhead_fit(ns, [r[mode]["relay_min_ms"] - r["alone_min_ms"] for r in rows],
+                                          llm_step - slm_step)
+            fit[mode] = {"overhead_ms": intercept, "per_token_ms": slope, "overhead_llm_steps": intercept / llm_step,
+                         "overhead_ms_from_minima": from_minima}
         relays += rows
         fits.append(fit)
     return {"slm_tokens_around_the_call": ahead, "early_catchup_tokens": preset.early_catchup_tokens,
