@@ -128,8 +128,8 @@ class RelayConfig:
         or blocks are short. Outputs do not depend on it (default on).
     decouple_llm: the SLM's steps go on while an LLM forward runs: a step reads the LLM's oldest forward only once
         the device has run it (or when the SLM has nothing to do), so that a catch-up or a decode step of the larger
-        model does not hold every other request to one SLM step per LLM forward. At most two LLM forwards are in
-        flight, the second launched overlapped (as ``overlap_steps`` says; without it, one). False: each step waits
+        model does not hold every other request to one SLM step per LLM forward. At most two LLM forwards are
+        unread, the second launched overlapped (as ``overlap_steps`` says; without it, one). False: each step waits
         for both models' forwards. On a CPU a forward has run when it returns, so nothing changes there; on a GPU
         which rows share a forward then depends on timing, so outputs may differ from run to run as much as rounding
         in another batch makes them (in bf16, a greedy pick now and then). Default on.

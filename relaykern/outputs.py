@@ -14,8 +14,10 @@ class CallRecord:
     n_asked: int
     n_served: int = 0
     llm_catchup: int = 0
+    """Tokens the LLM read at this call before its first token (those it had not read ahead)."""
     slm_catchup: int = 0
     latency_s: float = 0.0
+    """From the command read to the LLM's last token of the call, or to the end of a request ended during it."""
 
 
 @dataclass
@@ -24,6 +26,8 @@ class RelayStats:
     llm_tokens: int = 0
     calls: int = 0
     llm_prefill_tokens: int = 0
+    """Tokens the LLM read before its calls' first tokens, read ahead or at the call (a view recomputed after
+    preemption during a call is not counted)."""
     slm_catchup_tokens: int = 0
     unserved_calls: int = 0
     """Commands seen but not served: no LLM configured, or ``max_calls`` reached."""

@@ -210,6 +210,37 @@ def test_a_split_step_whose_rows_read_each_others_blocks_gives_one_forwards_logi
     assert parts == [None] and torch.equal(split_tokens, eager_tokens) and torch.equal(logprobs, eager_logprobs)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_small_decode_step_whose_rows_read_each_others_blocks_stores_before_it_attends(checkpoints, graphs):
+    """A decode step of a few rows may store each row's new K/V inside its attention kernel (``split_counters``),
+    while the other rows read: a row whose block, found in the prefix cache in this step, another row completes in
+    it would read that position unwritten (a prompt's last token, fed alone as its last chunk, and a request
+    sharing that prompt admitted in the same step). Such a step stores every row's K/V first; here the reading row
+    comes first, so under the interpreter, which runs programs in order, the fused kernel would read it unwritten."""
+    tokens = prompts_of([6])[0]
+    wanting = SamplingParams(temperature=0, logprobs=True)
+    rows = [Row(1, tokens[4:5], 4, True, wanting, 0, 0, [], True), Row(0, tokens[3:4], 3, True, wanting, 0, 0, [], True)]
+
+    def run_step(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-token row of sequence 0 completes block 0, which sequence 1 found cached and reads."""
+        config = EngineConfig(device="cpu", block_size=4, attention_backend=backend, max_num_seqs=9,
+                              max_num_batched_tokens=16)  # (a few graph shapes: 9 rows and more run unfused)
+        runner = RelayEngine(checkpoints["qwen3"], slm_config=config).slm
+        if graphs:
+            runner.graphs = StepGraphs(runner, capture=False)
+        runner.blocks.allocate(0, tokens[:3])
+        runner.execute([Row(0, tokens[:3], 0, False, wanting, 0, 0, [], False)])
+        runner.blocks.append(0, tokens[3:4])  # block 0 complete, registered: the next allocation finds it
+        assert runner.blocks.allocate(1, tokens[:5]) == 4
+        return runner.execute(rows)
+
+    assert run_step("triton")[1] is not None
+    expected_tokens, expected_logprobs = run_step("torch")  # (the reference stores every row's K/V first)
+    tokens_out, logprobs = run_step("triton")
+    assert torch.equal(tokens_out, expected_tokens)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=0, atol=1e-4)
+
+
 def test_logprobs_are_the_models(checkpoints):
     engine = RelayEngine(checkpoints["qwen3"], slm_config=EngineConfig(device="cpu"))
     prompt = prompts_of([9])[0]

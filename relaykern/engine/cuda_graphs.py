@@ -198,11 +198,13 @@ class StepGraphs:
     def _eager_replay(self, shape: GraphShape) -> None:
         self._step(shape)
 
-    def shape_for(self, lengths: list[int]) -> GraphShape | None:
-        """The smallest captured shape holding rows of these token counts; None if none does."""
+    def shape_for(self, lengths: list[int], least_rows: int = 0) -> GraphShape | None:
+        """The smallest captured shape holding rows of these token counts, and at least ``least_rows`` rows; None if
+        none does."""
         decode = all(n == 1 for n in lengths)
         total = sum(lengths)
-        fitting = [s for s in self.shapes if s.decode == decode and s.batch >= len(lengths) and s.tokens >= total]
+        rows = max(len(lengths), least_rows)
+        fitting = [s for s in self.shapes if s.decode == decode and s.batch >= rows and s.tokens >= total]
         return min(fitting, key=lambda s: (s.tokens, s.rows), default=None)
 
     def run(self, shape: GraphShape, tokens: list[list[int]], starts: list[int], block_tables: torch.Tensor,

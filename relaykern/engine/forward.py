@@ -77,8 +77,8 @@ class Launcher:
     """The forward after which an overlapped launch failed: none is tried again until it is read."""
 
     def launch(self, busy: list[Sequence]) -> Launched | None:
-        """Schedules and launches a forward and starts reading its results back; ``busy``: the other model's launched
-        sequences, which scheduling must not preempt. None if no row ran."""
+        """Schedules and launches a forward and starts reading its results back; ``busy``: the sequences of the other
+        model's forwards not read yet, which scheduling must not preempt. None if no row ran."""
         seqs, rows = self.scheduler.schedule(self.phase, self.runner, self.phase.view, busy)
         with self.runner.scope():  # detection and the readback go on the model's stream, after its forward
             result = run_forward(self.runner, self.scheduler, seqs, rows) if rows else None

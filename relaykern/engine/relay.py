@@ -1,13 +1,14 @@
 """The relay loop: an SLM and an optional LLM in one continuous-batching engine, both KV caches kept for the
 life of each request.
 
-Each ``step()`` launches two forwards before it waits on either:
+Each ``step()`` launches up to two forwards before it waits on either:
 
 1. one SLM forward over every sequence in the SLM phase (decode rows, and catch-up rows that first read what the
    LLM wrote, packed together), sampling and fused command detection on the device (a table lookup per row);
-2. one LLM forward over every sequence in the LLM phase: its first row of a call is a catch-up over only the new
-   tag-free tokens (extend attention over the LLM's paged cache), then decode rows until N tokens, EOS or the
-   budget (``RelayConfig.llm_batch_wait_steps`` may hold it back a few steps so that more rows share a forward);
+2. one LLM forward over the sequences in the LLM phase (those not in an LLM forward still unread): its first row
+   of a call is a catch-up over only the new tag-free tokens (extend attention over the LLM's paged cache), then
+   decode rows until N tokens, EOS or the budget (``RelayConfig.llm_batch_wait_steps`` may hold it back a few
+   steps so that more rows share a forward);
 3. the host reads back the SLM's ids + detection events (never detokenizing) while the GPU runs the LLM, and per
    sequence appends the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
    turn minus the command bytes (``protocol.strip_commands``) and the sequence moves to the LLM phase, served
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence as Seq
 
@@ -146,7 +146,6 @@ class RelayEngine:
         if request not in self.scheduler.running and request not in self.scheduler.waiting:
             raise ValueError(f"request {request.request_id} is not one of this engine's")
         request.finish("abort")
-        request.call = None
         self.scheduler.finish(request)
 
     def _queue(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None,
@@ -183,7 +182,9 @@ class RelayEngine:
         # The SLM goes on while the LLM's oldest forward runs; without SLM work the host waits for it.
         llm = in_flight[0] if in_flight and (slm is None or not self.relay.decouple_llm or
                                              in_flight[0].readback.ready()) else None
-        # A call that ends with this LLM forward goes back to the SLM, whose next step must then take it.
+        # A call that ends with this LLM forward goes back to the SLM, whose next step is then launched after the read
+        # so as to take it. (A forward found done only at the second look below came too late for that: such a
+        # request joins the SLM's step after next.)
         returning = llm is not None and any(seq.phase is Phase.LLM and row.samples and
                                             seq.call.produced + 1 >= seq.call.n_served
                                             for seq, row in zip(llm.seqs, llm.rows))
@@ -229,17 +230,16 @@ class RelayEngine:
         tokens, logprobs = launched.readback.wait()
         runner, phase = forwards.runner, forwards.phase
         is_slm = phase is Phase.SLM
-        live = [s if not s.finished and (i >= launched.fed or forwards.goes_on(s, r)) else None
-                for i, (s, r) in enumerate(zip(launched.seqs, launched.rows))]
+        # A row is dropped if its request ended, left the phase at the token it was fed (what it sampled is
+        # dropped), or had its view released since (a failed overlapped step's chunk: recomputed, as preempted).
+        live = [s if not s.finished and phase.view(s).allocated and (i >= launched.fed or forwards.goes_on(s, r))
+                else None for i, (s, r) in enumerate(zip(launched.seqs, launched.rows))]
         found = self.detector.unpack(tokens, live) if is_slm else tokens
         for i, (seq, row, token, logprob) in enumerate(zip(live, launched.rows, found, logprobs or [None] * len(live))):
-            if seq is None:  # it ended, or left the phase at the token this row was fed: what it sampled is dropped
+            if seq is None:
                 self.dropped_rows += 1
                 continue
             view = phase.view(seq)
-            if not view.allocated:  # released since (a failed overlapped step's chunk): recomputed, as preempted
-                self.dropped_rows += 1
-                continue
             if i < launched.fed:
                 self.scheduler.take_fed_tokens(seq, runner, view, row.start + 1)
             view.num_cached = row.start + len(row.tokens)
@@ -314,9 +314,7 @@ class RelayEngine:
             seq.stats.slm_catchup_tokens += call.produced
             seq.phase = Phase.SLM
             seq.reset_detection()
-        if done or seq.finished:
-            call.record.latency_s = time.perf_counter() - call.started_at
-            seq.call = None
+            seq.end_call()
 
     def output(self, seq: Sequence) -> RelayOutput:
         return RelayOutput(

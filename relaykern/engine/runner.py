@@ -20,6 +20,7 @@ from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.row import FED_ON_DEVICE, Row
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
+from relaykern.kernels.decode_attention import SMALL_DECODE_BATCH
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.kernels.sample import row_keys
 from relaykern.loader import load_model, load_state_dict_into
@@ -161,7 +162,20 @@ class ModelRunner:
         return sample(logits, self._sampling_batch(rows), want_logprobs, self.backend)
 
     def _shape_for(self, rows: list[Row]) -> GraphShape | None:
-        return self.graphs.shape_for([len(row.tokens) for row in rows]) if self.graphs is not None else None
+        if self.graphs is None:
+            return None
+        # A decode graph of more rows than fuse, padded, for a small step that must not fuse.
+        least_rows = SMALL_DECODE_BATCH + 1 if self._must_store_first(rows) else 0
+        return self.graphs.shape_for([len(row.tokens) for row in rows], least_rows)
+
+    def _must_store_first(self, rows: list[Row]) -> bool:
+        """Whether a decode step small enough to store each row's new K/V inside its attention kernel
+        (``split_counters``: while the other rows read) has a row reading a block another row completes in it (a
+        block found in the prefix cache in the step that computes it: a prompt's last token fed alone, as the last
+        of its chunks, and a request sharing that prompt admitted beside it). Such a step stores every row's K/V
+        before any row attends."""
+        return (self.split_counters is not None and 1 < len(rows) <= SMALL_DECODE_BATCH and
+                all(len(row.tokens) == 1 for row in rows) and self._reads_what_is_completed(rows, rows))
 
     def _logits(self, rows: list[Row], fed_tokens: torch.Tensor | None, shape: GraphShape | None) -> torch.Tensor:
         """One forward: the logits of each row's last token, replayed from the CUDA graph of ``shape`` (the one
@@ -255,7 +269,7 @@ class ModelRunner:
             max_q_len=max(lengths),
             backend=self.backend,
             gemv=self.gemv,
-            split_counters=self.split_counters,
+            split_counters=None if self._must_store_first(rows) else self.split_counters,
         )
         return ctx, injected.input_ids, injected.positions
 

@@ -13,7 +13,8 @@ model's phase gives back its cache in this pool alone (a sequence the SLM is ser
 until its next call; both caches persist otherwise): that model recomputes its view when it next serves it. Else the
 newest running sequence in this phase that is in neither this step's batch nor the other model's forward is
 preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never
-lost). A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
+lost). (The first stage may take the cache of a sequence in the other model's unread forward: that forward does not
+read this pool.) A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
 ``schedule_overlapped`` schedules a model's next step before the tokens of its launched one are known on the host
@@ -64,7 +65,8 @@ class Scheduler:
                  in_flight: frozenset[int] = frozenset(), chunk_ends: dict[int, int] | None = None, taken: int = 0
                  ) -> tuple[list[Sequence], list[Row]]:
         """Rows for ``runner``'s forward over the sequences in ``phase``; ``view_of(seq)`` is their view for it.
-        ``busy``: sequences in the other model's forward of this step, never preempted. For an overlapped step
+        ``busy``: sequences in the other model's forwards not read yet, never preempted (their views in this model may
+        be released: that model does not read them). For an overlapped step
         (``schedule_overlapped``): ``in_flight``, ids of sequences this model's launched forward computes (their
         views are not up to date yet: left out, except those in ``chunk_ends``, whose launched row is a chunk and
         whose next chunk starts where it ends), ``taken`` rows of one token each already in the step; free blocks
@@ -144,7 +146,7 @@ class Scheduler:
             view = view_of(seq)
             if not row.samples and seq.phase is phase and view.allocated and view.reserved == start:
                 chunk_ends[seq.request_id] = start
-            if not (row.samples and seq.goes_on(phase, view, start)):
+            if not (row.samples and view.allocated and seq.goes_on(phase, view, start)):
                 continue
             if not all(getattr(p, "position_only", False) for p in row.sampling.logits_processors):
                 return None

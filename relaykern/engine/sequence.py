@@ -133,6 +133,13 @@ class Sequence:
         self.phase = Phase.FINISHED
         self.finish_reason = reason
         self.error = error
+        if self.call is not None:  # ended during a call (EOS, a stop, the budget, an abort or an error)
+            self.end_call()
+
+    def end_call(self) -> None:
+        """The LLM's turn is over: its record takes the call's latency."""
+        self.call.record.latency_s = time.perf_counter() - self.call.started_at
+        self.call = None
 
     def reset_detection(self) -> None:
         """A new SLM run begins (after the LLM's turn): LLM text is never scanned for commands."""
