@@ -61,6 +61,7 @@ def test_aborted_requests_free_their_blocks_and_change_no_other_output(slm_dir, 
     for out, full in zip(outs, alone):
         assert out.token_ids == full.token_ids[:len(out.token_ids)]
     assert outs[4].token_ids == [] and outs[2].stats.calls == 1
+    assert outs[2].stats.call_records[0].latency_s > 0  # (aborted during its call)
     assert_no_blocks_held(engine)
 
     queued = engine.add_request(prompts[0], scripted({}))
