@@ -4,11 +4,15 @@ its forwards: test_relay_steps.py.)
 
 The SLM is scripted by logits processors that force commands at chosen response positions; the LLM runs greedy.
 """
+import gc
+import weakref
+
 import pytest
 import torch
 
 from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
+from relaykern.engine.cuda_graphs import StepGraphs
 from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
 from relaykern.reference import reference_generate
@@ -261,3 +265,21 @@ def test_official_style_reprefill_mode_gives_the_same_relay(slm_dir, llm_dir, to
     assert persistent.calls == 2
     # The second call re-reads the prompt and everything before it instead of only what is new.
     assert reprefill.llm_prefill_tokens > persistent.llm_prefill_tokens
+
+
+def test_a_dropped_engine_frees_its_memory_at_once(slm_dir, llm_dir, tokenizer):
+    """No reference cycle holds an engine: dropped, its models, KV pools and graph buffers go at once (on a GPU,
+    most of its memory), not whenever Python's cycle collector next runs; also after calls and reading ahead."""
+    config = EngineConfig(device="cpu", max_num_seqs=4, max_num_batched_tokens=32)
+    engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(llm_prefetch_tokens=4, early_catchup_tokens=1),
+                         slm_config=config, llm_config=config)
+    engine.slm.graphs, engine.llm.graphs = StepGraphs(engine.slm, capture=False), StepGraphs(engine.llm, capture=False)
+    outs = engine.generate([text_tokens(tokenizer, "Hello there"), [101, 102]], scripted({2: command_tokens(tokenizer, 3)}))
+    assert all(out.stats.calls == 1 for out in outs)
+    alive = [weakref.ref(obj) for obj in (engine, engine.slm, engine.llm, engine.slm.kv_pool, engine.llm.graphs)]
+    gc.disable()
+    try:
+        del engine
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        gc.enable()

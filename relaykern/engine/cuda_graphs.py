@@ -29,7 +29,6 @@ handling with it, where CUDA graphs do not exist.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -125,7 +124,8 @@ class StepGraphs:
         vocab = runner.model_config.vocab_size
         self.logits_buffer = torch.empty(max(s.rows for s in self.shapes), vocab, dtype=torch.float32, device=device)
         self.logits: dict[GraphShape, torch.Tensor] = {}  # the buffer's first rows, written by each replay
-        self.replays = {}
+        self.cuda_graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+        """Each shape's captured graph; empty when not captured (``capture=False``: the steps run eagerly)."""
         pool = None
         for shape in self.shapes:
             self.inputs[shape] = torch.tensor(self._pack(shape, [], []), dtype=torch.int64, device=device)
@@ -139,9 +139,7 @@ class StepGraphs:
                 with torch.cuda.graph(graph, pool, stream=runner.stream):
                     self.logits[shape] = self._step(shape)
                 pool = graph.pool()
-                self.replays[shape] = graph.replay
-            else:
-                self.replays[shape] = functools.partial(self._eager_replay, shape)
+                self.cuda_graphs[shape] = graph
         if capture:
             torch.cuda.synchronize(device)
 
@@ -186,17 +184,21 @@ class StepGraphs:
     def replay_ms(self, shape: GraphShape, repeats: int = 20) -> float:
         """Mean time of a replay of ``shape`` (CUDA events, after a few warm-up replays)."""
         for _ in range(3):
-            self.replays[shape]()
+            self.replay(shape)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(repeats):
-            self.replays[shape]()
+            self.replay(shape)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / repeats
 
-    def _eager_replay(self, shape: GraphShape) -> None:
-        self._step(shape)
+    def replay(self, shape: GraphShape) -> None:
+        """The shape's step from its input buffers: its graph replayed, or run kernel by kernel if not captured."""
+        if self.cuda_graphs:
+            self.cuda_graphs[shape].replay()
+        else:
+            self._step(shape)
 
     def shape_for(self, lengths: list[int], least_rows: int = 0) -> GraphShape | None:
         """The smallest captured shape holding rows of these token counts, and at least ``least_rows`` rows; None if
@@ -219,5 +221,5 @@ class StepGraphs:
             self.inputs[shape][:len(fed_tokens)].copy_(fed_tokens)
         tables = block_tables.pin_memory() if self.pin else block_tables
         self.tables[shape][:len(tokens), :tables.shape[1]].copy_(tables, non_blocking=True)
-        self.replays[shape]()
+        self.replay(shape)
         return self.logits[shape][:len(tokens)]

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from relaykern.config import RelayConfig
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
 from relaykern.engine.row import Row
@@ -69,8 +70,9 @@ class Launcher:
     phase: Phase
     scheduler: Scheduler
     detector: Detector | None = None
-    may_leave: Callable[[Sequence], bool] | None = None
-    """Whether a request's next token may make it leave ``phase``: an overlapped step leaves its row out."""
+    may_leave: Callable[[Sequence, RelayConfig], bool] | None = None
+    """Whether a request's next token may make it leave ``phase`` under the relay's settings: an overlapped step
+    leaves its row out."""
     overlapped: int = 0
     """Counter: forwards launched before the one before them was read back."""
     failed_after: Launched | None = None
@@ -84,14 +86,15 @@ class Launcher:
             result = run_forward(self.runner, self.scheduler, seqs, rows) if rows else None
             return None if result is None else self._launched(seqs, rows, *result)
 
-    def launch_overlapped(self, launched: Launched) -> Launched | None:
+    def launch_overlapped(self, launched: Launched, relay: RelayConfig) -> Launched | None:
         """Launches the next forward before ``launched`` is read back, its rows fed on the device with the tokens
         ``launched`` samples; None when the next forward must be scheduled as usual
         (``Scheduler.schedule_overlapped``)."""
         if launched is self.failed_after:
             return None
+        may_leave = None if self.may_leave is None else lambda seq: self.may_leave(seq, relay)  # noqa: E731
         plan = self.scheduler.schedule_overlapped(self.phase, self.runner, self.phase.view, launched.seqs,
-                                                  launched.rows, self.may_leave)
+                                                  launched.rows, may_leave)
         if plan is None:
             return None
         carried, seqs, rows = plan

@@ -35,6 +35,7 @@ Without an LLM this is a plain single-model engine (commands stay text and are c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence as Seq
@@ -86,7 +87,7 @@ class RelayEngine:
         models = [(self.slm, Phase.SLM.view)] + ([(self.llm, Phase.LLM.view)] if self.llm else [])
         self.scheduler = Scheduler(models)
         self.slm_forwards = Launcher(self.slm, Phase.SLM, self.scheduler, self.detector,
-                                     may_leave=lambda seq: self.detector.may_call(seq, self.relay))
+                                     may_leave=self.detector.may_call)
         self.llm_forwards = Launcher(self.llm, Phase.LLM, self.scheduler) if self.llm else None
         self.steps = 0
         self.next_slm: Launched | None = None
@@ -95,7 +96,12 @@ class RelayEngine:
         """The LLM's forwards launched and not read yet, oldest first: at most two (the second launched overlapped)."""
         self.dropped_rows = 0
         """Counter: rows of launched forwards dropped when read (the request left the model's phase)."""
-        self.read_ahead = ReadAhead(self.scheduler, self.llm, self._feed_llm_view) if self.llm else None
+        # (Callables held here must not refer back to the engine: a cycle would keep its pools, on a GPU most of its
+        # memory, allocated after the engine is dropped, until Python's cycle collector happens to run.)
+        self.feed_llm_view = functools.partial(feed_llm_view, token_bytes=self.token_bytes,
+                                               encode=functools.partial(encode_bytes, self.tokenizer))
+        """``feed_llm_view(seq, upto)``: extends the LLM's view of ``seq`` by its SLM run up to token ``upto``."""
+        self.read_ahead = ReadAhead(self.scheduler, self.llm, self.feed_llm_view) if self.llm else None
         self.slm_eos = set(self.slm.model_config.eos_token_ids)
         self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
 
@@ -189,7 +195,7 @@ class RelayEngine:
                                             seq.call.produced + 1 >= seq.call.n_served
                                             for seq, row in zip(llm.seqs, llm.rows))
         if self.relay.overlap_steps and not returning:
-            self.next_slm = slm and self.slm_forwards.launch_overlapped(slm)
+            self.next_slm = slm and self.slm_forwards.launch_overlapped(slm, self.relay)
         self.steps += 1
         if slm is not None:
             self._read(self.slm_forwards, slm)
@@ -199,13 +205,13 @@ class RelayEngine:
         overlap_llm = self.relay.overlap_steps and self.relay.llm_batch_wait_steps == 0
         launches_now = overlap_llm and len(in_flight) == 1
         if launches_now:
-            self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0]))
+            self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0], self.relay))
         if llm is None and in_flight and in_flight[0].readback.ready():  # (done while the host read the SLM's)
             llm = in_flight[0]
         if llm is not None:
             self._read(self.llm_forwards, in_flight.pop(0))
             if overlap_llm and not launches_now and len(in_flight) == 1:
-                self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0]))
+                self._in_flight(self.llm_forwards.launch_overlapped(in_flight[0], self.relay))
         self._reap()
         if self._nothing_to_read(self.slm_forwards, self.next_slm):
             self.next_slm = None
@@ -290,14 +296,11 @@ class RelayEngine:
             return
         if self.reprefill_llm:
             self.scheduler.release_view(self.llm, seq, seq.llm)
-        self._feed_llm_view(seq, len(seq.response) - seq.run_start)
+        self.feed_llm_view(seq, len(seq.response) - seq.run_start)
         seq.stats.calls += 1
         seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served, waiting_since=self.steps)
         seq.stats.call_records.append(seq.call.record)
         seq.phase = Phase.LLM
-
-    def _feed_llm_view(self, seq: Sequence, upto: int) -> None:
-        feed_llm_view(seq, upto, self.token_bytes, lambda data: encode_bytes(self.tokenizer, data))
 
     def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         call = seq.call
