@@ -15,8 +15,10 @@ from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.gemv_tiles import choose_tiles
 from relaykern.engine.readback import Readback
+from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.startup import BATCH1
+from relaykern.kernels.decode_attention import SMALL_DECODE_BATCH
 from relaykern.kernels.gemv import GPU_CONFIGS
 from relaykern.kernels.pdl import pdl_supported
 from relaykern.reference import reference_generate
@@ -70,6 +72,40 @@ def test_cuda_graph_decode_equals_transformers(slm_dir, gemv, pdl, fused_attenti
         ids = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
         assert out.token_ids == ids[0, len(prompt):].tolist()
+
+
+def test_a_small_decode_step_whose_rows_read_each_others_blocks_stores_first_on_gpu(slm_dir):
+    """(The CPU version is in test_engine.py.) With attention fused into small decode steps: a step in which one
+    row reads a block another row completes (a prefix hit found in the step that computes it) replays a decode graph
+    too large to fuse, which stores every row's K/V first: the reading row's token and log-prob are those it gets
+    when the other row's step runs before its own."""
+    tokens = [100 + i for i in range(6)]
+    wanting = SamplingParams(temperature=0, logprobs=True)
+    completing, reading = Row(0, tokens[3:4], 3, True, wanting, 0, 0, [], True), \
+        Row(1, tokens[4:5], 4, True, wanting, 0, 0, [], True)
+
+    def runner_at_the_step() -> ModelRunner:
+        """Sequence 0 computed up to position 2, its block 0 registered; sequence 1 finds it cached."""
+        runner = RelayEngine(slm_dir, slm_config=gpu_config(block_size=4)).slm
+        with runner.scope():
+            runner.split_counters = torch.zeros(runner.config.max_num_seqs * runner.model_config.num_kv_heads,
+                                                dtype=torch.int32, device="cuda")
+            runner.graphs = StepGraphs(runner)
+        runner.blocks.allocate(0, tokens[:3])
+        runner.execute([Row(0, tokens[:3], 0, False, wanting, 0, 0, [], False)])
+        runner.blocks.append(0, tokens[3:4])
+        assert runner.blocks.allocate(1, tokens[:5]) == 4
+        return runner
+
+    one_step = runner_at_the_step()
+    assert one_step._shape_for([reading, completing]).batch > SMALL_DECODE_BATCH
+    tokens_out, logprobs = one_step.execute([reading, completing])
+    in_turn = runner_at_the_step()
+    in_turn.execute([completing])
+    expected_token, expected_logprob = in_turn.execute([reading])
+    torch.cuda.synchronize()
+    assert tokens_out[0].item() == expected_token[0].item()
+    torch.testing.assert_close(logprobs[0], expected_logprob[0], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("relay", [RelayConfig(), RelayConfig(decouple_llm=False),
