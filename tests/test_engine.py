@@ -211,7 +211,7 @@ def test_a_split_step_whose_rows_read_each_others_blocks_gives_one_forwards_logi
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_small_decode_step_whose_rows_read_each_others_blocks_stores_before_it_attends(checkpoints, graphs):
+def test_a_small_triton_decode_step_whose_rows_read_each_others_blocks_stores_before_it_attends(checkpoints, graphs):
     """A decode step of a few rows may store each row's new K/V inside its attention kernel (``split_counters``),
     while the other rows read: a row whose block, found in the prefix cache in this step, another row completes in
     it would read that position unwritten (a prompt's last token, fed alone as its last chunk, and a request
