@@ -153,7 +153,8 @@ def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
         fit = {"k": k, "slm_step_ms": slm_step, "llm_step_ms": llm_step, "trace": trace}
         ns = [r["n"] for r in rows]
         for mode, _ in modes:
-            intercept, slope = overhead_fit(ns, [r[mode]["relay_ms"] - r["alone_ms"] for r in rows], llm_step - slm_step)
+            extra = [r[mode]["relay_ms"] - r["alone_ms"] for r in rows]
+            intercept, slope = overhead_fit(ns, extra, llm_step - slm_step)
             from_minima, _ = overhead_fit(ns, [r[mode]["relay_min_ms"] - r["alone_min_ms"] for r in rows],
                                           llm_step - slm_step)
             fit[mode] = {"overhead_ms": intercept, "per_token_ms": slope, "overhead_llm_steps": intercept / llm_step,

@@ -122,8 +122,8 @@ class RelayConfig:
         it, and catch-ups, prefills and new requests join from free blocks. The host's bookkeeping then runs beside
         the GPU instead of between its steps. A row whose request stops, calls or ends its call at the token it was
         fed is dropped; a request whose command has come as far as ``</call`` (its next token most likely calls)
-        is left out of the overlapped step. The LLM's next step is launched once the SLM's tokens are read, so that the calls they start
-        join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in turn when no row goes
+        is left out of the overlapped step. The LLM's next step is launched once the SLM's tokens are read, so that
+        the calls they start join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in turn when no row goes
         on, a row to carry on has a logits processor that needs the tokens on the host (see ``LogitsProcessor``),
         or blocks are short. Outputs do not depend on it (default on).
     decouple_llm: the SLM's steps go on while an LLM forward runs: a step reads the LLM's oldest forward only once

@@ -219,7 +219,8 @@ def test_a_small_triton_decode_step_whose_rows_read_each_others_blocks_stores_be
     comes first, so under the interpreter, which runs programs in order, the fused kernel would read it unwritten."""
     tokens = prompts_of([6])[0]
     wanting = SamplingParams(temperature=0, logprobs=True)
-    rows = [Row(1, tokens[4:5], 4, True, wanting, 0, 0, [], True), Row(0, tokens[3:4], 3, True, wanting, 0, 0, [], True)]
+    rows = [Row(1, tokens[4:5], 4, True, wanting, 0, 0, [], True),
+            Row(0, tokens[3:4], 3, True, wanting, 0, 0, [], True)]
 
     def run_step(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The one-token row of sequence 0 completes block 0, which sequence 1 found cached and reads."""

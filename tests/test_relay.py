@@ -274,7 +274,8 @@ def test_a_dropped_engine_frees_its_memory_at_once(slm_dir, llm_dir, tokenizer):
     engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(llm_prefetch_tokens=4, early_catchup_tokens=1),
                          slm_config=config, llm_config=config)
     engine.slm.graphs, engine.llm.graphs = StepGraphs(engine.slm, capture=False), StepGraphs(engine.llm, capture=False)
-    outs = engine.generate([text_tokens(tokenizer, "Hello there"), [101, 102]], scripted({2: command_tokens(tokenizer, 3)}))
+    calling = scripted({2: command_tokens(tokenizer, 3)})
+    outs = engine.generate([text_tokens(tokenizer, "Hello there"), [101, 102]], calling)
     assert all(out.stats.calls == 1 for out in outs)
     alive = [weakref.ref(obj) for obj in (engine, engine.slm, engine.llm, engine.slm.kv_pool, engine.llm.graphs)]
     gc.disable()

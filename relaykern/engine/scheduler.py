@@ -12,9 +12,9 @@ When blocks run out, the pool makes room in two stages. First the newest running
 model's phase gives back its cache in this pool alone (a sequence the SLM is serving does not need the LLM's KV
 until its next call; both caches persist otherwise): that model recomputes its view when it next serves it. Else the
 newest running sequence in this phase that is in neither this step's batch nor the other model's forward is
-preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never
-lost). (The first stage may take the cache of a sequence in the other model's unread forward: that forward does not
-read this pool.) A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
+preempted: both of its caches are freed and it is recomputed later from its token views (its tokens are never lost).
+(The first stage may take the cache of a sequence in the other model's unread forward: that forward does not read
+this pool.) A block is registered for prefix sharing only in the step that computes it, so no sequence ever shares a
 block whose KV is not written.
 
 ``schedule_overlapped`` schedules a model's next step before the tokens of its launched one are known on the host
