@@ -141,11 +141,13 @@ def format_table(report: dict) -> str:
         modes = [m for m in ("default", "early", "early_same_priority") if e2e["relays"] and m in e2e["relays"][0]]
         lines += _rows(["k", "N", "alone_ms"] + [f"{m}_ms" for m in modes],
                        [[x["k"], x["n"], x["alone_ms"]] + [x[m]["relay_ms"] for m in modes] for x in e2e["relays"]])
-        lines.append("  overhead: the intercept of (relay - alone) over N, in LLM steps; per_token: the slope (ms)")
-        lines += _rows(["k", "llm_step_ms"] + [name for m in modes for name in (f"{m}_steps", "per_token")],
-                       [[x["k"], x["llm_step_ms"]] + [v for m in modes for v in (x[m]["overhead_llm_steps"],
-                                                                              x[m]["per_token_ms"])]
-                        for x in e2e["overheads"]])
+        lines.append("  overhead: the intercept of (relay - alone) over N, in LLM steps (from_minima: fitted on the "
+                     "runs' minima); per_token: the slope (ms)")
+        columns = ("_steps", "_from_minima", "_per_token")
+        lines += _rows(["k", "llm_step_ms"] + [m + c for m in modes for c in columns],
+                       [[x["k"], x["llm_step_ms"]] + [v for m in modes for v in (
+                           x[m]["overhead_llm_steps"], x[m].get("overhead_ms_from_minima", 0.0) / x["llm_step_ms"],
+                           x[m]["per_token_ms"])] for x in e2e["overheads"]])
         traced = [(x["k"], x["trace"]) for x in e2e["overheads"] if x["trace"]["relay"].get("span_ms") is not None]
         if traced:
             lines.append(f"  one traced run each at N={traced[0][1]['n']}: device span, each model busy, idle (ms)")

@@ -230,11 +230,15 @@ class ModelRunner:
         readers = [row for row in readers if row.start >= self.block_size]
         if not completing or not readers:
             return False
-        written = self._tables(completing)[torch.arange(len(completing)),
-                                            torch.tensor([row.start // self.block_size for row in completing])]
+        tables = self._tables(completing)
+        written = [int(tables[i, row.start // self.block_size]) for i, row in enumerate(completing)]
+        # Another row reads a block only through its own table: a block with one reference is read by no other.
+        written = [block for block in written if self.blocks.ref_count(block) > 1]
+        if not written:
+            return False
         read = self._tables(readers)
         cached = torch.arange(read.shape[1]) < torch.tensor([row.start // self.block_size for row in readers])[:, None]
-        return bool(torch.isin(read[cached], written).any())
+        return bool(torch.isin(read[cached], torch.tensor(written, dtype=read.dtype)).any())
 
     def _tables(self, rows: list[Row]) -> torch.Tensor:
         """The rows' block tables (host), as wide as the longest row needs."""
