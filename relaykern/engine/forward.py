@@ -92,6 +92,7 @@ class Launcher:
         (``Scheduler.schedule_overlapped``)."""
         if launched is self.failed_after:
             return None
+        self.failed_after = None  # (an older forward's: read by now)
         may_leave = None if self.may_leave is None else lambda seq: self.may_leave(seq, relay)  # noqa: E731
         plan = self.scheduler.schedule_overlapped(self.phase, self.runner, self.phase.view, launched.seqs,
                                                   launched.rows, may_leave)
