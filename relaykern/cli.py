@@ -34,8 +34,8 @@ def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path 
                          llm_config=EngineConfig(device=args.llm_device or args.device))
     tok = engine.tokenizer
     processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
-    sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-                              logits_processors=processors)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                              max_tokens=args.max_tokens, seed=args.seed, logits_processors=processors)
     prompts = args.prompt or ["What is 17 * 23?"]
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
     gen.add_argument("--llm-device", help="the LLM's device (default: --device)")
     gen.add_argument("--max-tokens", type=int, default=48)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--min-p", type=float, default=0.0, help="0: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--max-calls", type=int, default=5)
     gen.add_argument("--force-call-at", type=int, default=-1,

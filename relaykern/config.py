@@ -25,18 +25,21 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass
 class SamplingParams:
     """How one model samples. ``temperature == 0`` (or below 1e-5) means greedy, and a greedy request is not
-    top-k / top-p filtered; ``top_k == 0`` means no top-k cut (ties at the k-th logit are kept, as in vLLM / HF).
+    top-k / top-p / min-p filtered; ``top_k == 0`` means no top-k cut (ties at the k-th logit are kept, as in vLLM /
+    HF); ``min_p`` drops tokens less likely than ``min_p`` times the most likely one (0 = off). The filters apply
+    in HF's order: temperature, top-k, top-p, then min-p over what top-p kept (vLLM applies min-p first).
 
     ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
     ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). ``logprobs=True`` returns the log-prob
-    of each sampled token under the distribution it was drawn from: after logits processors, temperature, top-k
-    and top-p (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request reproducible whatever
+    of each sampled token under the distribution it was drawn from: after logits processors, temperature and the
+    filters (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request reproducible whatever
     else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one derived from this.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_tokens: int = 256
     seed: int | None = None
     stop: Sequence[str] | None = None
@@ -47,13 +50,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         require_ints(self, "max_tokens", "top_k", "seed")
-        require_numbers(self, "temperature", "top_p")
+        require_numbers(self, "temperature", "top_p", "min_p")
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
         if self.temperature < GREEDY_BELOW_TEMPERATURE:
             self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"SamplingParams.logprobs is True or False (the log-prob of each sampled token; no "
                              f"top-n alternatives), got {self.logprobs!r}")
@@ -123,9 +128,9 @@ class RelayConfig:
         the GPU instead of between its steps. A row whose request stops, calls or ends its call at the token it was
         fed is dropped; a request whose command has come as far as ``</call`` (its next token most likely calls)
         is left out of the overlapped step. The LLM's next step is launched once the SLM's tokens are read, so that
-        the calls they start join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in turn when no row goes
-        on, a row to carry on has a logits processor that needs the tokens on the host (see ``LogitsProcessor``),
-        or blocks are short. Outputs do not depend on it (default on).
+        the calls they start join it (and never while ``llm_batch_wait_steps`` holds calls back). A step runs in
+        turn when no row goes on, a row to carry on has a logits processor that needs the tokens on the host (see
+        ``LogitsProcessor``), or blocks are short. Outputs do not depend on it (default on).
     decouple_llm: the SLM's steps go on while an LLM forward runs: a step reads the LLM's oldest forward only once
         the device has run it (or when the SLM has nothing to do), so that a catch-up or a decode step of the larger
         model does not hold every other request to one SLM step per LLM forward. At most two LLM forwards are

@@ -28,7 +28,7 @@ and is not counted. EOS and stop tokens are kept in ``token_ids`` (and counted),
 strings are matched on the response's bytes (LLM text included) and must end inside the new token; the text is
 not cut at them.
 
-Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k and top-p warpers, after the user's
+Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k, top-p and min-p warpers, after the user's
 ``logits_processors``. ``seed`` re-seeds torch before every ``generate`` call, so a run is reproducible, but the
 engine draws from a different random stream: only greedy outputs are compared token for token. ``llm_sampling``
 defaults to ``sampling`` without logits processors (its stop rules apply to the LLM's tokens too: the request
@@ -181,7 +181,8 @@ def _generation_config(params: SamplingParams, max_length: int, output_scores: b
     explicitly; older releases have no such helper and put the defaults in ``GenerationConfig()`` itself."""
     library_defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)
     config = GenerationConfig(**library_defaults())
-    sample = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    sample = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                                       "min_p": params.min_p or None}
     config.update(
         do_sample=not params.greedy, max_length=max_length, eos_token_id=[], pad_token_id=0,
         output_scores=output_scores, return_dict_in_generate=True, **sample,

@@ -42,6 +42,7 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("temperature", -0.1, "finite and >= 0"), ("temperature", float("nan"), "finite and >= 0"),
     ("temperature", float("inf"), "finite and >= 0"), ("top_p", 0.0, r"in \(0, 1\]"), ("top_k", -1, ">= 0"),
+    ("min_p", -0.1, r"in \[0, 1\]"), ("min_p", float("nan"), r"in \[0, 1\]"),
     ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
     ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
     ("stop", [151645], "token ids go in stop_token_ids"), ("stop", [b"x"], "non-empty strings"),
@@ -92,3 +93,17 @@ def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, ca
     assert cli_main(common + ["--stream"]) == 0
     streamed = capsys.readouterr().out.strip().splitlines()[-1]
     assert "[llm]" in streamed and streamed.replace("[llm]", "").replace("[/llm]", "") == out["text"]
+
+
+def test_cli_generate_samples_with_the_filters_asked_and_names_a_bad_one(slm_dir, capsys):
+    from relaykern.cli import main as cli_main
+
+    common = ["generate", "--slm", str(slm_dir), "--device", "cpu", "--prompt", "Hi", "--max-tokens", "6", "--json",
+              "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    texts = []
+    for _ in range(2):
+        assert cli_main(common + ["--min-p", "0.05"]) == 0
+        texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    assert texts[0] == texts[1]
+    assert cli_main(common + ["--min-p", "2"]) == 2
+    assert "SamplingParams.min_p must be in [0, 1]" in capsys.readouterr().err

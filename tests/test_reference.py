@@ -159,7 +159,7 @@ def test_logprobs_from_the_processed_distribution(prompt, slm_model, llm_model, 
 
 def test_seeded_sampling_is_reproducible(prompt, slm_model, llm_model, tokenizer):
     cmd = command_tokens(tokenizer, 2)
-    sampling = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=len(cmd) + 4, seed=7,
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, max_tokens=len(cmd) + 4, seed=7,
                               logits_processors=[force_tokens({1: cmd})])
     first, second = (run_one(prompt, slm_model, llm_model, tokenizer, sampling) for _ in range(2))
     assert first.token_ids == second.token_ids

@@ -115,7 +115,7 @@ def test_overlapped_steps_change_no_output(slm_dir, llm_dir, tokenizer):
     called at the token they were fed; every block comes back."""
     cases = scenarios(tokenizer)
     cases["sampled"] = scripted({4: command_tokens(tokenizer, 2)}, temperature=1.0, seed=7)
-    cases["sampled_logprobs"] = scripted({}, temperature=0.8, top_p=0.9, seed=3, logprobs=True)
+    cases["sampled_logprobs"] = scripted({}, temperature=0.8, top_p=0.9, min_p=0.05, seed=3, logprobs=True)
     # All calling at once (the SLM idle), one of them stopped by the LLM's EOS in the middle of its call.
     aligned = [scripted({2: command_tokens(tokenizer, n)}, max_tokens) for n, max_tokens in ((9, 24), (6, 24), (9, 14))]
     llm_eos = [SamplingParams(temperature=0, logits_processors=[force_tokens({12: [EOS]})]), None, None]

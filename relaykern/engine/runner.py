@@ -304,12 +304,13 @@ class ModelRunner:
         # A greedy row is not filtered (its log-probs must not depend on whether a sampled row shares the batch).
         top_p = [row.sampling.top_p if t else 1.0 for row, t in zip(rows, temperature)]
         top_k = [row.sampling.top_k if t else 0 for row, t in zip(rows, temperature)]
-        floats = host_to_device(self.device, [temperature, top_p], torch.float32)
+        min_p = [row.sampling.min_p if t else 0.0 for row, t in zip(rows, temperature)]
+        floats = host_to_device(self.device, [temperature, top_p, min_p], torch.float32)
         # The noise keys hash a few ints: done on the host, they ride along in the same copy as top-k.
         keys = [row_keys(row.seed, row.step) for row in rows]
         ints = host_to_device(self.device, [top_k, keys], torch.int64)
-        return SamplingBatch(temperature=floats[0], top_p=floats[1], top_k=ints[0], row_key=ints[1],
-                             needs_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p))
+        return SamplingBatch(temperature=floats[0], top_p=floats[1], top_k=ints[0], min_p=floats[2],
+                             row_key=ints[1], needs_filter=any(top_k) or any(p < 1 for p in top_p) or any(min_p))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors into the live model in place (the trainer's weight sync; CUDA graphs see it) and

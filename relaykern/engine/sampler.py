@@ -1,4 +1,4 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, per-request seeds, log-probs of the sampled tokens.
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, log-probs of sampled tokens.
 
 Randomness is counter-based: the noise for (request seed, step, vocabulary index) is a hash, so a request's samples
 do not depend on which other requests share its batch, on preemption, or on the device's RNG state. Sampling is
@@ -21,14 +21,17 @@ class SamplingBatch:
     temperature: torch.Tensor  # float32 [R]; 0 = greedy
     top_p: torch.Tensor  # float32 [R]
     top_k: torch.Tensor  # int64 [R]; 0 = off
+    min_p: torch.Tensor  # float32 [R]; 0 = off
     row_key: torch.Tensor  # int64 [R]: kernels.sample.row_keys(request seed, index of the token in its response)
-    needs_filter: bool  # some row uses top-k or top-p (skips the sort otherwise)
+    needs_filter: bool  # some row uses top-k, top-p or min-p (skips the sort otherwise)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Sets logits outside each row's top-k and top-p nucleus to -inf (the most likely token always survives).
-    Top-k keeps every token tied with the k-th largest logit (as vLLM and HF); a row with top_p 1 loses nothing to
-    top-p (a float32 running sum over a large vocabulary passes 1 before its tail)."""
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """Sets logits outside each row's top-k, then top-p nucleus, then min-p cut to -inf, as HF's warpers in that
+    order (the most likely token always survives). Top-k keeps every token tied with the k-th largest logit (as
+    vLLM and HF); a row with top_p 1 loses nothing to top-p (a float32 running sum over a large vocabulary passes 1
+    before its tail); min-p drops what is less likely than min_p times the most likely token top-p kept."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)[:, None]
@@ -37,6 +40,8 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop[:, 0] = False
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    drop |= probs < min_p[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -47,7 +52,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch | None, want_logprobs: boo
 
     ``batch`` None: every row is greedy (an argmax; no settings sent to the device). ``backend`` "triton" draws
     with the fused kernel (no [R, V] noise), "torch" with its reference; both draw the same tokens from the same
-    noise. Top-k / top-p filtering needs a sort, done here in torch before the draw.
+    noise. Top-k / top-p / min-p filtering needs a sort, done here in torch before the draw.
     """
     if batch is None:
         tokens = logits.argmax(dim=-1)
@@ -55,7 +60,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch | None, want_logprobs: boo
     draw = gumbel_sample if backend == "triton" else gumbel_sample_reference
     if batch.needs_filter:
         greedy = batch.temperature == 0
-        scaled = filter_logits(logits / torch.where(greedy, 1.0, batch.temperature)[:, None], batch.top_k, batch.top_p)
+        scaled = filter_logits(logits / torch.where(greedy, 1.0, batch.temperature)[:, None], batch.top_k, batch.top_p,
+                               batch.min_p)
         # Already scaled: draw at temperature 1 (x / 1 is exact), greedy rows at 0 (the filter keeps their argmax).
         return draw(scaled, (~greedy).to(torch.float32), batch.row_key, want_logprobs)
     return draw(logits, batch.temperature, batch.row_key, want_logprobs)
