@@ -35,7 +35,9 @@ def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path 
     tok = engine.tokenizer
     processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                              max_tokens=args.max_tokens, seed=args.seed, logits_processors=processors)
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, seed=args.seed,
+                              logits_processors=processors)
     prompts = args.prompt or ["What is 17 * 23?"]
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0: off")
     gen.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="0: off")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="0: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--max-calls", type=int, default=5)
     gen.add_argument("--force-call-at", type=int, default=-1,

@@ -29,17 +29,28 @@ class SamplingParams:
     HF); ``min_p`` drops tokens less likely than ``min_p`` times the most likely one (0 = off). The filters apply
     in HF's order: temperature, top-k, top-p, then min-p over what top-p kept (vLLM applies min-p first).
 
+    Penalties (vLLM's, applied to the raw logits before logits processors, greedy requests included) count the
+    tokens of the model's view of the request: ``repetition_penalty`` (1 = off) divides the positive logits and
+    multiplies the others of every token in the prompt or the response; ``presence_penalty`` and
+    ``frequency_penalty`` (0 = off) subtract themselves once, and once per occurrence, for each token in the
+    response. For the SLM the response is all it has read (the LLM's tokens and the commands too); for the LLM
+    (``llm_sampling``) it is its tag-free view.
+
     ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
     ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). ``logprobs=True`` returns the log-prob
-    of each sampled token under the distribution it was drawn from: after logits processors, temperature and the
-    filters (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request reproducible whatever
-    else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one derived from this.
+    of each sampled token under the distribution it was drawn from: after penalties, logits processors,
+    temperature and the filters (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request
+    reproducible whatever else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one
+    derived from this.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int = 256
     seed: int | None = None
     stop: Sequence[str] | None = None
@@ -50,7 +61,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         require_ints(self, "max_tokens", "top_k", "seed")
-        require_numbers(self, "temperature", "top_p", "min_p")
+        require_numbers(self, "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                        "frequency_penalty")
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
         if self.temperature < GREEDY_BELOW_TEMPERATURE:
@@ -59,6 +71,12 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"SamplingParams.repetition_penalty must be finite and > 0 (1 = off), got "
+                             f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"SamplingParams.{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"SamplingParams.logprobs is True or False (the log-prob of each sampled token; no "
                              f"top-n alternatives), got {self.logprobs!r}")
@@ -82,6 +100,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass

@@ -169,6 +169,18 @@ class _ProcessorAdapter(LogitsProcessor):
         return row.unsqueeze(0)
 
 
+class _ResponsePenalties(LogitsProcessor):
+    """vLLM's presence and frequency penalties over the response part of ``input_ids`` (HF has none; HF's
+    ``repetition_penalty`` runs before it, over the whole of ``input_ids``, as vLLM's does)."""
+
+    def __init__(self, params: SamplingParams, prompt_len: int):
+        self.presence, self.frequency, self.prompt_len = params.presence_penalty, params.frequency_penalty, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        counts = torch.bincount(input_ids[0, self.prompt_len:], minlength=scores.shape[-1])[:scores.shape[-1]]
+        return scores - self.frequency * counts.to(scores.dtype) - self.presence * (counts > 0).to(scores.dtype)
+
+
 def _bytes_of(table: list[bytes], token: int) -> bytes:
     """Ids past the tokenizer (the embedding's padding rows) write nothing."""
     return table[token] if token < len(table) else b""
@@ -185,6 +197,7 @@ def _generation_config(params: SamplingParams, max_length: int, output_scores: b
                                        "min_p": params.min_p or None}
     config.update(
         do_sample=not params.greedy, max_length=max_length, eos_token_id=[], pad_token_id=0,
+        repetition_penalty=params.repetition_penalty,
         output_scores=output_scores, return_dict_in_generate=True, **sample,
     )
     return config
@@ -249,6 +262,8 @@ class _Request:
         stop_strings = [s.encode() for s in params.stop or ()]
         watcher = _Watcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state)
         processors = LogitsProcessorList()
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_ResponsePenalties(params, len(self.prompt)))
         if params.logits_processors:
             processors.append(_ProcessorAdapter(params.logits_processors, list(self.response), len(input_ids)))
         max_length = len(input_ids) + (self.tokens_left if max_new_tokens is None else max_new_tokens)

@@ -43,6 +43,8 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
     ("temperature", -0.1, "finite and >= 0"), ("temperature", float("nan"), "finite and >= 0"),
     ("temperature", float("inf"), "finite and >= 0"), ("top_p", 0.0, r"in \(0, 1\]"), ("top_k", -1, ">= 0"),
     ("min_p", -0.1, r"in \[0, 1\]"), ("min_p", float("nan"), r"in \[0, 1\]"),
+    ("repetition_penalty", 0.0, "finite and > 0"), ("repetition_penalty", float("inf"), "finite and > 0"),
+    ("presence_penalty", 2.5, r"in \[-2, 2\]"), ("frequency_penalty", float("nan"), r"in \[-2, 2\]"),
     ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
     ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
     ("stop", [151645], "token ids go in stop_token_ids"), ("stop", [b"x"], "non-empty strings"),
@@ -102,7 +104,7 @@ def test_cli_generate_samples_with_the_filters_asked_and_names_a_bad_one(slm_dir
               "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
     texts = []
     for _ in range(2):
-        assert cli_main(common + ["--min-p", "0.05"]) == 0
+        assert cli_main(common + ["--min-p", "0.05", "--repetition-penalty", "1.2", "--presence-penalty", "0.5"]) == 0
         texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
     assert texts[0] == texts[1]
     assert cli_main(common + ["--min-p", "2"]) == 2

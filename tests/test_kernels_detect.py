@@ -182,9 +182,9 @@ def encode_cases(tokenizer, cases: list[tuple[str, list[int]]]) -> list[list[int
 # A response is decoded from a few Hypothesis-drawn bytes (drawing text piece by piece would dominate the test's
 # time): a byte < 80 appends a text fragment, 80..159 a well-formed command (the next byte picks its number),
 # >= 160 cuts the tokenization at the current position.
-FRAGMENTS = ["a", "b c", ".", ",", "x.", "\n", " ", "\t", "é", "你好", "l", "9", "42", "0.5", " <", "<", "<c", "<cal",
-             "<call", "<call>", "<call> ", "</", "</cal", "</call", "</call>", "call>", ">", "/", ">,", "<tool_call>",
-             "<<", "abc", "5</x", " x ", "ll>", "c"]
+FRAGMENTS = ["a", "b c", ".", ",", "x.", "\n", " ", "\t", "é", "你好", "l", "9", "42", "0.5", " <", "<", "<c",
+             "<cal", "<call", "<call>", "<call> ", "</", "</cal", "</call", "</call>", "call>", ">", "/", ">,",
+             "<tool_call>", "<<", "abc", "5</x", " x ", "ll>", "c"]
 NUMBERS = ["0", "00", "1", "7", "12", "007", "4096", "2147483647", "2147483648", "99999999999999999999999", "5",
            "123456789012"]
 WHITESPACE = ["", " ", "\n", " \t"]

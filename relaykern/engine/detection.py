@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from relaykern.config import RelayConfig
-from relaykern.engine.runner import host_to_device
+from relaykern.engine.transfer import host_to_device
 from relaykern.engine.sequence import Sequence
 from relaykern.kernels.detect import build_detection_table, detect_commands, detect_commands_reference
 from relaykern.protocol import EVENT_CALL

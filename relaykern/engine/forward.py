@@ -13,9 +13,10 @@ from relaykern.config import RelayConfig
 from relaykern.engine.detection import Detector
 from relaykern.engine.readback import Readback
 from relaykern.engine.row import Row
-from relaykern.engine.runner import ModelRunner, host_to_device
+from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, Sequence
+from relaykern.engine.transfer import host_to_device
 
 
 @dataclasses.dataclass

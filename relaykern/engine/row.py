@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from relaykern.config import SamplingParams
 
@@ -26,3 +27,7 @@ class Row:
     history: list[int]
     """The response so far (logits processors get it)."""
     want_logprobs: bool
+    context: Sequence[int] = ()
+    """The model's view of the request (the list the scheduler feeds from, not a copy): what penalties count."""
+    prompt_len: int = 0
+    """How many of ``context`` are the prompt."""

@@ -17,9 +17,11 @@ import torch
 from relaykern import _C
 from relaykern.config import EngineConfig
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
+from relaykern.engine.penalties import Penalties
 from relaykern.engine.row import FED_ON_DEVICE, Row
 from relaykern.engine.sampler import SamplingBatch, sample
 from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
+from relaykern.engine.transfer import host_to_device
 from relaykern.kernels.decode_attention import SMALL_DECODE_BATCH
 from relaykern.kernels.inject import inject_tokens, inject_tokens_reference
 from relaykern.kernels.sample import row_keys
@@ -34,14 +36,6 @@ MAX_SPLIT_TOKENS = 256
 (``ModelRunner._split_logits``)."""
 SERVING_PRIORITY, BACKGROUND_PRIORITY = -1, 0
 """CUDA stream priorities (lower runs first; 0 is the lowest) of a model's forwards and of its background ones."""
-
-
-def host_to_device(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """One host-to-device copy (from pinned memory on CUDA, so it does not block the host)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
 
 
 class ModelRunner:
@@ -67,6 +61,7 @@ class ModelRunner:
         round). None: separate kernels (start-up found them faster), or the torch backend's references."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
+        self.penalties = Penalties(mc.vocab_size, self.device, self.blocks.has_seq)
         # Each model's work goes to a stream of its own, so the GPU may run the SLM's and the LLM's forwards of a
         # step at once (they share no memory). Forwards nothing waits for (the LLM reading ahead) go to a second
         # stream of lower priority, so that the GPU gives the steps' kernels the SMs first.
@@ -155,6 +150,7 @@ class ModelRunner:
         logits = self._split_logits(rows, fed_tokens) if shape is None and self.graphs is not None else None
         if logits is None:
             logits = self._logits(rows, fed_tokens, shape)
+        self.penalties.apply(logits, rows, fed_tokens)
         replaced = self._apply_logits_processors(logits, rows)
         # A processor's logits may have nothing to sample (NaN, all -inf): their log-prob comes back NaN, which the
         # relay loop reads as that request's error, with no device sync here.

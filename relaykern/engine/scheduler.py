@@ -271,4 +271,6 @@ class Scheduler:
             step=len(seq.response),
             history=seq.response,
             want_logprobs=seq.sampling.logprobs,
+            context=view.tokens,
+            prompt_len=len(seq.prompt_ids),
         )

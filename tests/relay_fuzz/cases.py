@@ -78,9 +78,10 @@ def build_processors(schedule: dict[str, list[int]] | None, specs: list[list]) -
 
 def slm_sampling(request: dict) -> SamplingParams:
     return SamplingParams(temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
-                          min_p=request.get("min_p", 0.0), max_tokens=request["max_tokens"], seed=request["seed"],
-                          stop=request["stop"], stop_token_ids=request["stop_token_ids"],
-                          ignore_eos=request["ignore_eos"], logprobs=request["logprobs"],
+                          min_p=request.get("min_p", 0.0), **request.get("penalties", {}),
+                          max_tokens=request["max_tokens"], seed=request["seed"], stop=request["stop"],
+                          stop_token_ids=request["stop_token_ids"], ignore_eos=request["ignore_eos"],
+                          logprobs=request["logprobs"],
                           logits_processors=build_processors(request["schedule"], request["processors"]))
 
 
@@ -89,7 +90,8 @@ def llm_sampling(request: dict) -> SamplingParams | None:
     if llm is None:
         return None
     return SamplingParams(temperature=llm["temperature"], top_p=llm["top_p"], top_k=llm["top_k"],
-                          min_p=llm.get("min_p", 0.0), seed=llm["seed"], ignore_eos=llm["ignore_eos"],
+                          min_p=llm.get("min_p", 0.0), **llm.get("penalties", {}), seed=llm["seed"],
+                          ignore_eos=llm["ignore_eos"],
                           logits_processors=build_processors(llm["schedule"], llm["processors"]))
 
 
@@ -148,13 +150,20 @@ def random_processors(rng: random.Random, first: int, max_tokens: int, shares: t
     return []
 
 
+def random_penalties(rng: random.Random) -> dict:
+    if rng.random() < 0.8:
+        return {}
+    return dict(repetition_penalty=rng.choice([1.0, 1.3, 0.8]), presence_penalty=rng.choice([0.0, 0.5, -0.5]),
+                frequency_penalty=rng.choice([0.0, 0.3]))
+
+
 def random_llm(rng: random.Random, max_tokens: int) -> dict | None:
     if rng.random() < 0.45:
         return None  # the request keeps the engine's default LLM sampling
     sampled = rng.random() < 0.4
     return dict(temperature=rng.choice([0.7, 1.0]) if sampled else 0.0,
                 top_p=rng.choice([1.0, 0.8]) if sampled else 1.0, top_k=rng.choice([0, 10]) if sampled else 0,
-                min_p=rng.choice([0.0, 0.0, 0.1]) if sampled else 0.0,
+                min_p=rng.choice([0.0, 0.0, 0.1]) if sampled else 0.0, penalties=random_penalties(rng),
                 seed=rng.randrange(1 << 30) if rng.random() < 0.5 else None, ignore_eos=rng.random() < 0.3,
                 schedule={str(rng.randint(1, max_tokens)): [IM_END_ID]} if rng.random() < 0.4 else {},
                 processors=random_processors(rng, 1, max_tokens, (0.08, 0.06, 0.04)))
@@ -167,7 +176,8 @@ def random_request(rng: random.Random, prompt: list[int]) -> dict:
                 temperature=rng.choice([0.5, 0.8, 1.0, 1.3]) if sampled else 0.0,
                 top_p=rng.choice([1.0, 1.0, 0.9, 0.5]) if sampled else 1.0,
                 top_k=rng.choice([0, 0, 5, 50]) if sampled else 0,
-                min_p=rng.choice([0.0, 0.0, 0.05]) if sampled else 0.0, seed=rng.randrange(1 << 30),
+                min_p=rng.choice([0.0, 0.0, 0.05]) if sampled else 0.0, penalties=random_penalties(rng),
+                seed=rng.randrange(1 << 30),
                 ignore_eos=rng.random() < 0.5, logprobs=rng.random() < 0.3,
                 stop=["STOP"] if rng.random() < 0.1 else None,
                 stop_token_ids=[rng.randrange(100, 150000)] if rng.random() < 0.05 else None,
