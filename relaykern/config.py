@@ -33,8 +33,9 @@ class SamplingParams:
     tokens of the model's view of the request: ``repetition_penalty`` (1 = off) divides the positive logits and
     multiplies the others of every token in the prompt or the response; ``presence_penalty`` and
     ``frequency_penalty`` (0 = off) subtract themselves once, and once per occurrence, for each token in the
-    response. For the SLM the response is all it has read (the LLM's tokens and the commands too); for the LLM
-    (``llm_sampling``) it is its tag-free view.
+    response. For the SLM the response is all it has read (the LLM's tokens and the commands too, as the reference
+    relay's HF ``repetition_penalty`` counts them: a penalty makes a later command's tokens, so later calls, less
+    likely); for the LLM (``llm_sampling``) it is its tag-free view.
 
     ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
     ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). ``logprobs=True`` returns the log-prob

@@ -122,3 +122,20 @@ def test_penalties_count_the_same_through_overlapped_steps_preemption_chunks_and
             assert runner.penalties.output_counts.shape[0] <= 8
         engine.generate([prompt], [samplings[0]], llm_sampling)
         assert len(engine.slm.penalties.slot_of) == 1  # the finished requests' slots were handed back
+
+
+def test_the_pool_grows_while_its_slots_hold_counts(slm_dir, llm_dir, tokenizer):
+    """Eight penalized requests decoding, then four more: the pool doubles while the first eight's slots hold
+    counts, which it keeps."""
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=EngineConfig(**ON_CPU), llm_config=EngineConfig(**ON_CPU))
+    checked = check_counts(engine.slm)
+    sampling = penalized(scripted({}, max_tokens=12))
+    for i in range(12):
+        engine.add_request(text_tokens(tokenizer, f"Request {i} again and again."), sampling)
+        if i == 7:
+            for _ in range(4):
+                engine.step()
+            assert engine.slm.penalties.output_counts.shape[0] == 8
+    while engine.scheduler.has_work:
+        engine.step()
+    assert engine.slm.penalties.output_counts.shape[0] == 16 and len(set(checked)) == 12

@@ -53,7 +53,7 @@ class Penalties:
             slot = self._slot(row.seq_id)
             if self.counted_upto.get(row.seq_id) != row.start:
                 rebuilt.append(slot)
-                self._pairs(prompt_pairs, slot, row.context[:row.prompt_len])
+                self._pairs(prompt_pairs, slot, set(row.context[:row.prompt_len]))
                 self._pairs(count_pairs, slot, row.context[row.prompt_len:row.start])
             for position, token in enumerate(row.tokens, row.start):
                 if token == FED_ON_DEVICE:
