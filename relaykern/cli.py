@@ -36,8 +36,8 @@ def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path 
     processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, seed=args.seed,
-                              logits_processors=processors)
+                              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
+                              min_tokens=args.min_tokens, seed=args.seed, logits_processors=processors)
     prompts = args.prompt or ["What is 17 * 23?"]
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
     gen.add_argument("--llm-device", help="the LLM's device (default: --device)")
     gen.add_argument("--max-tokens", type=int, default=48)
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0: off")

@@ -38,7 +38,9 @@ class SamplingParams:
     likely); for the LLM (``llm_sampling``) it is its tag-free view.
 
     ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
-    ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). ``logprobs=True`` returns the log-prob
+    ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). Before the response holds
+    ``min_tokens`` tokens (both models' count) the model cannot sample EOS (unless ``ignore_eos``) or a stop id,
+    and no stop string ends the request, as in vLLM. ``logprobs=True`` returns the log-prob
     of each sampled token under the distribution it was drawn from: after penalties, logits processors,
     temperature and the filters (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request
     reproducible whatever else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one
@@ -53,6 +55,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     max_tokens: int = 256
+    min_tokens: int = 0
     seed: int | None = None
     stop: Sequence[str] | None = None
     stop_token_ids: Sequence[int] | None = None
@@ -61,7 +64,7 @@ class SamplingParams:
     logits_processors: Sequence[LogitsProcessor] = ()
 
     def __post_init__(self) -> None:
-        require_ints(self, "max_tokens", "top_k", "seed")
+        require_ints(self, "max_tokens", "min_tokens", "top_k", "seed")
         require_numbers(self, "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                         "frequency_penalty")
         if not 0 <= self.temperature < math.inf:
@@ -85,6 +88,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):

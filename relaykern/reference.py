@@ -116,8 +116,9 @@ class _Watcher(StoppingCriteria):
     """
 
     def __init__(self, input_len: int, table: list[bytes], text: bytes, stop_ids: set[int],
-                 stop_strings: Sequence[bytes], scan_state: protocol.ScanState | None):
+                 stop_strings: Sequence[bytes], scan_state: protocol.ScanState | None, stops_from: int = 0):
         self.input_len = input_len
+        self.stops_from = stops_from  # no stop before this call's token number ``stops_from`` (min_tokens)
         self.table = table
         self.text = bytearray(text)
         self.stop_ids = stop_ids
@@ -144,9 +145,9 @@ class _Watcher(StoppingCriteria):
         before = len(self.text)
         self.text += data
         # A stop string counts once it ends inside this token: search from where such a match could begin.
-        self.stopped = token in self.stop_ids or any(
+        self.stopped = len(self.tokens) >= self.stops_from and (token in self.stop_ids or any(
             self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in self.stop_strings
-        )
+        ))
         if self.stopped or self.scan_state is None:
             return
         events = protocol.scan(self.scan_state, data)
@@ -167,6 +168,18 @@ class _ProcessorAdapter(LogitsProcessor):
         for processor in self.processors:
             row = processor(generated, row)
         return row.unsqueeze(0)
+
+
+class _NoStopBefore(LogitsProcessor):
+    """``min_tokens``: the stop ids (EOS included) cannot be sampled before this call's token number ``count``."""
+
+    def __init__(self, stop_ids: set[int], count: int, input_len: int):
+        self.stop_ids, self.count, self.input_len = sorted(stop_ids), count, input_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.input_len < self.count:
+            scores[:, [t for t in self.stop_ids if 0 <= t < scores.shape[-1]]] = float("-inf")
+        return scores
 
 
 class _ResponsePenalties(LogitsProcessor):
@@ -260,8 +273,11 @@ class _Request:
         if not params.ignore_eos:
             stop_ids |= eos_token_ids(model, self.tokenizer)
         stop_strings = [s.encode() for s in params.stop or ()]
-        watcher = _Watcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state)
+        watcher = _Watcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state,
+                           stops_from=params.min_tokens - len(self.response))
         processors = LogitsProcessorList()
+        if params.min_tokens > len(self.response):
+            processors.append(_NoStopBefore(stop_ids, params.min_tokens - len(self.response), len(input_ids)))
         if params.presence_penalty or params.frequency_penalty:
             processors.append(_ResponsePenalties(params, len(self.prompt)))
         if params.logits_processors:

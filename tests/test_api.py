@@ -45,6 +45,7 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
     ("min_p", -0.1, r"in \[0, 1\]"), ("min_p", float("nan"), r"in \[0, 1\]"),
     ("repetition_penalty", 0.0, "finite and > 0"), ("repetition_penalty", float("inf"), "finite and > 0"),
     ("presence_penalty", 2.5, r"in \[-2, 2\]"), ("frequency_penalty", float("nan"), r"in \[-2, 2\]"),
+    ("min_tokens", -1, r"in \[0, max_tokens=256\]"), ("min_tokens", 300, r"in \[0, max_tokens=256\]"),
     ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
     ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
     ("stop", [151645], "token ids go in stop_token_ids"), ("stop", [b"x"], "non-empty strings"),
@@ -97,15 +98,16 @@ def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, ca
     assert "[llm]" in streamed and streamed.replace("[llm]", "").replace("[/llm]", "") == out["text"]
 
 
-def test_cli_generate_samples_with_the_filters_asked_and_names_a_bad_one(slm_dir, capsys):
+def test_cli_generate_samples_as_asked_and_names_a_bad_setting(slm_dir, capsys):
     from relaykern.cli import main as cli_main
 
-    common = ["generate", "--slm", str(slm_dir), "--device", "cpu", "--prompt", "Hi", "--max-tokens", "6", "--json",
-              "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    common = ["generate", "--slm", str(slm_dir), "--device", "cpu", "--prompt", "Hi", "--max-tokens", "6",
+              "--min-tokens", "6", "--json", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
     texts = []
     for _ in range(2):
         assert cli_main(common + ["--min-p", "0.05", "--repetition-penalty", "1.2", "--presence-penalty", "0.5"]) == 0
-        texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
-    assert texts[0] == texts[1]
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        texts.append(out["text"])
+    assert texts[0] == texts[1] and out["finish_reason"] == "length"
     assert cli_main(common + ["--min-p", "2"]) == 2
     assert "SamplingParams.min_p must be in [0, 1]" in capsys.readouterr().err

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:an overlapped")  # raising proce
 
 @pytest.fixture(scope="module")
 def seeded_case(slm_dir, llm_dir):
-    """Case 3 of seed 0 (`python -m relay_fuzz --seed 0`): ten requests, six commands served."""
+    """Case 3 of seed 0 (`python -m relay_fuzz --seed 0`): ten requests, seven commands served."""
     rng = random.Random(3)
     case = random_case(rng)
     base, problems = check_baseline(case, (slm_dir, llm_dir))

@@ -19,7 +19,7 @@ from relaykern.config import EngineConfig
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
 from relaykern.engine.penalties import Penalties
 from relaykern.engine.row import FED_ON_DEVICE, Row
-from relaykern.engine.sampler import SamplingBatch, sample
+from relaykern.engine.sampler import SamplingBatch, block_early_stops, sample
 from relaykern.engine.startup import choose_batch1_step, compile_forward_variants
 from relaykern.engine.transfer import host_to_device
 from relaykern.kernels.decode_attention import SMALL_DECODE_BATCH
@@ -151,6 +151,7 @@ class ModelRunner:
         if logits is None:
             logits = self._logits(rows, fed_tokens, shape)
         self.penalties.apply(logits, rows, fed_tokens)
+        block_early_stops(logits, rows, self.model_config.eos_token_ids)
         replaced = self._apply_logits_processors(logits, rows)
         # A processor's logits may have nothing to sample (NaN, all -inf): their log-prob comes back NaN, which the
         # relay loop reads as that request's error, with no device sync here.

@@ -1,4 +1,5 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, log-probs of sampled tokens.
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, log-probs of sampled tokens,
+and no stop before ``min_tokens``.
 
 Randomness is counter-based: the noise for (request seed, step, vocabulary index) is a hash, so a request's samples
 do not depend on which other requests share its batch, on preemption, or on the device's RNG state. Sampling is
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import torch
 
+from relaykern.engine.row import Row
+from relaykern.engine.transfer import host_to_device
 from relaykern.kernels.sample import gumbel_sample, gumbel_sample_reference, token_logprobs
 
 
@@ -44,6 +49,21 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     drop |= probs < min_p[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def block_early_stops(logits: torch.Tensor, rows: list[Row], eos: Sequence[int]) -> None:
+    """Sets to -inf, in place, the logits of the tokens that would end a request (EOS unless ``ignore_eos``, stop
+    ids) in the rows whose response is shorter than their ``min_tokens``."""
+    rows_index, tokens = [], []
+    for i, row in enumerate(rows):
+        params = row.sampling
+        if row.samples and row.step < params.min_tokens:
+            stops = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos))
+            kept = [t for t in stops if 0 <= t < logits.shape[1]]
+            rows_index += [i] * len(kept)
+            tokens += kept
+    if tokens:
+        logits[host_to_device(logits.device, [rows_index, tokens], torch.int64).unbind()] = float("-inf")
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch | None, want_logprobs: bool, backend: str,

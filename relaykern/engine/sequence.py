@@ -100,7 +100,8 @@ class Sequence:
                params: SamplingParams) -> bool:
         """Adds one generated token (``data``: its bytes) to the response and to the SLM's view (the SLM reads
         everything); True if it stops the request under the writing model's ``params``: EOS, a stop id, or a stop
-        string (matched on the response's bytes) that ends inside this token."""
+        string (matched on the response's bytes) that ends inside this token, once the response holds
+        ``params.min_tokens``."""
         before = len(self.text)
         self.text += data
         start = len(self.response)
@@ -114,6 +115,8 @@ class Sequence:
         else:
             self.stats.llm_tokens += 1
             self.llm.tokens.append(token)
+        if len(self.response) < params.min_tokens:
+            return False
         if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
             return True
         stops = (stop.encode() for stop in params.stop or ())

@@ -79,7 +79,8 @@ def build_processors(schedule: dict[str, list[int]] | None, specs: list[list]) -
 def slm_sampling(request: dict) -> SamplingParams:
     return SamplingParams(temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
                           min_p=request.get("min_p", 0.0), **request.get("penalties", {}),
-                          max_tokens=request["max_tokens"], seed=request["seed"], stop=request["stop"],
+                          max_tokens=request["max_tokens"], min_tokens=request.get("min_tokens", 0),
+                          seed=request["seed"], stop=request["stop"],
                           stop_token_ids=request["stop_token_ids"], ignore_eos=request["ignore_eos"],
                           logprobs=request["logprobs"],
                           logits_processors=build_processors(request["schedule"], request["processors"]))
@@ -90,7 +91,8 @@ def llm_sampling(request: dict) -> SamplingParams | None:
     if llm is None:
         return None
     return SamplingParams(temperature=llm["temperature"], top_p=llm["top_p"], top_k=llm["top_k"],
-                          min_p=llm.get("min_p", 0.0), **llm.get("penalties", {}), seed=llm["seed"],
+                          min_p=llm.get("min_p", 0.0), **llm.get("penalties", {}), min_tokens=llm.get("min_tokens", 0),
+                          seed=llm["seed"],
                           ignore_eos=llm["ignore_eos"],
                           logits_processors=build_processors(llm["schedule"], llm["processors"]))
 
@@ -164,6 +166,7 @@ def random_llm(rng: random.Random, max_tokens: int) -> dict | None:
     return dict(temperature=rng.choice([0.7, 1.0]) if sampled else 0.0,
                 top_p=rng.choice([1.0, 0.8]) if sampled else 1.0, top_k=rng.choice([0, 10]) if sampled else 0,
                 min_p=rng.choice([0.0, 0.0, 0.1]) if sampled else 0.0, penalties=random_penalties(rng),
+                min_tokens=rng.choice([0, 0, 0, rng.randint(0, max_tokens)]),
                 seed=rng.randrange(1 << 30) if rng.random() < 0.5 else None, ignore_eos=rng.random() < 0.3,
                 schedule={str(rng.randint(1, max_tokens)): [IM_END_ID]} if rng.random() < 0.4 else {},
                 processors=random_processors(rng, 1, max_tokens, (0.08, 0.06, 0.04)))
@@ -172,7 +175,7 @@ def random_llm(rng: random.Random, max_tokens: int) -> dict | None:
 def random_request(rng: random.Random, prompt: list[int]) -> dict:
     max_tokens = rng.choice([1, 3, 8, 12, 16, 20, 24, 28, 32, 36, 40, 40])
     sampled = rng.random() < 0.35
-    return dict(prompt=prompt, max_tokens=max_tokens,
+    return dict(prompt=prompt, max_tokens=max_tokens, min_tokens=rng.choice([0, 0, 0, rng.randint(0, max_tokens)]),
                 temperature=rng.choice([0.5, 0.8, 1.0, 1.3]) if sampled else 0.0,
                 top_p=rng.choice([1.0, 1.0, 0.9, 0.5]) if sampled else 1.0,
                 top_k=rng.choice([0, 0, 5, 50]) if sampled else 0,
