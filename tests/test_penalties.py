@@ -88,9 +88,10 @@ def test_penalized_relay_equals_the_reference(slm_dir, llm_dir, slm_model, llm_m
               for p, s in zip(prompts, samplings)]
     for name, a, b in zip(names, ours, theirs):
         assert comparable(a) == comparable(b), name
-    _, plain = run_engine(slm_dir, llm_dir, prompts, [cases[name] for name in names], device=device)
-    assert any(a.token_ids != b.token_ids for a, b in zip(ours, plain))  # a random model repeats itself rarely
     assert_no_blocks_held(engine)
+    if device is ON_CPU:  # (one engine start less on a GPU)
+        _, plain = run_engine(slm_dir, llm_dir, prompts, [cases[name] for name in names])
+        assert any(a.token_ids != b.token_ids for a, b in zip(ours, plain))  # a random model repeats itself rarely
 
 
 def test_penalties_count_the_same_through_overlapped_steps_preemption_chunks_and_prefix_hits(slm_dir, llm_dir,
