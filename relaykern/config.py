@@ -5,7 +5,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -40,11 +40,10 @@ class SamplingParams:
     ``stop`` strings and ``stop_token_ids`` end the request where a token completes them, and that token stays in
     ``token_ids`` and ``text`` (vLLM's ``include_stop_str_in_output=True``). Before the response holds
     ``min_tokens`` tokens (both models' count) the model cannot sample EOS (unless ``ignore_eos``) or a stop id,
-    and no stop string ends the request, as in vLLM. ``logprobs=True`` returns the log-prob
-    of each sampled token under the distribution it was drawn from: after penalties, logits processors,
-    temperature and the filters (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request
-    reproducible whatever else is batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one
-    derived from this.
+    and no stop string ends the request, as in vLLM. ``logprobs=True`` returns the log-prob of each sampled token
+    under the distribution it was drawn from: after penalties, logits processors, temperature and the filters
+    (greedy: ``log_softmax`` of the processed logits). ``seed`` makes the request reproducible whatever else is
+    batched with it; the LLM's draws use ``llm_sampling.seed`` when given, else one derived from this.
     """
 
     temperature: float = 1.0
@@ -111,6 +110,10 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def stop_ids(self, eos: Iterable[int]) -> set[int]:
+        """The token ids that end a request under these params, given the model's ``eos`` ids."""
+        return set(self.stop_token_ids or ()) | (set() if self.ignore_eos else set(eos))
 
 
 @dataclass

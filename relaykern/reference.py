@@ -28,14 +28,15 @@ and is not counted. EOS and stop tokens are kept in ``token_ids`` (and counted),
 strings are matched on the response's bytes (LLM text included) and must end inside the new token; the text is
 not cut at them.
 
-Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k, top-p and min-p warpers, after the user's
-``logits_processors``. ``seed`` re-seeds torch before every ``generate`` call, so a run is reproducible, but the
-engine draws from a different random stream: only greedy outputs are compared token for token. ``llm_sampling``
-defaults to ``sampling`` without logits processors (its stop rules apply to the LLM's tokens too: the request
-stops wherever the response completes one); its ``max_tokens`` and ``logprobs`` are unused
-(the call decides the length; ``sampling.logprobs`` decides logprobs for all tokens). Logits processors see the
-whole response so far (both models' tokens, commands included), for either model. Logprobs are taken from the
-processed distribution (after processors and warpers) that the token was drawn from.
+Sampling: ``temperature == 0`` is greedy; otherwise HF's temperature, top-k, top-p and min-p warpers, after the
+user's ``logits_processors``, which come after the penalties (HF's ``repetition_penalty``, then vLLM's presence and
+frequency penalties over the response) and ``min_tokens``' mask of the stop ids. ``seed`` re-seeds torch before
+every ``generate`` call, so a run is reproducible, but the engine draws from a different random stream: only greedy
+outputs are compared token for token. ``llm_sampling`` defaults to ``sampling`` without logits processors (its stop
+rules apply to the LLM's tokens too: the request stops wherever the response completes one); its ``max_tokens`` and
+``logprobs`` are unused (the call decides the length; ``sampling.logprobs`` decides logprobs for all tokens).
+Logits processors see the whole response so far (both models' tokens, commands included), for either model.
+Logprobs are taken from the processed distribution (after processors and warpers) that the token was drawn from.
 """
 from __future__ import annotations
 
@@ -269,9 +270,7 @@ class _Request:
     def _generate(self, model: PreTrainedModel, params: SamplingParams, input_ids: list[int], source: Source,
                   scan_state: protocol.ScanState | None = None, max_new_tokens: int | None = None) -> _Watcher:
         """Runs one ``generate`` call and appends its tokens to the response."""
-        stop_ids = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stop_ids |= eos_token_ids(model, self.tokenizer)
+        stop_ids = params.stop_ids(eos_token_ids(model, self.tokenizer))
         stop_strings = [s.encode() for s in params.stop or ()]
         watcher = _Watcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state,
                            stops_from=params.min_tokens - len(self.response))

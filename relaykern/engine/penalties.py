@@ -83,13 +83,13 @@ class Penalties:
 
     def _count(self, pairs: tuple[list[int], list[int]], fed: tuple[list[int], list[int]],
                fed_tokens: torch.Tensor | None) -> None:
+        if not pairs[0] and not fed[0]:
+            return
         slot, token = host_to_device(self.device, list(pairs), torch.int64)
         if fed[0]:
             fed_rows, fed_slots = host_to_device(self.device, list(fed), torch.int64)
             slot, token = torch.cat([slot, fed_slots]), torch.cat([token, fed_tokens[fed_rows]])
-        if slot.numel():
-            ones = torch.ones_like(slot, dtype=torch.int32)
-            self.output_counts.index_put_((slot, token), ones, accumulate=True)
+        self.output_counts.index_put_((slot, token), torch.ones_like(slot, dtype=torch.int32), accumulate=True)
 
     def _penalize(self, logits: torch.Tensor, rows: list[Row], picked: list[int]) -> None:
         sampling = [rows[i].sampling for i in picked]

@@ -9,7 +9,6 @@ argmax, log-prob) is ``relaykern.kernels.sample``: one fused kernel on the trito
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Sequence
 
 import torch
@@ -56,10 +55,8 @@ def block_early_stops(logits: torch.Tensor, rows: list[Row], eos: Sequence[int])
     ids) in the rows whose response is shorter than their ``min_tokens``."""
     rows_index, tokens = [], []
     for i, row in enumerate(rows):
-        params = row.sampling
-        if row.samples and row.step < params.min_tokens:
-            stops = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos))
-            kept = [t for t in stops if 0 <= t < logits.shape[1]]
+        if row.samples and row.step < row.sampling.min_tokens:
+            kept = [t for t in row.sampling.stop_ids(eos) if 0 <= t < logits.shape[1]]
             rows_index += [i] * len(kept)
             tokens += kept
     if tokens:
