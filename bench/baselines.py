@@ -22,7 +22,8 @@ import torch
 
 from relaykern.config import RelayConfig, SamplingParams
 from relaykern.engine.relay import RelayEngine
-from relaykern.reference import _generation_config, load_reference_models, reference_generate
+from relaykern.reference import load_reference_models, reference_generate
+from relaykern.reference_hooks import generation_config
 from relaykern.bench.official_loop import official_loop
 from relaykern.bench.relay_bench import run_workload
 from relaykern.bench.timing import timed
@@ -121,7 +122,7 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int, device: torch
 
     def generate(new_tokens: int):
         # The reference's config: every sampling field explicit, no EOS, so each row writes new_tokens tokens.
-        config = _generation_config(SamplingParams(temperature=0, max_tokens=new_tokens),
+        config = generation_config(SamplingParams(temperature=0, max_tokens=new_tokens),
                                     input_ids.shape[1] + new_tokens, output_scores=False)
         with torch.inference_mode():
             return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)

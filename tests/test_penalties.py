@@ -10,7 +10,8 @@ from relay_fixtures import *  # noqa: F401,F403
 from relaykern import EngineConfig, RelayConfig, RelayEngine, SamplingParams
 from relaykern.engine.penalties import penalize_logits
 from relaykern.engine.row import FED_ON_DEVICE
-from relaykern.reference import _ResponsePenalties, reference_generate
+from relaykern.reference import reference_generate
+from relaykern.reference_hooks import ResponsePenalties
 
 PENALTIES = dict(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3)
 
@@ -26,7 +27,7 @@ def test_the_penalties_equal_hf_repetition_penalty_then_vllm_presence_and_freque
     input_ids = torch.randint(0, 20, (1, 15), generator=generator)
     params = SamplingParams(**PENALTIES)
     hf = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(input_ids, logits.clone())
-    hf = _ResponsePenalties(params, prompt_len)(input_ids, hf)
+    hf = ResponsePenalties(params, prompt_len)(input_ids, hf)
     prompt_mask = torch.zeros(1, vocab, dtype=torch.bool)
     prompt_mask[0, input_ids[0, :prompt_len]] = True
     counts = torch.bincount(input_ids[0, prompt_len:], minlength=vocab)[None].to(torch.int32)
