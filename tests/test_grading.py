@@ -11,6 +11,7 @@ def test_extract_boxed_takes_the_last_balanced_box():
     assert extract_boxed(r"\boxed{7} and a cut \boxed{8") == "7"
     assert extract_boxed("no box") is None
     assert extract_boxed(r"\boxed{}") == ""
+    assert extract_boxed("\\boxed {7} then \\boxed\n{8") == "7"  # LaTeX allows space before the brace
 
 
 def test_normalize_answer():
@@ -35,6 +36,7 @@ def test_is_correct_symbolic_with_math_verify():
 
 def test_fallback_without_math_verify(monkeypatch):
     monkeypatch.setattr(grading, "math_verify", None)
+    assert grading.grader_in_use() == "exact match (math-verify not installed)"
     assert is_correct(r"\boxed{ 85 }", "85")
     assert not is_correct(r"\boxed{0.5}", r"\frac{1}{2}")
 

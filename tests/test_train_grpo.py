@@ -109,6 +109,25 @@ def tiny_config(tmp_path, **overrides) -> GRPOConfig:
     return dataclasses.replace(GRPOConfig(), **{**base, **overrides})
 
 
+@pytest.mark.parametrize("rollout", ["reference", "engine"])
+def test_rollouts_end_at_a_command_past_max_calls(tmp_path, rollout):
+    """As the official rollout ends at a command past its turn limit: repeated unserved commands would raise ρ."""
+    trainer = GRPOTrainer(tiny_config(tmp_path, llm=TINY, rollout=rollout, max_calls=1, max_call_tokens=2,
+                                      max_tokens=24, llm_temperature=0.0))
+    command = command_ids(trainer.tokenizer, 2)
+    script = command + [0, 0] + command + [9] * 8  # a served call (its 2 LLM tokens stand in the zeros), then one more
+
+    def force(generated, logits):
+        forced = torch.full_like(logits, -math.inf)
+        forced[script[len(generated)] if len(generated) < len(script) else 9] = 0.0
+        return forced
+
+    sampling = dataclasses.replace(trainer.sampling(0), logits_processors=[force])
+    [output] = trainer.backend.generate([trainer.prompt_ids[0]], sampling)
+    assert output.finish_reason == "max_calls" and output.stats.calls == 1
+    assert output.token_ids[-len(command):] == command and len(output.token_ids) == 2 * len(command) + 2
+
+
 def test_one_step_raises_call_probability_and_zeroes_llm_token_gradients(tmp_path):
     trainer = GRPOTrainer(tiny_config(tmp_path), lambda t: ScriptedRollout(t, fixed=True))
     alternative = trainer.backend.alternative

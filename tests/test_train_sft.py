@@ -9,9 +9,11 @@ from relaykern.tiny import save_tiny_checkpoint
 from relaykern.tokenizer import IM_END_ID, load_qwen3_tokenizer
 from relaykern.train.batch import ResponseLogProbs, collate
 from relaykern.train.config import apply_overrides
-from relaykern.train.data import (CallInsertion, SFTDataConfig, build_sft_records, choose_call_positions,
-                                  command_ids, insert_calls, make_arithmetic_prompts)
-from relaykern.train.runtime import load_causal_lm
+from relaykern.train.data import (CallInsertion, SFTDataConfig, build_sft_records, chat_prompt_ids,
+                                  choose_call_positions, command_ids, insert_calls, make_arithmetic_prompts,
+                                  reference_answer)
+from relaykern.train.grpo import GRPOConfig
+from relaykern.train.runtime import load_causal_lm, lr_lambda
 from relaykern.train.sft import SFTConfig, completion_loss_sum
 
 
@@ -71,6 +73,7 @@ def test_build_sft_records_with_tiny_models(tiny_dir):
     config = SFTDataConfig(solutions="record", insertion=CallInsertion(call_rate=1.0, n_range=(2, 2), max_calls=1))
     records = build_sft_records(make_arithmetic_prompts(2, seed=0), tokenizer, None, model, config)
     for r in records:
+        assert tokenizer.decode(r["prompt_ids"]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         text = tokenizer.decode(r["response_ids"])
         assert text.count("<call>2</call>") == 1
         assert len(r["loss_mask"]) == len(r["response_ids"]) and r["loss_mask"].count(0) <= 2
@@ -78,6 +81,35 @@ def test_build_sft_records_with_tiny_models(tiny_dir):
                                                                         n_range=(1, 1), max_calls=2))
     records = build_sft_records(make_arithmetic_prompts(1, seed=0), tokenizer, model, model, entropy)
     assert tokenizer.decode(records[0]["response_ids"]).count("<call>1</call>") == 2
+
+
+def test_prompts_think_only_where_the_official_code_does():
+    """The official SFT, filter and RL prompts pre-fill Qwen3's empty think block; its eval lets the model think."""
+    tokenizer = load_qwen3_tokenizer()
+    thinking = tokenizer.decode(chat_prompt_ids(tokenizer, "What is 2 + 3?", enable_thinking=True))
+    assert thinking == ("<|im_start|>user\nWhat is 2 + 3?\nPlease reason step by step, and put your final answer "
+                        "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    plain = tokenizer.decode(chat_prompt_ids(tokenizer, "What is 2 + 3?", enable_thinking=False))
+    assert plain == thinking + "<think>\n\n</think>\n\n"
+    assert not SFTDataConfig().enable_thinking and not GRPOConfig().enable_thinking
+
+
+def test_reference_answers():
+    assert reference_answer({"answer": 12}, 0) == "12"
+    assert reference_answer({"answer": ["$\\frac{1}{2}$"]}, 0) == "$\\frac{1}{2}$"  # OlympiadBench's final_answer
+    with pytest.raises(ValueError, match="record 3: 'answer' is a list of 2"):
+        reference_answer({"answer": ["1", "2"]}, 3)
+    with pytest.raises(ValueError, match="record 1 has no 'answer'"):
+        reference_answer({"problem": "x"}, 1)
+
+
+def test_lr_schedules():
+    linear = lr_lambda("linear", 2, 12)
+    assert [linear(s) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]  # HF Trainer's default
+    assert lr_lambda("cosine", 0, 10)(5) == pytest.approx(0.5) and lr_lambda("constant", 0, 10)(9) == 1.0
+    assert (SFTConfig().lr_schedule, SFTConfig().batch_size) == ("linear", 32)  # the official SFT script's
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SFTConfig(lr_schedule="step")
 
 
 def test_loss_ignores_llm_token_targets(tiny_dir):

@@ -1,8 +1,11 @@
 """Answer checking for math: the last ``\\boxed{...}`` of a response against the reference answer.
 
-``math_verify`` (``pip install math-verify``) compares the two symbolically (``1/2`` = ``\\frac12`` = ``0.5``) when
-it is installed; otherwise, and as a fast first check, the two strings are compared after light normalisation.
-The official RL code uses ``mathruler``'s ``extract_boxed_content`` + ``grade_answer`` the same way.
+``math_verify`` (``pip install math-verify``, in the ``train`` and ``eval`` extras) compares the two symbolically
+(``1/2`` = ``\\frac12`` = ``0.5``) when it is installed; otherwise, and as a fast first check, the two strings are
+compared after light normalisation (``grader_in_use`` says which). The official RL reward grades the last box
+with ``mathruler``; the official eval takes the first ``\\boxed`` by a regex that runs to the line's last ``}``
+and verifies the raw strings with math-verify, which fails a thinking trace that boxes an early guess or a box
+spanning lines, where this is lenient.
 """
 from __future__ import annotations
 
@@ -14,24 +17,28 @@ except ImportError:  # optional dependency: the exact-match fallback still grade
     math_verify = None
 
 BOXED = "\\boxed"
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
 _SPACES = re.compile(r"\s+")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces balanced), or None if there is no complete one."""
-    start = text.rfind(BOXED + "{")
-    while start >= 0:
-        depth = 0
-        for i in range(start + len(BOXED), len(text)):
+    """Content of the last ``\\boxed{...}`` (``\\boxed {...}`` too; nested braces balanced), or None if there is
+    no complete one."""
+    for opening in reversed(list(_BOXED_OPEN.finditer(text))):  # an unbalanced (truncated) box: try an earlier one
+        depth = 1
+        for i in range(opening.end(), len(text)):
             if text[i] == "{":
                 depth += 1
             elif text[i] == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[start + len(BOXED) + 1 : i]
-        start = text.rfind(BOXED + "{", 0, start)  # unbalanced (truncated) box: try an earlier one
+                    return text[opening.end() : i]
     return None
+
+
+def grader_in_use() -> str:
+    return "math-verify" if math_verify is not None else "exact match (math-verify not installed)"
 
 
 def normalize_answer(answer: str) -> str:

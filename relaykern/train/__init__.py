@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=8192, help="filter: response budget")
     parser.add_argument("--temperature", type=float, default=0.7, help="filter: the teacher's sampling temperature")
     parser.add_argument("--top-p", type=float, default=0.95, help="filter: the teacher's top-p")
+    parser.add_argument("--enable-thinking", action="store_true",
+                        help="filter: prompts in Qwen3's thinking mode (default off, as the official filter)")
     return parser
 
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         from relaykern.train.filter import filter_prompts
 
         kept, total = filter_prompts(args.in_jsonl, args.out, args.llm, k=args.k, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_p=args.top_p)
+                                     temperature=args.temperature, top_p=args.top_p,
+                                     enable_thinking=args.enable_thinking)
         print(f"kept {kept} of {total} prompts")
         return 0
     if not args.config:

@@ -14,6 +14,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 T = TypeVar("T")
+LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -78,10 +79,10 @@ class FileConfig:
 
 @dataclasses.dataclass
 class TrainingRun(FileConfig):
-    """What SFT and GRPO runs share: the optimiser (AdamW, ``lr_schedule`` ``"cosine"`` or ``"constant"`` after a
-    linear warm-up), micro-batching, precision (``"fp32"`` or ``"bf16"`` autocast), seed, checkpoints (every
-    ``save_every`` steps, 0: at the end only; the last ``keep_last`` kept; ``resume`` from the newest) and device.
-    Each trainer's config sets its own defaults."""
+    """What SFT and GRPO runs share: the optimiser (AdamW, ``lr_schedule`` ``"linear"``, ``"cosine"`` or
+    ``"constant"`` after a linear warm-up), micro-batching, precision (``"fp32"`` or ``"bf16"`` autocast), seed,
+    checkpoints (every ``save_every`` steps, 0: at the end only; the last ``keep_last`` kept; ``resume`` from the
+    newest) and device. Each trainer's config sets its own defaults."""
 
     output_dir: str = "runs"
     micro_batch_size: int = 2
@@ -98,6 +99,6 @@ class TrainingRun(FileConfig):
     resume: bool = True
 
     def __post_init__(self) -> None:
-        for name, allowed in {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant")}.items():
+        for name, allowed in {"precision": ("fp32", "bf16"), "lr_schedule": LR_SCHEDULES}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{type(self).__name__}.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -76,11 +76,26 @@ class PromptSource:
         raise ValueError(f"prompt source kind must be 'arithmetic' or 'jsonl', got {self.kind!r}")
 
 
-def chat_prompt_ids(tokenizer: Any, problem: str) -> list[int]:
+def reference_answer(record: dict[str, Any], index: int) -> str:
+    """A record's ``answer`` as text. A list holding one answer (OlympiadBench's ``final_answer``) is that answer;
+    several answers are an error, not one string that no response could match."""
+    if "answer" not in record:
+        raise ValueError(f"record {index} has no 'answer'")
+    answer = record["answer"]
+    if isinstance(answer, (list, tuple)):
+        if len(answer) != 1:
+            raise ValueError(f"record {index}: 'answer' is a list of {len(answer)}; give one answer")
+        answer = answer[0]
+    return str(answer)
+
+
+def chat_prompt_ids(tokenizer: Any, problem: str, *, enable_thinking: bool) -> list[int]:
     """The paper's prompt: the chat template around ``problem + "\\n" + PROMPT_SUFFIX`` (a newline between them, as
-    the official SFT, RL and eval code write it), with the generation prompt."""
+    the official SFT, RL and eval code write it), with the generation prompt. ``enable_thinking=False`` pre-fills
+    Qwen3's empty think block, as the official SFT, data filter and RL rollouts do; its eval leaves thinking on.
+    (Templates without the switch ignore it.)"""
     text = tokenizer.apply_chat_template([{"role": "user", "content": f"{problem}\n{PROMPT_SUFFIX}"}],
-                                         add_generation_prompt=True, tokenize=False)
+                                         add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -181,17 +196,19 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens
 @dataclass
 class SFTDataConfig:
     """How ``build_sft_data`` makes records: solutions from the ``"slm"`` (sampled) or the prompt ``"record"``'s
-    ``solution`` field; LLM continuations sampled at ``llm_temperature`` (0.7 as in the official eval)."""
+    ``solution`` field; LLM continuations sampled at ``llm_temperature`` (0.7 as in the official eval). Prompts in
+    Qwen3's non-thinking mode unless ``enable_thinking`` (the official SFT text holds the empty think block)."""
 
     prompts: PromptSource = field(default_factory=PromptSource)
     insertion: CallInsertion = field(default_factory=CallInsertion)
     solutions: Literal["slm", "record"] = "slm"
-    max_new_tokens: int = 512
+    max_new_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
     llm_temperature: float = 0.7
     batch_size: int = 8
     seed: int = 0
+    enable_thinking: bool = False
 
 
 def build_sft_records(records: list[dict[str, Any]], tokenizer: Any, slm: torch.nn.Module | None,
@@ -200,7 +217,7 @@ def build_sft_records(records: list[dict[str, Any]], tokenizer: Any, slm: torch.
     if slm is None and (config.solutions == "slm" or config.insertion.mode == "entropy"):
         raise ValueError("SFTDataConfig: solutions='slm' and insertion mode 'entropy' need an SLM model")
     eos_ids = [tokenizer.eos_token_id]
-    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records]
+    prompts = [chat_prompt_ids(tokenizer, r["prompt"], enable_thinking=config.enable_thinking) for r in records]
     if config.solutions == "record":
         solutions = [tokenizer.encode(r["solution"], add_special_tokens=False) + eos_ids for r in records]
     else:

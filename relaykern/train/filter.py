@@ -12,36 +12,39 @@ from typing import Any
 
 from relaykern.config import EngineConfig, SamplingParams
 from relaykern.eval.grading import is_correct
-from relaykern.train.data import chat_prompt_ids, read_jsonl, write_jsonl
+from relaykern.train.data import chat_prompt_ids, read_jsonl, reference_answer, write_jsonl
 
 
 def solved_counts(records: list[dict[str, Any]], llm: str | Path, *, k: int, sampling: SamplingParams,
-                  engine_config: EngineConfig | None = None) -> list[int]:
+                  enable_thinking: bool = False, engine_config: EngineConfig | None = None) -> list[int]:
     """How many of ``k`` samples of the LLM answer each record's ``prompt`` with its ``answer``."""
     from relaykern.engine.relay import RelayEngine
 
     engine = RelayEngine(llm, slm_config=engine_config)
-    prompts = [chat_prompt_ids(engine.tokenizer, r["prompt"]) for r in records]
+    prompts = [chat_prompt_ids(engine.tokenizer, r["prompt"], enable_thinking=enable_thinking) for r in records]
     base = sampling.seed if sampling.seed is not None else 0
     samplings = [dataclasses.replace(sampling, seed=base + i * k + j) for i in range(len(prompts)) for j in range(k)]
     outputs = engine.generate([p for p in prompts for _ in range(k)], samplings)
-    return [sum(is_correct(o.text, str(r["answer"])) for o in outputs[i * k:(i + 1) * k])
+    return [sum(is_correct(o.text, reference_answer(r, i)) for o in outputs[i * k:(i + 1) * k])
             for i, r in enumerate(records)]
 
 
 def filter_prompts(in_jsonl: str | Path, out_jsonl: str | Path, llm: str | Path, *, k: int = 16,
                    temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 8192, seed: int = 0,
-                   engine_config: EngineConfig | None = None) -> tuple[int, int]:
+                   enable_thinking: bool = False, engine_config: EngineConfig | None = None) -> tuple[int, int]:
     """Writes the records of ``in_jsonl`` the LLM solves at least once in ``k`` samples; returns (kept, total).
-    Defaults are the official filter's (16 samples at temperature 0.7, top-p 0.95, 8192 tokens)."""
+    Defaults are the official filter's (16 samples at temperature 0.7, top-p 0.95, 8192 tokens, Qwen3's
+    non-thinking mode, as the RL rollouts that train on the kept prompts)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     records = read_jsonl(in_jsonl)
     for i, record in enumerate(records):
-        if "prompt" not in record or "answer" not in record:
-            raise ValueError(f"record {i} of {in_jsonl} needs 'prompt' and 'answer' fields")
+        if "prompt" not in record:
+            raise ValueError(f"record {i} of {in_jsonl} has no 'prompt'")
+        reference_answer(record, i)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    counts = solved_counts(records, llm, k=k, sampling=sampling, engine_config=engine_config)
+    counts = solved_counts(records, llm, k=k, sampling=sampling, enable_thinking=enable_thinking,
+                           engine_config=engine_config)
     kept = [{**r, "teacher_solved": c, "teacher_samples": k} for r, c in zip(records, counts) if c > 0]
     write_jsonl(out_jsonl, kept)
     return len(kept), len(records)

@@ -1,6 +1,7 @@
 """GRPO for the relay: G sampled relay responses per prompt, difficulty-aware rewards, group-normalised
 advantages, dual-clip PPO loss with a k3 KL to the frozen initial SLM, and LLM-written tokens masked out of both
-(as the paper says; the official RL code keeps them in: its masking line is commented out).
+(the teacher's tokens are not the policy's actions; the official RL code keeps them in: its masking line is
+commented out).
 
 One step: rollout (through a ``RolloutBackend``) → rewards → advantages → old and reference log-probs recomputed
 by the trainer in the training precision → one or more optimizer updates over mini-batches → weight sync. The
@@ -26,7 +27,7 @@ from relaykern.outputs import RelayOutput
 from relaykern.train.batch import ResponseLogProbs, collate
 from relaykern.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from relaykern.train.config import TrainingRun
-from relaykern.train.data import PromptSource, chat_prompt_ids
+from relaykern.train.data import PromptSource, chat_prompt_ids, reference_answer
 from relaykern.train.logger import MetricsLogger
 from relaykern.train.loss import group_advantages, policy_loss_terms
 from relaykern.train.reward import (CALLED_IF, Sample, call_ratio, case_of, command_summary, group_case,
@@ -46,8 +47,14 @@ class GRPOConfig(TrainingRun):
     calls. ``mini_batch_size``: samples per optimizer update over all ranks (0: the whole step's samples in one
     update, where the policy ratio is 1 and the clips never act). ``called_if``: what counts as calling the teacher
     for the reward, ``"call"`` (a command with N >= 1) or ``"tag"`` (any ``<call>`` text, the official reward
-    function's rule; see ``reward.command_summary``).
+    function's rule; see ``reward.command_summary``). ``max_calls`` / ``after_max_calls``: calls served per response
+    (the paper's 3; the official rollout's 3 SLM turns serve at most 2), and what a later command does
+    (RelayConfig's): ``"finish"`` ends the response there, as the official rollout
+    ends at a command past its turn limit, so that a response holds at most one unserved command (whose N counts
+    in ρ all the same: with ``"continue"``, repeating unserved commands would buy the exploration reward ρ).
     ``grader``: ``"math"`` (symbolic, eval/grading.py) or ``"exact"`` (boxed string equality).
+    ``enable_thinking``: prompts in Qwen3's thinking mode; off, as in the official RL data (an empty think block
+    pre-filled).
     ``rollout``: ``"engine"`` (relaykern's relay engine, weights synced in process) or ``"reference"`` (the HF
     reference relay on the live policy: slow, exact, for checks). ``rollout_kv_cache_gb``: the engine's KV budget
     on a GPU shared with training (default: 30 % of the free memory). ``llm_batch_wait_steps`` /
@@ -78,9 +85,11 @@ class GRPOConfig(TrainingRun):
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 8192
+    enable_thinking: bool = False
     llm_temperature: float = 0.7
     llm_top_p: float = 1.0
     max_calls: int = 3
+    after_max_calls: str = "finish"
     max_call_tokens: int = 4096
     llm_batch_wait_steps: int = 0
     llm_batch_min_rows: int = 16
@@ -91,7 +100,8 @@ class GRPOConfig(TrainingRun):
     def __post_init__(self) -> None:
         super().__post_init__()
         choices = {"grader": ("math", "exact"), "reward_mode": ("group", "batch"), "called_if": CALLED_IF,
-                   "rollout": ("engine", "reference")}
+                   "rollout": ("engine", "reference"),
+                   "after_max_calls": ("continue", "finish")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -131,7 +141,9 @@ class GRPOTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_qwen3_tokenizer()
         self.records = config.prompts.load()
-        self.prompt_ids = [chat_prompt_ids(self.tokenizer, r["prompt"]) for r in self.records]
+        self.answers = [reference_answer(r, i) for i, r in enumerate(self.records)]
+        self.prompt_ids = [chat_prompt_ids(self.tokenizer, r["prompt"], enable_thinking=config.enable_thinking)
+                           for r in self.records]
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_from = latest_checkpoint(self.ckpt_root) if config.resume else None
         slm_path = resolve_model_path(config.slm, self.out_dir, "slm", runtime)
@@ -189,7 +201,7 @@ class GRPOTrainer:
         indices = [i for i in self.step_prompts(step) for _ in range(self.config.group_size)]
         prompts = [self.prompt_ids[i] for i in indices]
         outputs = self.backend.generate(prompts, self.sampling(step))
-        return Rollouts(prompts, [str(self.records[i]["answer"]) for i in indices], outputs)
+        return Rollouts(prompts, [self.answers[i] for i in indices], outputs)
 
     def score(self, rollouts: Rollouts) -> None:
         """Fills ``samples`` and ``rewards`` (the batch-mode case is decided over all ranks)."""

@@ -86,7 +86,8 @@ class EngineRollout:
 
 def _relay_settings(c: "GRPOConfig") -> tuple[SamplingParams, RelayConfig]:
     llm_sampling = SamplingParams(temperature=c.llm_temperature, top_p=c.llm_top_p, max_tokens=c.max_tokens)
-    return llm_sampling, RelayConfig(max_calls=c.max_calls, max_call_tokens=c.max_call_tokens,
+    return llm_sampling, RelayConfig(max_calls=c.max_calls, after_max_calls=c.after_max_calls,
+                                     max_call_tokens=c.max_call_tokens,
                                      llm_batch_wait_steps=c.llm_batch_wait_steps,
                                      llm_batch_min_rows=c.llm_batch_min_rows)
 

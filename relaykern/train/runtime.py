@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from relaykern.config import resolve_device
+from relaykern.train.config import LR_SCHEDULES
 
 TINY = "tiny"
 
@@ -138,9 +139,10 @@ def frozen_dtype(precision: str) -> torch.dtype:
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
               ) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_steps`` then ``"cosine"`` decay to ``min_lr_ratio`` or ``"constant"``."""
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr schedule must be 'cosine' or 'constant', got {schedule!r}")
+    """Linear warm-up over ``warmup_steps`` then ``"linear"`` (HF Trainer's default) or ``"cosine"`` decay to
+    ``min_lr_ratio``, or ``"constant"``."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -148,7 +150,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return factor
 
