@@ -17,9 +17,11 @@ Rules (``RelayConfig`` holds the knobs):
   is malformed: the request ends with ``finish_reason="malformed_call"``, keeping its text. A partial ``<cal``
   followed by other text is just text.
 - An unterminated command when ``max_tokens`` runs out is left as text (``finish_reason="length"``).
-- The LLM sees the prompt plus the response with **every** command's bytes removed (served or not); a token that
-  straddles a command boundary keeps only its outside bytes, re-encoded (see ``strip_commands``). The SLM sees
-  everything: its own command followed by the LLM's tokens.
+- The LLM sees the prompt plus the response with **every** command's bytes removed (served or not), each with the
+  ASCII whitespace the SLM wrote right before it (``view_cuts``: the official code strips the text it hands the LLM,
+  so a call's context ends ``x =``, not ``x = ``, whose lone space token would be a state Qwen3's BPE rarely
+  writes); a token that straddles a cut's boundary keeps only its outside bytes, re-encoded (see
+  ``strip_commands``). The SLM sees everything: its own command followed by the LLM's tokens.
 - The LLM's EOS ends the request (``finish_reason="stop"``).
 - Call ratio = LLM-generated tokens / all response tokens.
 
@@ -227,17 +229,31 @@ def serve_length(n: int, max_call_tokens: int, tokens_left: int) -> int:
     return max(0, min(n, max_call_tokens, tokens_left))
 
 
+def view_cuts(data: bytes, commands: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges of an SLM run ``data`` that the LLM's view leaves out: each command ``(start, end)`` (in
+    order) widened back over the ASCII whitespace before it, down to the run's start or the previous command's end."""
+    cuts = []
+    floor = 0
+    for start, end in commands:
+        cut = start
+        while cut > floor and data[cut - 1] in WHITESPACE:
+            cut -= 1
+        cuts.append((cut, end))
+        floor = end
+    return cuts
+
+
 def strip_commands(
     token_ids: Sequence[int],
     token_bytes: Sequence[bytes],
     command_ranges: Sequence[tuple[int, int]],
     encode: Callable[[bytes], list[int]],
 ) -> list[int]:
-    """The LLM's view of a run of SLM tokens: their bytes minus the byte ranges of commands.
+    """The LLM's view of a run of SLM tokens: their bytes minus the byte ranges ``command_ranges`` (the commands'
+    ``view_cuts``), offsets into the concatenation of ``token_bytes``.
 
-    Tokens that touch no command are kept as they are. Each maximal run of consecutive tokens that touch a command
-    is replaced by the encoding of the bytes it keeps outside the commands (often nothing; ``.<`` → ``.``).
-    ``command_ranges`` are offsets into the concatenation of ``token_bytes``.
+    Tokens that touch no range are kept as they are. Each maximal run of consecutive tokens that touch a range is
+    replaced by the encoding of the bytes it keeps outside the ranges (often nothing; ``.<`` → ``.``).
     """
     out: list[int] = []
     kept_outside = bytearray()
@@ -272,8 +288,8 @@ def llm_view(
     encode: Callable[[bytes], list[int]],
 ) -> list[int]:
     """The LLM's view of a whole response, rebuilt from scratch: LLM tokens as they are, each SLM run (``spans``:
-    ``(source, start, end)``) minus every command found in it. Commands never span an LLM turn, so per-run
-    stripping is exact."""
+    ``(source, start, end)``) minus every command found in it and the whitespace before it (``view_cuts``).
+    Commands never span an LLM turn, so per-run stripping is exact."""
     view: list[int] = []
     for source, start, end in spans:
         ids = response[start:end]
@@ -281,6 +297,7 @@ def llm_view(
             view += ids
             continue
         data = [token_bytes[t] if t < len(token_bytes) else b"" for t in ids]
-        ranges = [(c.start, c.end) for c in find_commands(b"".join(data)).commands]
-        view += strip_commands(ids, data, ranges, encode)
+        run = b"".join(data)
+        cuts = view_cuts(run, [(c.start, c.end) for c in find_commands(run).commands])
+        view += strip_commands(ids, data, cuts, encode)
     return view

@@ -18,7 +18,8 @@ One request's loop (rules from ``relaykern/protocol.py``, which win over the off
    specification) on the bytes of the current SLM run.
 2. A call with ``N > 0`` is served with ``serve_length(N, max_call_tokens, tokens left)`` LLM tokens, written on
    prompt + the LLM's view of the response, rebuilt from scratch: LLM tokens as they are, and each SLM run (the
-   SLM tokens between two LLM turns) minus the bytes of every command found in it (``strip_commands``). Commands
+   SLM tokens between two LLM turns) minus the bytes of every command found in it and of the whitespace before it
+   (``view_cuts``, ``strip_commands``). Commands
    never span an LLM turn: the automaton restarts at each SLM run, so per-run stripping is exact.
 3. The LLM's tokens join the response (source ``"llm"``) and the SLM goes on, reading everything.
 

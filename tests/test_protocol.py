@@ -27,7 +27,9 @@ from relaykern.protocol import (
     serve_length,
     strip_commands,
     token_transition,
+    view_cuts,
 )
+from relaykern.engine.llm_view import feed_llm_view, note_slm_token
 from relaykern.tokenizer import encode_bytes, load_qwen3_tokenizer, token_bytes
 
 
@@ -218,8 +220,23 @@ def test_no_real_token_makes_token_transition_raise(vocab_bytes):
 
 def llm_view(tokenizer, vocab_bytes, ids: list[int]) -> list[int]:
     text = b"".join(vocab_bytes[i] for i in ids)
-    ranges = [(c.start, c.end) for c in find_commands(text).commands]
-    return strip_commands(ids, [vocab_bytes[i] for i in ids], ranges, lambda data: encode_bytes(tokenizer, data))
+    cuts = view_cuts(text, [(c.start, c.end) for c in find_commands(text).commands])
+    return strip_commands(ids, [vocab_bytes[i] for i in ids], cuts, lambda data: encode_bytes(tokenizer, data))
+
+
+def test_view_cuts_take_the_whitespace_before_each_command():
+    text = b"So x = <call>20</call> 4.\n\n<call>0</call>\t <call>3</call>"
+    commands = [(c.start, c.end) for c in find_commands(text).commands]
+    assert view_cuts(text, commands) == [(6, 22), (25, 41), (41, 57)]  # (the third stops at the second's end)
+    assert view_cuts(b"  <call>1</call>", [(2, 15)]) == [(0, 15)]  # back to the run's start
+
+
+def test_the_llm_reads_no_whitespace_before_a_command(tokenizer, vocab_bytes):
+    """As the official code strips what it hands the LLM: a call's context ends ``x =``, not in a lone space."""
+    ids = tokenizer.encode("So x = <call>20</call> 4") + tokenizer.encode("\n\n") + tokenizer.encode("<call>5</call>")
+    assert b"".join(vocab_bytes[i] for i in llm_view(tokenizer, vocab_bytes, ids)) == b"So x = 4"
+    spaced = tokenizer.encode("Thus,") + tokenizer.encode(" ") + [27, 6659, 29, 20, 522, 6659, 29]
+    assert llm_view(tokenizer, vocab_bytes, spaced) == tokenizer.encode("Thus,")
 
 
 def test_strip_straddling_tokens(tokenizer, vocab_bytes):
@@ -322,9 +339,14 @@ def test_table_in_short_random_chunks_matches_spec(case):
 
 @settings(max_examples=1000, **FAST)
 @given(text=TEXTS)
-def test_strip_commands_removes_exactly_the_command_bytes(tokenizer, vocab_bytes, text):
+def test_strip_commands_removes_exactly_the_command_bytes_and_the_whitespace_before(tokenizer, vocab_bytes, text):
     ids = encode_bytes(tokenizer, text)
-    ranges = [(c.start, c.end) for c in find_commands(text).commands]
+    commands = [(c.start, c.end) for c in find_commands(text).commands]
+    ranges = view_cuts(text, commands)
+    floors = [0] + [end for _, end in commands[:-1]]
+    for (cut, end), (start, _), floor in zip(ranges, commands, floors):
+        assert cut == floor or text[cut - 1] not in b" \t\n\r\x0b\x0c"  # all of the whitespace run...
+        assert not text[cut:start].strip(b" \t\n\r\x0b\x0c")  # ...and nothing else
     out = llm_view(tokenizer, vocab_bytes, ids)
     kept = bytearray(text)
     for start, end in reversed(ranges):
@@ -332,4 +354,41 @@ def test_strip_commands_removes_exactly_the_command_bytes(tokenizer, vocab_bytes
     assert b"".join(vocab_bytes[i] for i in out) == bytes(kept)
     token_ends = itertools.accumulate(len(vocab_bytes[i]) for i in ids)
     untouched = sum(1 for end in token_ends if not ranges or end <= ranges[0][0])
-    assert out[:untouched] == ids[:untouched]  # tokens before the first command are untouched
+    assert out[:untouched] == ids[:untouched]  # tokens before the first cut are untouched
+
+
+def _run_as_the_engine_reads_it(ids: list[int], chunks: list[bytes], encode) -> tuple[int, list, list[int]]:
+    """The engine's bookkeeping over one SLM run (engine/llm_view.py), the detection's events from the table, the
+    view fed at every safe point and the rest at the end: ``(tokens taken, its cuts, its view)``; a malformed
+    command's token ends the request, and the run, unread."""
+    llm = type("View", (), {"tokens": []})()
+    seq = type("Seq", (), dict(response=[], run_start=0, run_bytes=0, run_text_end=0, pending_cut=0, run_cuts=[],
+                               run_fed=0, run_fed_bytes=0, run_safe=0, scan_state=TEXT, llm=llm))()
+    table = {i: chunk for i, chunk in zip(ids, chunks)}
+    for token, chunk in zip(ids, chunks):
+        move = token_transition(seq.scan_state, chunk)
+        if move.event == EVENT_MALFORMED:
+            break
+        seq.response.append(token)
+        seq.scan_state = move.next_state
+        note_slm_token(seq, chunk, move.event, move.start_offset, move.event_end)
+        if seq.run_safe > seq.run_fed:
+            feed_llm_view(seq, seq.run_safe, table, encode)
+    feed_llm_view(seq, len(seq.response), table, encode)
+    return len(seq.response), seq.run_cuts, seq.llm.tokens
+
+
+@settings(max_examples=1000, **FAST)
+@given(text=TEXTS)
+def test_the_engine_cuts_and_reads_ahead_as_the_specification_strips(tokenizer, vocab_bytes, text):
+    """Token by token, with the view read up to each safe point as it comes: the same cuts and view as stripping
+    the whole run at once."""
+    ids = encode_bytes(tokenizer, text)
+    chunks = [vocab_bytes[i] for i in ids]
+    encode = lambda data: encode_bytes(tokenizer, data)  # noqa: E731
+    taken, cuts, view = _run_as_the_engine_reads_it(ids, chunks, encode)
+    ids, chunks = ids[:taken], chunks[:taken]
+    run = b"".join(chunks)
+    expected_cuts = view_cuts(run, [(c.start, c.end) for c in find_commands(run).commands])
+    assert cuts == expected_cuts
+    assert view == strip_commands(ids, chunks, expected_cuts, encode)

@@ -135,8 +135,9 @@ def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokeniz
     config = EngineConfig(device="cpu", max_num_batched_tokens=budget)
     engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(llm_prefetch_tokens=prefetch), slm_config=config,
                          llm_config=config)
-    script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: command_tokens(tokenizer, 3)}
-    seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=22))
+    spaced = text_tokens(tokenizer, "so") + text_tokens(tokenizer, " ")  # ("so" "<" would merge: " <")
+    script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: spaced + command_tokens(tokenizer, 3)}
+    seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=26))
     checked_llm = checked_slm_after_call = 0
     while not seq.finished:
         engine.step()
@@ -151,6 +152,8 @@ def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokeniz
     assert seq.stats.calls == 2 and checked_llm >= 2 and checked_slm_after_call >= 2
     command_free = tokenizer.decode(seq.llm.tokens[len(seq.prompt_ids):])
     assert "<call>" not in command_free and "call>" not in command_free and ".," in command_free
+    at_second_call = seq.llm.tokens[:len(seq.llm.tokens) - seq.stats.call_records[1].n_served]
+    assert at_second_call[-1:] == spaced[:1]  # nor the space before the command
 
 
 def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):
@@ -193,7 +196,8 @@ def test_early_catchup_reads_up_to_a_command_while_the_slm_writes_it(slm_dir, ll
     was read serves the next call) and for a command sharing a token with the text before it."""
     prompts = [text_tokens(tokenizer, f"Question {i}: what is {i} + {i * 7}? Think it through.") for i in range(3)]
     samplings = [scripted({12: command_tokens(tokenizer, 3)}),
-                 scripted({2: command_tokens(tokenizer, 0), 12: command_tokens(tokenizer, 2)}),
+                 scripted({2: command_tokens(tokenizer, 0), 10: text_tokens(tokenizer, "\n\n"),
+                           11: text_tokens(tokenizer, " ") + command_tokens(tokenizer, 2)}),
                  scripted({4: text_tokens(tokenizer, "x.<call>2</call>,")})]
 
     def run(relay: RelayConfig):

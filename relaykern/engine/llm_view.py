@@ -1,24 +1,37 @@
 """What the LLM reads of the SLM's text: each SLM run (its tokens since the LLM's last turn) minus the text of the
-commands in it (``protocol.strip_commands``: untouched tokens kept by id, each group of consecutive tokens touching a
-command re-encoded from the bytes it keeps outside the commands).
+commands in it and the whitespace before each (``protocol.view_cuts``, found here token by token as the detection
+reports commands; ``protocol.strip_commands``: untouched tokens kept by id, each group of consecutive tokens touching
+a cut re-encoded from the bytes it keeps outside the cuts).
 
 A run is appended to the LLM's view at the call that ends it, or, while the LLM reads ahead
-(``RelayConfig.llm_prefetch_tokens``), up to a *safe point* first and the rest at the call. A safe point follows a
-token that touches no command and leaves the detection automaton in plain text: no command found later can reach
-back before it, and no group of touching tokens spans it, so the stripped prefix is already final and the whole
-run's view is that prefix followed by the stripped rest.
+(``RelayConfig.llm_prefetch_tokens``, ``early_catchup_tokens``), up to a *safe point* first and the rest at the call.
+A safe point follows a token that touches no cut, leaves the detection automaton in plain text and ends in a byte
+other than whitespace: no cut found later can reach back before it, and no group of touching tokens spans it, so the
+stripped prefix is already final and the whole run's view is that prefix followed by the stripped rest.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from relaykern.engine.sequence import Sequence
-from relaykern.protocol import EVENT_CALL, TEXT, strip_commands
+from relaykern.protocol import EVENT_CALL, TEXT, WHITESPACE, strip_commands
 
 
-def note_safe_point(seq: Sequence, event: int) -> None:
-    """After the SLM's token ``len(seq.response) - 1`` (its detection ``event``; ``seq.scan_state`` after it)."""
-    if event != EVENT_CALL and seq.scan_state == TEXT:
+def note_slm_token(seq: Sequence, data: bytes, event: int, start_offset: int, event_end: int) -> None:
+    """Takes the SLM's token ``len(seq.response) - 1`` (bytes ``data``) into the run: the detection's ``event``,
+    the offsets in ``data`` where a command may begin (``start_offset``, -1 if none) and where the completed one
+    ends (``event_end``), and ``seq.scan_state`` after it."""
+    token_start = seq.run_bytes
+    seq.run_bytes += len(data)
+    if event == EVENT_CALL:
+        seq.run_cuts.append((seq.pending_cut, token_start + event_end))
+    if start_offset >= 0:  # the command's cut reaches back over the whitespace before it (protocol.view_cuts)
+        text = data[:start_offset].rstrip(WHITESPACE)
+        seq.pending_cut = token_start + len(text) if text else seq.run_text_end
+    text = data.rstrip(WHITESPACE)
+    if text:
+        seq.run_text_end = token_start + len(text)
+    if event != EVENT_CALL and seq.scan_state == TEXT and seq.run_text_end == seq.run_bytes:
         seq.run_safe = len(seq.response) - seq.run_start
 
 
@@ -28,6 +41,6 @@ def feed_llm_view(seq: Sequence, upto: int, token_bytes: list[bytes], encode: Ca
     run = seq.response[seq.run_start + seq.run_fed:seq.run_start + upto]
     data = [token_bytes[token] for token in run]
     offset = seq.run_fed_bytes  # the commands' byte ranges count from the run's start
-    ranges = [(start - offset, end - offset) for start, end in seq.run_commands if end > offset]
+    ranges = [(start - offset, end - offset) for start, end in seq.run_cuts if end > offset]
     seq.llm.tokens += strip_commands(run, data, ranges, encode)
     seq.run_fed, seq.run_fed_bytes = upto, offset + sum(len(piece) for piece in data)

@@ -11,7 +11,8 @@ Each ``step()`` launches up to two forwards before it waits on either:
    steps so that more rows share a forward);
 3. the host reads back the SLM's ids + detection events (never detokenizing) while the GPU runs the LLM, and per
    sequence appends the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
-   turn minus the command bytes (``protocol.strip_commands``) and the sequence moves to the LLM phase, served
+   turn minus the commands and the whitespace before each (``protocol.view_cuts``) and the sequence moves to the
+   LLM phase, served
    from the next step on;
 4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
    those tokens by id (same tokenizer: injection without re-encoding).
@@ -48,7 +49,7 @@ from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.forward import Launched, Launcher
 from relaykern.engine.llm_turns import ReadAhead, llm_runs_now
-from relaykern.engine.llm_view import feed_llm_view, note_safe_point
+from relaykern.engine.llm_view import feed_llm_view, note_slm_token
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
@@ -269,17 +270,12 @@ class RelayEngine:
                       logprob: float | None) -> None:
         """Order within a token (as the reference): a stop wins over a command event; the command, served or not,
         comes before the max_tokens check."""
-        token_start = seq.run_bytes
-        if seq.append(token, "slm", logprob, self.token_bytes[token], self.slm_eos, seq.sampling):
+        data = self.token_bytes[token]
+        if seq.append(token, "slm", logprob, data, self.slm_eos, seq.sampling):
             return seq.finish("stop")
-        seq.run_bytes += len(self.token_bytes[token])
         if event == EVENT_MALFORMED:
             return seq.finish("malformed_call")
-        if event == EVENT_CALL:
-            seq.run_commands.append((seq.pending_command_start, token_start + event_end))
-        if start_offset >= 0:
-            seq.pending_command_start = token_start + start_offset
-        note_safe_point(seq, event)
+        note_slm_token(seq, data, event, start_offset, event_end)
         if event == EVENT_CALL and n > 0:
             self._serve(seq, n)
         if not seq.finished and seq.phase is Phase.SLM and seq.tokens_left <= 0:

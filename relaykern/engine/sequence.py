@@ -1,10 +1,10 @@
 """One request as the engine sees it: the response so far, each model's view of it, and where it is in the relay.
 
 Each model keeps its own token view and how much of it is in its KV cache (``ModelView``): the SLM's view is the
-prompt plus the whole response; the LLM's view is the prompt plus the response with every command's text removed,
-extended only when the LLM is called. Whatever part of a view is not yet cached is what that model's next forward
-feeds: one token in decode, the other model's new tokens in a catch-up, the prompt in a prefill, everything after a
-preemption. So decode, catch-up, prefill and recompute are one code path.
+prompt plus the whole response; the LLM's view is the prompt plus the response with every command's text (and the
+whitespace before it) removed, extended only when the LLM is called. Whatever part of a view is not yet cached is
+what that model's next forward feeds: one token in decode, the other model's new tokens in a catch-up, the prompt
+in a prefill, everything after a preemption. So decode, catch-up, prefill and recompute are one code path.
 """
 from __future__ import annotations
 
@@ -76,14 +76,15 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         # Command detection: automaton state and N mirrored from the device, and the SLM run since the LLM's last
-        # turn (its first response index, byte length, and the byte ranges of the commands it contains); how much of
-        # the run the LLM's view holds (tokens, bytes) and up to where it could (engine/llm_view.py).
+        # turn (its first response index, byte length, the end of its text before any trailing whitespace, and the
+        # byte ranges its view leaves out: protocol.view_cuts); how much of the run the LLM's view holds (tokens,
+        # bytes) and up to where it could (engine/llm_view.py).
         self.scan_state = TEXT
         self.scan_n = 0
         self.run_start = 0
-        self.run_bytes = 0
-        self.pending_command_start = 0
-        self.run_commands: list[tuple[int, int]] = []
+        self.run_bytes = self.run_text_end = 0
+        self.pending_cut = 0
+        self.run_cuts: list[tuple[int, int]] = []
         self.run_fed = self.run_fed_bytes = self.run_safe = 0
         self.call: PendingCall | None = None
         self.streamed = 0
@@ -147,6 +148,6 @@ class Sequence:
     def reset_detection(self) -> None:
         """A new SLM run begins (after the LLM's turn): LLM text is never scanned for commands."""
         self.scan_state, self.scan_n = TEXT, 0
-        self.run_start, self.run_bytes = len(self.response), 0
-        self.run_commands = []
+        self.run_start, self.run_bytes, self.run_text_end = len(self.response), 0, 0
+        self.run_cuts = []
         self.run_fed = self.run_fed_bytes = self.run_safe = 0

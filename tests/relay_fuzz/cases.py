@@ -110,6 +110,8 @@ PIECES = [  # (weight, piece): what a scripted SLM writes at a chosen position
     (3, lambda rng: encode(rng.choice(["x.", "y "]) + f"<call>{rng.randint(0, 6)}</call>"
                            + rng.choice([",", ".", " z", ">"]))),
     (2, lambda rng: encode(".<call>0</call>,") + command(rng.randint(1, 5))),
+    (3, lambda rng: encode(rng.choice(["x =", "Thus,", "a"])) + encode(rng.choice([" ", "\n\n", " \n", "\t"]))
+     + command(rng.randint(0, 6))),  # whitespace tokens the LLM's view leaves out with the command
     (3, lambda rng: command(rng.randint(1, 3)) + command(rng.randint(0, 3))),
     (0.7, lambda rng: [IM_END_ID]),
     (0.7, lambda rng: encode(" STOP")),
