@@ -9,8 +9,10 @@ Optional ``--samples k`` draws k answers per problem (avg@k, the paper's AIME me
 
 Where the official eval (eval/generate_withhelp.py) differs: it counts SLM turns, not calls (5 turns serve at most
 4 calls, and the command ending the 5th turn ends the request: ``--max-calls 4 --after-max-calls finish``, which
-still does not count ``<call>0</call>`` as a turn); it grades the first box (see eval/grading.py); and its scripts
-then re-grade every wrong answer with an LLM judge (gpt-4o-mini, eval/results_recheck.py), which this does not.
+still does not count ``<call>0</call>`` as a turn); a malformed command (``<call>12 tokens</call>``, ``<call>abc``)
+ends the request here, while there the SLM writes on to ``</call>`` or EOS, ``<call>\\s*(\\d+)`` serves what it
+finds and the whole text is graded; it grades the first box (see eval/grading.py); and its scripts then re-grade
+every wrong answer with an LLM judge (gpt-4o-mini, eval/results_recheck.py), which this does not.
 """
 from __future__ import annotations
 
