@@ -1,7 +1,8 @@
 """GRPO for the relay: G sampled relay responses per prompt, difficulty-aware rewards, group-normalised
 advantages, dual-clip PPO loss with a k3 KL to the frozen initial SLM, and LLM-written tokens masked out of both
 (the teacher's tokens are not the policy's actions; the official RL code keeps them in: its masking line is
-commented out).
+commented out). The SLM's text before a served call stays in the response, as in the paper and the official eval
+(the official RL rollout drops the calling SLM turn, its command included, before appending the LLM's text).
 
 One step: rollout (through a ``RolloutBackend``) → rewards → advantages → old and reference log-probs recomputed
 by the trainer in the training precision → one or more optimizer updates over mini-batches → weight sync. The
