@@ -18,10 +18,13 @@ Rules (``RelayConfig`` holds the knobs):
   followed by other text is just text.
 - An unterminated command when ``max_tokens`` runs out is left as text (``finish_reason="length"``).
 - The LLM sees the prompt plus the response with **every** command's bytes removed (served or not), each with the
-  ASCII whitespace the SLM wrote right before it (``view_cuts``: the official code strips the text it hands the LLM,
-  so a call's context ends ``x =``, not ``x = ``, whose lone space token would be a state Qwen3's BPE rarely
-  writes); a token that straddles a cut's boundary keeps only its outside bytes, re-encoded (see
-  ``strip_commands``). The SLM sees everything: its own command followed by the LLM's tokens.
+  ASCII whitespace the SLM wrote right before it, and the whitespace after a run's last command when nothing else
+  follows it (``view_cuts``), so that a call's context ends ``x =``, not ``x = `` (a lone space token, a state
+  Qwen3's BPE rarely writes) or ``x =\n\n`` (from a token ``>\n\n``). This approximates the official code, which
+  cuts the SLM's text at ``</call>`` and strips what it hands the LLM at its ends only (an earlier command leaves a
+  space there, and ``str.strip`` takes non-ASCII whitespace too). A token that straddles a cut's boundary keeps
+  only its outside bytes, re-encoded (see ``strip_commands``). The SLM sees everything: its own command followed by
+  the LLM's tokens.
 - The LLM's EOS ends the request (``finish_reason="stop"``).
 - Call ratio = LLM-generated tokens / all response tokens.
 
@@ -231,7 +234,9 @@ def serve_length(n: int, max_call_tokens: int, tokens_left: int) -> int:
 
 def view_cuts(data: bytes, commands: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The byte ranges of an SLM run ``data`` that the LLM's view leaves out: each command ``(start, end)`` (in
-    order) widened back over the ASCII whitespace before it, down to the run's start or the previous command's end."""
+    order) widened back over the ASCII whitespace before it, down to the run's start or the previous command's end;
+    the last also forward to the run's end when only whitespace follows it (a run the LLM reads whole ends at the
+    call its last command makes, so that whitespace is part of the command's last token)."""
     cuts = []
     floor = 0
     for start, end in commands:
@@ -240,6 +245,8 @@ def view_cuts(data: bytes, commands: Sequence[tuple[int, int]]) -> list[tuple[in
             cut -= 1
         cuts.append((cut, end))
         floor = end
+    if cuts and not data[floor:].strip(WHITESPACE):
+        cuts[-1] = (cuts[-1][0], len(data))
     return cuts
 
 

@@ -29,7 +29,7 @@ from relaykern.protocol import (
     token_transition,
     view_cuts,
 )
-from relaykern.engine.llm_view import feed_llm_view, note_slm_token
+from relaykern.engine.llm_view import end_run_at_call, feed_llm_view, note_slm_token
 from relaykern.tokenizer import encode_bytes, load_qwen3_tokenizer, token_bytes
 
 
@@ -237,6 +237,9 @@ def test_the_llm_reads_no_whitespace_before_a_command(tokenizer, vocab_bytes):
     assert b"".join(vocab_bytes[i] for i in llm_view(tokenizer, vocab_bytes, ids)) == b"So x = 4"
     spaced = tokenizer.encode("Thus,") + tokenizer.encode(" ") + [27, 6659, 29, 20, 522, 6659, 29]
     assert llm_view(tokenizer, vocab_bytes, spaced) == tokenizer.encode("Thus,")
+    ending = tokenizer.encode("So x =") + tokenizer.encode(" <call>20</call>\n\n")  # ... "</" "call" ">\n\n"
+    assert vocab_bytes[ending[-1]] == b">\n\n"
+    assert llm_view(tokenizer, vocab_bytes, ending) == tokenizer.encode("So x =")
 
 
 def test_strip_straddling_tokens(tokenizer, vocab_bytes):
@@ -357,25 +360,44 @@ def test_strip_commands_removes_exactly_the_command_bytes_and_the_whitespace_bef
     assert out[:untouched] == ids[:untouched]  # tokens before the first cut are untouched
 
 
-def _run_as_the_engine_reads_it(ids: list[int], chunks: list[bytes], encode) -> tuple[int, list, list[int]]:
-    """The engine's bookkeeping over one SLM run (engine/llm_view.py), the detection's events from the table, the
-    view fed at every safe point and the rest at the end: ``(tokens taken, its cuts, its view)``; a malformed
+def _run_as_the_engine_reads_it(ids: list, chunks: list[bytes], encode) -> tuple[int, bool, list, list]:
+    """The engine's bookkeeping over one SLM run (engine/llm_view.py), the detection's events and N from the table,
+    the view fed at every safe point and the rest where the run ends: at the first command with N > 0 (the call),
+    else after the last token. ``(tokens taken, whether a call ended the run, its cuts, its view)``; a malformed
     command's token ends the request, and the run, unread."""
     llm = type("View", (), {"tokens": []})()
     seq = type("Seq", (), dict(response=[], run_start=0, run_bytes=0, run_text_end=0, pending_cut=0, run_cuts=[],
                                run_fed=0, run_fed_bytes=0, run_safe=0, scan_state=TEXT, llm=llm))()
-    table = {i: chunk for i, chunk in zip(ids, chunks)}
+    table = dict(zip(ids, chunks))
+    n, called = 0, False
     for token, chunk in zip(ids, chunks):
         move = token_transition(seq.scan_state, chunk)
         if move.event == EVENT_MALFORMED:
             break
+        n = min(move.a * n + move.b, N_CLAMP)
         seq.response.append(token)
         seq.scan_state = move.next_state
         note_slm_token(seq, chunk, move.event, move.start_offset, move.event_end)
+        if move.event == EVENT_CALL and n > 0:
+            end_run_at_call(seq, chunk)
+            called = True
+            break
+        n = 0 if move.event == EVENT_CALL else n
         if seq.run_safe > seq.run_fed:
             feed_llm_view(seq, seq.run_safe, table, encode)
     feed_llm_view(seq, len(seq.response), table, encode)
-    return len(seq.response), seq.run_cuts, seq.llm.tokens
+    return len(seq.response), called, seq.run_cuts, seq.llm.tokens
+
+
+def _check_the_engine_against_the_specification(ids: list, chunks: list[bytes], encode) -> None:
+    taken, called, cuts, view = _run_as_the_engine_reads_it(ids, chunks, encode)
+    ids, chunks = ids[:taken], chunks[:taken]
+    run = b"".join(chunks)
+    commands = [(c.start, c.end) for c in find_commands(run).commands]
+    # A run that no call ended goes on: whitespace after its last command is not its end.
+    expected_cuts = view_cuts(run if called else run + b".", commands)
+    assert cuts == expected_cuts
+    assert view == strip_commands(ids, chunks, expected_cuts, encode)
 
 
 @settings(max_examples=1000, **FAST)
@@ -384,11 +406,14 @@ def test_the_engine_cuts_and_reads_ahead_as_the_specification_strips(tokenizer, 
     """Token by token, with the view read up to each safe point as it comes: the same cuts and view as stripping
     the whole run at once."""
     ids = encode_bytes(tokenizer, text)
-    chunks = [vocab_bytes[i] for i in ids]
-    encode = lambda data: encode_bytes(tokenizer, data)  # noqa: E731
-    taken, cuts, view = _run_as_the_engine_reads_it(ids, chunks, encode)
-    ids, chunks = ids[:taken], chunks[:taken]
-    run = b"".join(chunks)
-    expected_cuts = view_cuts(run, [(c.start, c.end) for c in find_commands(run).commands])
-    assert cuts == expected_cuts
-    assert view == strip_commands(ids, chunks, expected_cuts, encode)
+    _check_the_engine_against_the_specification(ids, [vocab_bytes[i] for i in ids],
+                                                lambda data: encode_bytes(tokenizer, data))
+
+
+@settings(max_examples=2000, **FAST)
+@given(texts_and_cuts(max_chunk=6))
+def test_the_engine_cuts_the_same_over_any_tokenization(case):
+    """Chunks of up to 6 bytes as tokens (a lone space before ``<``, empty tokens, ...); ids are the chunks'
+    indices and re-encoded bytes stand for themselves."""
+    _, chunks = case
+    _check_the_engine_against_the_specification(list(range(len(chunks))), chunks, lambda data: [data])

@@ -136,7 +136,7 @@ def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokeniz
     engine = RelayEngine(slm_dir, llm_dir, relay=RelayConfig(llm_prefetch_tokens=prefetch), slm_config=config,
                          llm_config=config)
     spaced = text_tokens(tokenizer, "so") + text_tokens(tokenizer, " ")  # ("so" "<" would merge: " <")
-    script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: spaced + command_tokens(tokenizer, 3)}
+    script = {1: text_tokens(tokenizer, "x.<call>4</call>,"), 14: spaced + text_tokens(tokenizer, "<call>3</call>\n\n")}
     seq = engine.add_request(text_tokens(tokenizer, "Compute 2+2."), scripted(script, max_tokens=26))
     checked_llm = checked_slm_after_call = 0
     while not seq.finished:
@@ -153,7 +153,7 @@ def test_each_cache_equals_a_fresh_prefill_of_its_view(slm_dir, llm_dir, tokeniz
     command_free = tokenizer.decode(seq.llm.tokens[len(seq.prompt_ids):])
     assert "<call>" not in command_free and "call>" not in command_free and ".," in command_free
     at_second_call = seq.llm.tokens[:len(seq.llm.tokens) - seq.stats.call_records[1].n_served]
-    assert at_second_call[-1:] == spaced[:1]  # nor the space before the command
+    assert at_second_call[-1:] == spaced[:1]  # nor the whitespace around the command (its last token is ">\n\n")
 
 
 def test_llm_prefetch_reads_ahead_and_changes_no_output(slm_dir, llm_dir, tokenizer):

@@ -6,7 +6,8 @@ import torch
 
 from relaykern.eval.grading import is_correct
 from relaykern.tiny import save_tiny_checkpoint
-from relaykern.tokenizer import IM_END_ID, load_qwen3_tokenizer
+from relaykern.protocol import llm_view
+from relaykern.tokenizer import IM_END_ID, encode_bytes, load_qwen3_tokenizer, token_bytes
 from relaykern.train.batch import ResponseLogProbs, collate
 from relaykern.train.config import apply_overrides
 from relaykern.train.data import (CallInsertion, SFTDataConfig, build_sft_records, chat_prompt_ids,
@@ -50,20 +51,29 @@ def test_entropy_positions_pick_the_most_uncertain_tokens():
 
 def test_insert_calls_builds_masks_and_the_llm_view():
     tokenizer = load_qwen3_tokenizer()
+    table = token_bytes(tokenizer)
     seen = []
 
     def llm_continue(context, n):
         seen.append(list(context))
         return [900 + i for i in range(n)]
 
-    record = insert_calls([1, 2], [10, 11, 12, IM_END_ID], [(1, 2), (3, 1)], lambda n: command_ids(tokenizer, n),
-                          llm_continue, eos_ids=[IM_END_ID])
+    def view_of(response, spans):
+        return llm_view(response, spans, table, lambda raw: encode_bytes(tokenizer, raw))
+
+    space = tokenizer.encode(" ")
+    record = insert_calls([1, 2], [10, 11, *space, 12, IM_END_ID], [(1, 2), (4, 1)],
+                          lambda n: command_ids(tokenizer, n), llm_continue, view_of, eos_ids=[IM_END_ID])
     cmd2, cmd1 = command_ids(tokenizer, 2), command_ids(tokenizer, 1)
     assert tokenizer.decode(cmd2) == "<call>2</call>"
-    assert record["response_ids"] == [10, *cmd2, 900, 901, 11, 12, *cmd1, 900, IM_END_ID]
-    assert record["loss_mask"] == [1] + [1] * len(cmd2) + [0, 0] + [1, 1] + [1] * len(cmd1) + [0] + [1]
-    assert seen == [[1, 2, 10], [1, 2, 10, 900, 901, 11, 12]]  # commands never reach the LLM
-    ended = insert_calls([1], [10, 11], [(1, 3)], lambda n: [7], lambda ctx, n: [5, IM_END_ID, 6], [IM_END_ID])
+    assert record["response_ids"] == [10, *cmd2, 900, 901, 11, *space, 12, *cmd1, 900, IM_END_ID]
+    assert record["loss_mask"] == [1] + [1] * len(cmd2) + [0, 0] + [1, 1, 1] + [1] * len(cmd1) + [0] + [1]
+    assert seen == [[1, 2, 10], [1, 2, 10, 900, 901, 11, *space, 12]]  # commands never reach the LLM
+    before_space = insert_calls([1], [10, *space, 11], [(2, 1)], lambda n: command_ids(tokenizer, n),
+                                llm_continue, view_of)
+    assert seen[-1] == [1, 10] and before_space["response_ids"][:2] == [10, *space]  # (as at inference)
+    ended = insert_calls([1], [10, 11], [(1, 3)], lambda n: [7], lambda ctx, n: [5, IM_END_ID, 6], view_of,
+                         [IM_END_ID])
     assert ended["response_ids"] == [10, 7, 5, IM_END_ID] and ended["loss_mask"] == [1, 1, 0, 0]
 
 

@@ -35,6 +35,14 @@ def note_slm_token(seq: Sequence, data: bytes, event: int, start_offset: int, ev
         seq.run_safe = len(seq.response) - seq.run_start
 
 
+def end_run_at_call(seq: Sequence, data: bytes) -> None:
+    """The run ends at the call its last command (ending in the token ``data``) makes: the cut of that command takes
+    whitespace after it in the token too, so the run's view is ``protocol.view_cuts`` of the whole run."""
+    start, end = seq.run_cuts[-1]
+    if not data[len(data) - (seq.run_bytes - end):].strip(WHITESPACE):
+        seq.run_cuts[-1] = (start, seq.run_bytes)
+
+
 def feed_llm_view(seq: Sequence, upto: int, token_bytes: list[bytes], encode: Callable[[bytes], list[int]]) -> None:
     """Appends the run's tokens ``[seq.run_fed, upto)`` (run-relative), stripped, to the LLM's view; ``upto`` is
     the run's end (at a call) or a safe point."""

@@ -11,9 +11,8 @@ Each ``step()`` launches up to two forwards before it waits on either:
    steps so that more rows share a forward);
 3. the host reads back the SLM's ids + detection events (never detokenizing) while the GPU runs the LLM, and per
    sequence appends the token; on ``call(N)`` the LLM's view is extended by the SLM's run since the LLM's last
-   turn minus the commands and the whitespace before each (``protocol.view_cuts``) and the sequence moves to the
-   LLM phase, served
-   from the next step on;
+   turn minus the commands and the whitespace around them (``protocol.view_cuts``) and the sequence moves to the
+   LLM phase, served from the next step on;
 4. then the LLM's tokens: after the N-th, the sequence goes back to the SLM, whose next forward catches up on
    those tokens by id (same tokenizer: injection without re-encoding).
 
@@ -49,7 +48,7 @@ from relaykern.engine.checkpoint import load_tokenizer, validate_pair
 from relaykern.engine.detection import Detector
 from relaykern.engine.forward import Launched, Launcher
 from relaykern.engine.llm_turns import ReadAhead, llm_runs_now
-from relaykern.engine.llm_view import feed_llm_view, note_slm_token
+from relaykern.engine.llm_view import end_run_at_call, feed_llm_view, note_slm_token
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.scheduler import Scheduler
 from relaykern.engine.sequence import Phase, PendingCall, Sequence
@@ -292,6 +291,7 @@ class RelayEngine:
             return
         if self.reprefill_llm:
             self.scheduler.release_view(self.llm, seq, seq.llm)
+        end_run_at_call(seq, self.token_bytes[seq.response[-1]])
         self.feed_llm_view(seq, len(seq.response) - seq.run_start)
         seq.stats.calls += 1
         seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served, waiting_since=self.steps)

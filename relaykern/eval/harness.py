@@ -69,8 +69,9 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
              engine_config: EngineConfig | None = None, llm_engine_config: EngineConfig | None = None,
              out: str | Path | None = None, enable_thinking: bool = True) -> EvalSummary:
     """Accuracy and call ratio of the relay on the JSONL set ``data`` (module docstring); ``engine_config`` serves
-    the SLM, and the LLM unless ``llm_engine_config`` is given. ``enable_thinking``: Qwen3's thinking mode, on as
-    in the official eval (training prompts have it off)."""
+    the SLM, and the LLM unless ``llm_engine_config`` is given. ``relay`` defaults to RelayConfig's with N capped
+    by the tokens left only, as in the official eval. ``enable_thinking``: Qwen3's thinking mode, on as in the
+    official eval (training prompts have it off)."""
     from relaykern.engine.relay import RelayEngine
 
     records = read_jsonl(data)
@@ -80,6 +81,7 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
     if grading.math_verify is None:
         warnings.warn("math-verify is not installed (pip install 'relaykern[eval]'): grading falls back to exact "
                       "match of the boxed answer, which fails equal answers written differently", stacklevel=2)
+    relay = relay or RelayConfig(max_call_tokens=sampling.max_tokens)
     engine = RelayEngine(slm, llm, relay=relay, slm_config=engine_config, llm_config=llm_engine_config or engine_config)
     prompts = [chat_prompt_ids(engine.tokenizer, problem_of(r, i), enable_thinking=enable_thinking)
                for i, r in enumerate(records)]

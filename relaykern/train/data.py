@@ -1,8 +1,8 @@
 """Training data: JSONL IO, prompts (a synthetic arithmetic task or a file), and the warm-up SFT data builder.
 
 SFT records teach the command syntax on the SLM's own solutions: at chosen token positions we insert the tokens
-of ``<call>N</call>`` followed by N tokens the LLM writes there (seeing the prompt and the response so far with
-every command removed, as at inference). ``loss_mask`` is 1 on SLM-written tokens, commands included, and 0 on
+of ``<call>N</call>`` followed by N tokens the LLM writes there (seeing the prompt and its view of the response so
+far, ``protocol.llm_view``, as at inference). ``loss_mask`` is 1 on SLM-written tokens, commands included, and 0 on
 LLM-written ones, which are context the SLM learns to read on from, not to imitate. The SLM's original tokens
 resume after the LLM's (the official code inserts empty tags into unchanged text; this at least shows the
 format of an answered call).
@@ -17,11 +17,16 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
+from relaykern import protocol
+from relaykern.outputs import Source, append_span
+from relaykern.tokenizer import encode_bytes, token_bytes
 from relaykern.train.runtime import derive_seed
 
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 LLMContinue = Callable[[list[int], int], list[int]]
 """``(llm_context_ids, n) -> up to n token ids`` the LLM writes after that context."""
+ViewOf = Callable[[list[int], list[tuple[Source, int, int]]], list[int]]
+"""``(response_ids, spans) -> the LLM's view of the response`` (``protocol.llm_view`` over the tokenizer's bytes)."""
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -137,29 +142,33 @@ def command_ids(tokenizer: Any, n: int) -> list[int]:
 
 
 def insert_calls(prompt_ids: list[int], solution_ids: list[int], calls: Sequence[tuple[int, int]],
-                 command: Callable[[int], list[int]], llm_continue: LLMContinue, eos_ids: Sequence[int] = ()
-                 ) -> dict[str, list[int]]:
+                 command: Callable[[int], list[int]], llm_continue: LLMContinue, view_of: ViewOf,
+                 eos_ids: Sequence[int] = ()) -> dict[str, list[int]]:
     """The SFT record with a command ``(position, n)`` for each call, answered by ``llm_continue``.
 
-    The LLM's context is the prompt plus every response token except command tokens. An LLM EOS ends the response
-    there (as it ends the request at inference).
+    The LLM's context is the prompt plus ``view_of`` the response so far, as at inference. An LLM EOS ends the
+    response there (as it ends the request at inference).
     """
     by_position = dict(calls)
-    response, mask, llm_view = [], [], list(prompt_ids)
+    response: list[int] = []
+    mask: list[int] = []
+    spans: list[tuple[Source, int, int]] = []
+
+    def write(tokens: list[int], source: Source) -> None:
+        append_span(spans, source, len(response), len(response) + len(tokens))
+        response.extend(tokens)
+        mask.extend([1 if source == "slm" else 0] * len(tokens))
+
     for i, token in enumerate(solution_ids):
         if i in by_position:
-            cmd = command(by_position[i])
-            written = list(llm_continue(list(llm_view), by_position[i]))[: by_position[i]]
+            write(command(by_position[i]), "slm")
+            written = list(llm_continue(list(prompt_ids) + view_of(response, spans), by_position[i]))
+            written = written[: by_position[i]]
             end = next((j + 1 for j, t in enumerate(written) if t in eos_ids), None)
-            written = written[:end]
-            response += cmd + written
-            mask += [1] * len(cmd) + [0] * len(written)
-            llm_view += written
+            write(written[:end], "llm")
             if end is not None:
-                return {"prompt_ids": list(prompt_ids), "response_ids": response, "loss_mask": mask}
-        response.append(token)
-        mask.append(1)
-        llm_view.append(token)
+                break
+        write([token], "slm")
     return {"prompt_ids": list(prompt_ids), "response_ids": response, "loss_mask": mask}
 
 
@@ -230,6 +239,11 @@ def build_sft_records(records: list[dict[str, Any]], tokenizer: Any, slm: torch.
     def llm_continue(context: list[int], n: int) -> list[int]:
         return hf_generate(llm, [context], n, config.llm_temperature, 1.0, eos_ids, tokenizer.pad_token_id)[0]
 
+    table = token_bytes(tokenizer)
+
+    def view_of(response: list[int], spans: list[tuple[Source, int, int]]) -> list[int]:
+        return protocol.llm_view(response, spans, table, lambda raw: encode_bytes(tokenizer, raw))
+
     out = []
     for index, (record, prompt_ids, solution) in enumerate(zip(records, prompts, solutions)):
         rng = random.Random(derive_seed(config.seed, index, "insert"))
@@ -238,7 +252,8 @@ def build_sft_records(records: list[dict[str, Any]], tokenizer: Any, slm: torch.
         entropies = token_entropies(slm, prompt_ids, solution) if config.insertion.mode == "entropy" else None
         positions = choose_call_positions(body, config.insertion, rng, entropies)
         calls = [(p, rng.randint(*config.insertion.n_range)) for p in positions]
-        built = insert_calls(prompt_ids, solution, calls, lambda n: command_ids(tokenizer, n), llm_continue, eos_ids)
+        built = insert_calls(prompt_ids, solution, calls, lambda n: command_ids(tokenizer, n), llm_continue, view_of,
+                             eos_ids)
         out.append({"prompt": record["prompt"], "answer": record.get("answer"), **built})
     return out
 
