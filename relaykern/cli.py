@@ -41,7 +41,8 @@ def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path 
     prompts = args.prompt or ["What is 17 * 23?"]
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+                                           add_generation_prompt=True, enable_thinking=not args.no_thinking)
+                   for p in prompts]
     if args.stream:
         return _stream(engine, prompts, sampling)
     for prompt, out in zip(prompts, engine.generate(prompts, sampling)):
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiny", action="store_true", help="build a tiny random pair on the fly (demo, no download)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    gen.add_argument("--no-thinking", action="store_true", help="with --chat: Qwen3's non-thinking mode")
     gen.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
     gen.add_argument("--llm-device", help="the LLM's device (default: --device)")
     gen.add_argument("--max-tokens", type=int, default=48)

@@ -96,6 +96,9 @@ def test_cli_generate_prints_json_and_streams_the_same_text(slm_dir, llm_dir, ca
     assert cli_main(common + ["--stream"]) == 0
     streamed = capsys.readouterr().out.strip().splitlines()[-1]
     assert "[llm]" in streamed and streamed.replace("[llm]", "").replace("[/llm]", "") == out["text"]
+    assert cli_main(common + ["--json", "--chat", "--no-thinking"]) == 0
+    chat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert chat["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_cli_generate_samples_as_asked_and_names_a_bad_setting(slm_dir, capsys):
