@@ -41,6 +41,16 @@ def test_random_positions_respect_rate_and_cap():
     assert none == [] and len(many) == 3 and many == sorted(many) and all(0 <= p < 50 for p in many)
 
 
+def test_count_positions_draw_zero_to_max_calls_uniformly():
+    """The official SFT data's distribution: 0-3 commands, each count equally likely, at uniform positions."""
+    rng = random.Random(0)
+    draws = [choose_call_positions(40, CallInsertion(mode="count", max_calls=3), rng) for _ in range(4000)]
+    counts = [sum(len(d) == k for d in draws) for k in range(4)]
+    assert all(900 < c < 1100 for c in counts), counts
+    assert all(d == sorted(set(d)) and all(0 <= p < 40 for p in d) for d in draws)
+    assert choose_call_positions(1, CallInsertion(mode="count", max_calls=3), rng) in ([], [0])
+
+
 def test_entropy_positions_pick_the_most_uncertain_tokens():
     insertion = CallInsertion(mode="entropy", entropy_threshold=1.0, max_calls=2)
     entropies = [0.1, 3.0, 0.5, 1.5, 2.0, 0.9]

@@ -107,18 +107,20 @@ def chat_prompt_ids(tokenizer: Any, problem: str, *, enable_thinking: bool) -> l
 @dataclass
 class CallInsertion:
     """Where SFT commands go. ``"random"``: before each solution token with probability ``call_rate``;
-    ``"entropy"``: before the tokens whose SLM entropy is at least ``entropy_threshold``, highest first. At most
-    ``max_calls`` per response, N uniform in ``n_range`` (inclusive)."""
+    ``"count"``: as many as drawn uniformly from 0 to ``max_calls``, before tokens drawn uniformly (the official
+    SFT data's distribution, whose tags are empty ``<call></call>``); ``"entropy"``: before the tokens whose SLM
+    entropy is at least ``entropy_threshold``, highest first. At most ``max_calls`` per response, N uniform in
+    ``n_range`` (inclusive)."""
 
-    mode: Literal["random", "entropy"] = "random"
+    mode: Literal["random", "count", "entropy"] = "random"
     call_rate: float = 0.02
     n_range: tuple[int, int] = (4, 32)
     max_calls: int = 3
     entropy_threshold: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("random", "entropy"):
-            raise ValueError(f"CallInsertion.mode must be 'random' or 'entropy', got {self.mode!r}")
+        if self.mode not in ("random", "count", "entropy"):
+            raise ValueError(f"CallInsertion.mode must be 'random', 'count' or 'entropy', got {self.mode!r}")
         if not 1 <= self.n_range[0] <= self.n_range[1]:
             raise ValueError(f"CallInsertion.n_range must be (lo, hi) with 1 <= lo <= hi, got {self.n_range}")
 
@@ -129,6 +131,8 @@ def choose_call_positions(num_tokens: int, insertion: CallInsertion, rng: random
     if insertion.mode == "random":
         positions = [i for i in range(num_tokens) if rng.random() < insertion.call_rate]
         return sorted(rng.sample(positions, min(len(positions), insertion.max_calls)))
+    if insertion.mode == "count":
+        return sorted(rng.sample(range(num_tokens), min(num_tokens, rng.randint(0, insertion.max_calls))))
     if entropies is None or len(entropies) < num_tokens:
         raise ValueError("CallInsertion mode 'entropy' needs one entropy per solution token")
     candidates = [i for i in range(num_tokens) if entropies[i] >= insertion.entropy_threshold]
