@@ -295,7 +295,7 @@ def llm_view(
     encode: Callable[[bytes], list[int]],
 ) -> list[int]:
     """The LLM's view of a whole response, rebuilt from scratch: LLM tokens as they are, each SLM run (``spans``:
-    ``(source, start, end)``) minus every command found in it and the whitespace before it (``view_cuts``).
+    ``(source, start, end)``) minus every command found in it and the whitespace around it (``view_cuts``).
     Commands never span an LLM turn, so per-run stripping is exact."""
     view: list[int] = []
     for source, start, end in spans:
