@@ -75,22 +75,19 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
     from relaykern.engine.relay import RelayEngine
 
     records = read_jsonl(data)
-    for i, record in enumerate(records):
-        problem_of(record, i)
-        reference_answer(record, i)
+    problems = [problem_of(r, i) for i, r in enumerate(records)]
+    answers = [reference_answer(r, i) for i, r in enumerate(records) for _ in range(samples)]
     if grading.math_verify is None:
         warnings.warn("math-verify is not installed (pip install 'relaykern[eval]'): grading falls back to exact "
                       "match of the boxed answer, which fails equal answers written differently", stacklevel=2)
     relay = relay or RelayConfig(max_call_tokens=sampling.max_tokens)
     engine = RelayEngine(slm, llm, relay=relay, slm_config=engine_config, llm_config=llm_engine_config or engine_config)
-    prompts = [chat_prompt_ids(engine.tokenizer, problem_of(r, i), enable_thinking=enable_thinking)
-               for i, r in enumerate(records)]
+    prompts = [chat_prompt_ids(engine.tokenizer, problem, enable_thinking=enable_thinking) for problem in problems]
     expanded = [p for p in prompts for _ in range(samples)]
     # a seed of its own for every (problem, sample): the sampling noise is a function of the seed and position only
     samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i * samples + k)
                  for i in range(len(prompts)) for k in range(samples)]
     outputs = engine.generate(expanded, samplings, llm_sampling)
-    answers = [reference_answer(r, i) for i, r in enumerate(records) for _ in range(samples)]
     correct = [is_correct(o.text, a) for o, a in zip(outputs, answers)]
     summary = summarize(outputs, correct, len(records))
     if out is not None:
