@@ -144,7 +144,8 @@ class RelayConfig:
         catch-up of a few tokens costs about one decode step anyway (reading the weights dominates: on an H200, an
         8B catch-up of 64 tokens took 1.35 decode steps, of 256 tokens 2.2), so reading them early would save
         nothing and slow the SLM's steps beside it. Tokens are read for nothing only when the command is no call
-        after all (``N = 0`` with no call later, malformed, cut by ``max_tokens``). Off while ``llm_batch_wait_steps`` batches calls, whose point is fewer LLM forwards.
+        after all (``N = 0`` with no call later, malformed, cut by ``max_tokens``). Off while
+        ``llm_batch_wait_steps`` batches calls, whose point is fewer LLM forwards.
         0 (default): the LLM reads at calls only. Measured on an H200 (bench/results/nvidia-h200-2026-11-27.json,
         at 256), reading early gained nothing: one request's relay overhead was 3.4 against 3.1 LLM steps at
         k = 256 unread tokens and 8.2 against 5.7 at k = 512, and batch-64 throughput at 1 % LLM tokens 0.71 of the

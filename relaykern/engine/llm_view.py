@@ -1,7 +1,7 @@
 """What the LLM reads of the SLM's text: each SLM run (its tokens since the LLM's last turn) minus the text of the
 commands in it, the whitespace before each and, at the call that ends the run, after it (``protocol.view_cuts``,
-found here token by token as the detection reports commands; ``protocol.strip_commands``: untouched tokens kept by id, each group of consecutive tokens touching
-a cut re-encoded from the bytes it keeps outside the cuts).
+found here token by token as the detection reports commands; ``protocol.strip_commands``: untouched tokens kept
+by id, each group of consecutive tokens touching a cut re-encoded from the bytes it keeps outside the cuts).
 
 A run is appended to the LLM's view at the call that ends it, or, while the LLM reads ahead
 (``RelayConfig.llm_prefetch_tokens``, ``early_catchup_tokens``), up to a *safe point* first and the rest at the call.

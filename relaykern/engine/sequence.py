@@ -75,17 +75,7 @@ class Sequence:
         self.stats = RelayStats()
         self.finish_reason: str | None = None
         self.error: str | None = None
-        # Command detection: automaton state and N mirrored from the device, and the SLM run since the LLM's last
-        # turn (its first response index, byte length, the end of its text before any trailing whitespace, and the
-        # byte ranges its view leaves out: protocol.view_cuts); how much of the run the LLM's view holds (tokens,
-        # bytes) and up to where it could (engine/llm_view.py).
-        self.scan_state = TEXT
-        self.scan_n = 0
-        self.run_start = 0
-        self.run_bytes = self.run_text_end = 0
-        self.pending_cut = 0
-        self.run_cuts: list[tuple[int, int]] = []
-        self.run_fed = self.run_fed_bytes = self.run_safe = 0
+        self.reset_detection()
         self.call: PendingCall | None = None
         self.streamed = 0
 
@@ -146,8 +136,14 @@ class Sequence:
         self.call = None
 
     def reset_detection(self) -> None:
-        """A new SLM run begins (after the LLM's turn): LLM text is never scanned for commands."""
+        """A new SLM run begins (at the start, and after each LLM turn): LLM text is never scanned for commands.
+
+        Command detection: automaton state and N mirrored from the device, and the SLM run since the LLM's last turn
+        (its first response index, byte length, the end of its text before any trailing whitespace, where a pending
+        command's cut would begin, and the byte ranges its view leaves out: protocol.view_cuts); how much of the run
+        the LLM's view holds (tokens, bytes) and up to where it could (engine/llm_view.py)."""
         self.scan_state, self.scan_n = TEXT, 0
         self.run_start, self.run_bytes, self.run_text_end = len(self.response), 0, 0
-        self.run_cuts = []
+        self.pending_cut = 0
+        self.run_cuts: list[tuple[int, int]] = []
         self.run_fed = self.run_fed_bytes = self.run_safe = 0
