@@ -12,8 +12,10 @@ cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$(python -c 'import torch.utils; pr
 cmake --build build/cpp -j 2 > build/cpp-build.log 2>&1 || { cat build/cpp-build.log; exit 1; }
 (cd build/cpp && ctest --output-on-failure)
 
+# A worker per core (pytest-xdist; tests/conftest.py gives each its share of the threads); "worksteal" keeps both
+# busy to the end, where the two-minute tests would otherwise leave one waiting.
 set +e
-python -m pytest -q "$@"
+python -m pytest -q -n auto --dist worksteal "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -8,6 +8,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (scripts/test.sh runs a worker per core) each worker keeps to its share of the cores: the
+# workers' intra-op threads would otherwise outnumber the cores. The processes a test starts get the same share,
+# so that a run in a subprocess rounds as one in the test's own process (test_train_resume compares the two).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
