@@ -36,11 +36,13 @@ from relaykern.bench.model_bench import GREEDY, Probe, eager
 from relaykern.bench.timing import median_ms, timed
 from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, preset_workload
 from relaykern.scripted import force_tokens
+from relaykern.stop_rule import StopRule
 
 
 def detection_step(engine: RelayEngine, batch: int) -> Callable[[], list]:
     """The fused detection of one SLM step over ``batch`` rows: table lookup on the device, one readback."""
-    seqs = [Sequence([1], GREEDY, GREEDY, True, 0, 0) for _ in range(batch)]
+    never = StopRule.of(GREEDY, eos=())
+    seqs = [Sequence([1], GREEDY, GREEDY, True, 0, 0, never, never) for _ in range(batch)]
     tokens = torch.randint(1000, 5000, (batch,), device=engine.slm.device)
     detector = engine.detector
     return lambda: detector.unpack(Readback(detector.launch(tokens, seqs)).wait()[0], seqs)

@@ -54,6 +54,7 @@ from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import CallRecord, RelayOutput, RelayStats, Source, append_span
 from relaykern.reference_hooks import (NoStopBefore, ProcessorAdapter, ResponsePenalties, TurnWatcher, bytes_of,
                                        generation_config)
+from relaykern.stop_rule import StopRule
 from relaykern.tokenizer import encode_bytes, load_qwen3_tokenizer, token_bytes
 
 
@@ -163,13 +164,11 @@ class _Request:
     def _generate(self, model: PreTrainedModel, params: SamplingParams, input_ids: list[int], source: Source,
                   scan_state: protocol.ScanState | None = None, max_new_tokens: int | None = None) -> TurnWatcher:
         """Runs one ``generate`` call and appends its tokens to the response."""
-        stop_ids = params.stop_ids(eos_token_ids(model, self.tokenizer))
-        stop_strings = [s.encode() for s in params.stop or ()]
-        watcher = TurnWatcher(len(input_ids), self.table, bytes(self.text), stop_ids, stop_strings, scan_state,
-                           stops_from=params.min_tokens - len(self.response))
+        stop_rule = StopRule.of(params, eos_token_ids(model, self.tokenizer))
+        watcher = TurnWatcher(len(input_ids), self.table, bytes(self.text), len(self.response), stop_rule, scan_state)
         processors = LogitsProcessorList()
         if params.min_tokens > len(self.response):
-            processors.append(NoStopBefore(stop_ids, params.min_tokens - len(self.response), len(input_ids)))
+            processors.append(NoStopBefore(stop_rule.ids, params.min_tokens - len(self.response), len(input_ids)))
         if params.presence_penalty or params.frequency_penalty:
             processors.append(ResponsePenalties(params, len(self.prompt)))
         if params.logits_processors:

@@ -10,6 +10,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from relaykern import protocol
 from relaykern.config import SamplingParams
+from relaykern.stop_rule import StopRule
 
 
 class TurnWatcher(StoppingCriteria):
@@ -20,14 +21,14 @@ class TurnWatcher(StoppingCriteria):
     the token.
     """
 
-    def __init__(self, input_len: int, table: list[bytes], text: bytes, stop_ids: set[int],
-                 stop_strings: Sequence[bytes], scan_state: protocol.ScanState | None, stops_from: int = 0):
+    def __init__(self, input_len: int, table: list[bytes], text: bytes, response_len: int, stop_rule: StopRule,
+                 scan_state: protocol.ScanState | None):
+        """``text``, ``response_len``: the response's bytes and length before this call."""
         self.input_len = input_len
-        self.stops_from = stops_from  # no stop before this call's token number ``stops_from`` (min_tokens)
         self.table = table
         self.text = bytearray(text)
-        self.stop_ids = stop_ids
-        self.stop_strings = stop_strings
+        self.response_len = response_len
+        self.stop_rule = stop_rule
         self.scan_state = scan_state
         self.tokens: list[int] = []
         self.stopped = False
@@ -49,10 +50,7 @@ class TurnWatcher(StoppingCriteria):
         data = bytes_of(self.table, token)
         before = len(self.text)
         self.text += data
-        # A stop string counts once it ends inside this token: search from where such a match could begin.
-        self.stopped = len(self.tokens) >= self.stops_from and (token in self.stop_ids or any(
-            self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in self.stop_strings
-        ))
+        self.stopped = self.stop_rule.ends(token, self.text, before, self.response_len + len(self.tokens))
         if self.stopped or self.scan_state is None:
             return
         events = protocol.scan(self.scan_state, data)
@@ -78,7 +76,7 @@ class ProcessorAdapter(LogitsProcessor):
 class NoStopBefore(LogitsProcessor):
     """``min_tokens``: the stop ids (EOS included) cannot be sampled before this call's token number ``count``."""
 
-    def __init__(self, stop_ids: set[int], count: int, input_len: int):
+    def __init__(self, stop_ids: frozenset[int], count: int, input_len: int):
         self.stop_ids, self.count, self.input_len = sorted(stop_ids), count, input_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence as Seq
 from relaykern.config import SamplingParams
 from relaykern.engine.runner import ModelRunner
 from relaykern.engine.sequence import Sequence
+from relaykern.stop_rule import StopRule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,7 +57,9 @@ def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_s
     llm_seed = llm_sampling.seed if llm_sampling is not None and llm_sampling.seed is not None else seed ^ 0x5EED
     if llm_sampling is None:  # the teacher samples like the student, stop rules included, without its scripting
         llm_sampling = dataclasses.replace(sampling, logits_processors=())
-    return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed, llm_seed)
+    llm_eos = llm.model_config.eos_token_ids if llm is not None else ()
+    return Sequence(prompt_ids, sampling, llm_sampling, llm is not None, seed, llm_seed,
+                    StopRule.of(sampling, slm.model_config.eos_token_ids), StopRule.of(llm_sampling, llm_eos))
 
 
 def _prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:

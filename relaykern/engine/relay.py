@@ -102,8 +102,6 @@ class RelayEngine:
                                                encode=functools.partial(encode_bytes, self.tokenizer))
         """``feed_llm_view(seq, upto)``: extends the LLM's view of ``seq`` by its SLM run up to token ``upto``."""
         self.read_ahead = ReadAhead(self.scheduler, self.llm, self.feed_llm_view) if self.llm else None
-        self.slm_eos = set(self.slm.model_config.eos_token_ids)
-        self.llm_eos = set(self.llm.model_config.eos_token_ids) if self.llm else set()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
@@ -270,7 +268,7 @@ class RelayEngine:
         """Order within a token (as the reference): a stop wins over a command event; the command, served or not,
         comes before the max_tokens check."""
         data = self.token_bytes[token]
-        if seq.append(token, "slm", logprob, data, self.slm_eos, seq.sampling):
+        if seq.append(token, "slm", logprob, data):
             return seq.finish("stop")
         if event == EVENT_MALFORMED:
             return seq.finish("malformed_call")
@@ -300,7 +298,7 @@ class RelayEngine:
 
     def _on_llm_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         call = seq.call
-        stopped = seq.append(token, "llm", logprob, self.token_bytes[token], self.llm_eos, seq.llm_sampling)
+        stopped = seq.append(token, "llm", logprob, self.token_bytes[token])
         call.produced += 1
         call.waiting_since = self.steps
         done = call.produced == call.n_served

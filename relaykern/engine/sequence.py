@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import CallRecord, RelayStats, Source, append_span
 from relaykern.protocol import TEXT
+from relaykern.stop_rule import StopRule
 
 _request_ids = itertools.count()
 
@@ -58,11 +59,13 @@ class Sequence:
     """A request in flight. Plain attributes; the relay loop (relay.py) is the only writer."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, llm_sampling: SamplingParams,
-                 with_llm: bool, seed: int, llm_seed: int) -> None:
+                 with_llm: bool, seed: int, llm_seed: int, slm_stop: StopRule, llm_stop: StopRule) -> None:
+        """``slm_stop``, ``llm_stop``: ``sampling``'s and ``llm_sampling``'s stop rules for the two models' EOS ids."""
         self.request_id = next(_request_ids)
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.llm_sampling = llm_sampling
+        self.stop_rules = {"slm": slm_stop, "llm": llm_stop}
         self.seed = seed
         self.llm_seed = llm_seed
         self.response: list[int] = []
@@ -87,12 +90,9 @@ class Sequence:
     def finished(self) -> bool:
         return self.phase is Phase.FINISHED
 
-    def append(self, token: int, source: Source, logprob: float | None, data: bytes, eos: set[int],
-               params: SamplingParams) -> bool:
+    def append(self, token: int, source: Source, logprob: float | None, data: bytes) -> bool:
         """Adds one generated token (``data``: its bytes) to the response and to the SLM's view (the SLM reads
-        everything); True if it stops the request under the writing model's ``params``: EOS, a stop id, or a stop
-        string (matched on the response's bytes) that ends inside this token, once the response holds
-        ``params.min_tokens``."""
+        everything); True if it ends the request under the stop rule of the model that wrote it."""
         before = len(self.text)
         self.text += data
         start = len(self.response)
@@ -106,12 +106,7 @@ class Sequence:
         else:
             self.stats.llm_tokens += 1
             self.llm.tokens.append(token)
-        if len(self.response) < params.min_tokens:
-            return False
-        if (token in eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
-            return True
-        stops = (stop.encode() for stop in params.stop or ())
-        return any(self.text.find(stop, max(0, before - len(stop) + 1)) >= 0 for stop in stops)
+        return self.stop_rules[source].ends(token, self.text, before, len(self.response))
 
     def command_stays_text(self, relay: RelayConfig) -> bool:
         """Whether a command completed now would be left as text: no LLM, or ``max_calls`` served with
