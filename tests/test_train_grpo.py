@@ -8,7 +8,8 @@ import torch
 from relaykern.config import SamplingParams
 from relaykern.outputs import RelayOutput, RelayStats
 from relaykern.train.data import PromptSource, command_ids
-from relaykern.train.grpo import GRPOConfig, GRPOTrainer
+from relaykern.train.grpo import GRPOTrainer
+from relaykern.train.grpo_config import GRPOConfig
 from relaykern.train.rollout import engine_backend
 from relaykern.train.loss import group_advantages, low_var_kl, policy_loss_terms
 from relaykern.train.rollout import EngineRollout, ReferenceRollout, slm_mask

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from relaykern.train.grpo import GRPOConfig, GRPOTrainer
+from relaykern.train.grpo import GRPOTrainer
+from relaykern.train.grpo_config import GRPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real relay rollouts (ReferenceRollout, tiny SLM + LLM), two optimizer updates a step (the mini-batch path), KL on.

@@ -13,7 +13,7 @@ from relaykern.train.config import apply_overrides
 from relaykern.train.data import (CallInsertion, SFTDataConfig, build_sft_records, chat_prompt_ids,
                                   choose_call_positions, command_ids, insert_calls, make_arithmetic_prompts,
                                   reference_answer)
-from relaykern.train.grpo import GRPOConfig
+from relaykern.train.grpo_config import GRPOConfig
 from relaykern.train.runtime import load_causal_lm, lr_lambda
 from relaykern.train.sft import SFTConfig, completion_loss_sum
 

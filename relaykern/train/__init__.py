@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         raise ValueError(f"train {args.stage} needs --config FILE")
     if args.stage == "grpo":
-        from relaykern.train.grpo import GRPOConfig, train_grpo
+        from relaykern.train.grpo import train_grpo
+        from relaykern.train.grpo_config import GRPOConfig
 
         print(train_grpo(GRPOConfig.from_file(args.config, args.overrides)))
         return 0

@@ -16,7 +16,8 @@ from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import RelayOutput
 
 if TYPE_CHECKING:
-    from relaykern.train.grpo import GRPOConfig, GRPOTrainer
+    from relaykern.train.grpo import GRPOTrainer
+    from relaykern.train.grpo_config import GRPOConfig
 
 
 class RolloutBackend(Protocol):
