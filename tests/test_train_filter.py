@@ -14,8 +14,9 @@ def test_filter_keeps_prompts_the_teacher_solves(llm_dir, tmp_path, monkeypatch)
     real = teacher_filter.solved_counts
     seen = {}
 
-    def solved_counts(records, llm, **kw):
-        seen["counts"] = real(records, llm, **kw)  # the real engine runs; a random teacher solves nothing
+    def solved_counts(problems, answers, llm, **kw):
+        assert answers == ["0", "2", "4"]
+        seen["counts"] = real(problems, answers, llm, **kw)  # the real engine runs; a random teacher solves nothing
         seen["sampling"] = kw["sampling"]
         return [0, 2, 0]
 
