@@ -173,8 +173,10 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
                for _ in range(max(2, -(-L2_FLUSH_BYTES // weight_bytes)))]
     norm = dict(residual=torch.randn_like(x), norm_weight=torch.ones(k, device="cuda", dtype=dtype)) \
         if prologue == "rms_norm" else {}
-    fused = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, **norm), len(weights), rep_ms)
-    tile = gemv_module._gemv.best_config  # the autotuner's pick for this shape, which the graph replayed
+    counters = torch.zeros(n, device="cuda", dtype=torch.int32)  # split tiles may serve, as in a model
+    fused = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, split_counters=counters, **norm), len(weights),
+                     rep_ms)
+    tile = gemv_module.AUTOTUNED[True].best_config  # the autotuner's pick for this shape, which the graph replayed
     unfused = graph_ms(lambda i: gemv_reference_triton(x, weights[i], prologue, norm), len(weights), rep_ms)
     cublas = graph_ms(lambda i: F.linear(x[:, :k], weights[i]), len(weights), rep_ms)
     row = {"name": f"gemv {model} {projection} K{k} N{n}", "ms": fused, "unfused_ms": unfused, "cublas_ms": cublas,
@@ -182,11 +184,13 @@ def bench_gemv(model: str, projection: str, prologue: str, k: int, n: int, dtype
            "fraction_of_copy": weight_bytes / fused / 1e6 / copy_gb_per_s,
            "cublas_fraction_of_copy": weight_bytes / cublas / 1e6 / copy_gb_per_s}
     if pdl_supported(x.device):  # each launch may start while the one before drains (kernels/pdl.py)
-        pdl = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, pdl=True, **norm), len(weights), rep_ms)
+        pdl = graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, pdl=True, split_counters=counters, **norm),
+                       len(weights), rep_ms)
         row.update(pdl_ms=pdl, pdl_fraction_of_copy=weight_bytes / pdl / 1e6 / copy_gb_per_s)
     # Every tile the autotuner chooses from, replayed the same way: whether its pick (timed launch by launch) is the
     # fastest in a graph.
-    row["tile_ms"] = {tile_name(tile): graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, tile=tile, **norm),
+    row["tile_ms"] = {tile_name(tile): graph_ms(lambda i: gemv(x, weights[i], prologue=prologue, tile=tile,
+                                                               split_counters=counters, **norm),
                                                 len(weights), max(1, rep_ms // 4))
                       for tile in gemv_module.GPU_CONFIGS}
     return row

@@ -113,6 +113,9 @@ def format_table(report: dict) -> str:
                                   if name != "chosen")
                 lines.append(f"  {role} batch-1 steps (ms): {steps}: {choice['chosen']} serves")
             for shape, ms in m.get("gemv_tiles", {}).items():
+                if not ms:
+                    lines.append(f"    {shape}: autotuned (its weights fit the L2)")
+                    continue
                 best = min(ms, key=ms.get)
                 lines.append(f"    {shape}: {best} serves, {ms[best] * 1e3:.3g} us/launch (tiles "
                              f"{min(ms.values()) * 1e3:.3g}-{max(ms.values()) * 1e3:.3g} us)")

@@ -199,12 +199,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return out
 
 
-def check_split_counters(split_counters: torch.Tensor | None, needed: int, device: torch.device) -> None:
+def check_split_counters(split_counters: torch.Tensor | None, needed: int, device: torch.device,
+                         per: str = "sequences x kv heads") -> None:
+    """Arrival counters (here and for kernels/gemv.py's split tiles): None, or int32 [>= needed], one ``per``."""
     if split_counters is None:
         return
     if (split_counters.dtype != torch.int32 or split_counters.dim() != 1 or split_counters.numel() < needed
             or split_counters.device != device or not split_counters.is_contiguous()):
-        raise ValueError(f"split_counters must be a contiguous int32 [>= {needed}] (sequences x kv heads) on "
+        raise ValueError(f"split_counters must be a contiguous int32 [>= {needed}] ({per}) on "
                          f"{device}, got {split_counters.dtype} {tuple(split_counters.shape)} strides "
                          f"{split_counters.stride()} on {split_counters.device}")
 

@@ -138,6 +138,16 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     assert engine.generate(prompts, sampling)[0].token_ids == before
 
 
+def test_pdl_step_is_checked_bit_for_bit_only_where_each_shape_kept_its_tile():
+    """Start-up compares the PDL step's logits with the step without PDL exactly when every projection shape was
+    served the same tile both ways; another tile (or an autotuned shape) sums in another order."""
+    same = {"N8 K4 none": {"a": 1.0, "b": 2.0}, "N8 K4 none pdl": {"a": 0.5, "b": 0.7}}
+    assert startup._same_tiles_with_pdl(same)
+    assert not startup._same_tiles_with_pdl({**same, "N8 K4 none pdl": {"a": 0.9, "b": 0.7}})
+    assert not startup._same_tiles_with_pdl({**same, "N4 K4 rms_norm": {}, "N4 K4 rms_norm pdl": {}})
+    assert not startup._same_tiles_with_pdl({"N8 K4 none": {"a": float("inf")}, "N8 K4 none pdl": {"a": float("inf")}})
+
+
 @pytest.mark.parametrize("arch,backend", [("qwen3", "torch"), ("qwen3", "triton"), ("qwen2", "triton")])
 def test_one_row_steps_give_the_same_tokens_with_fused_gemv(checkpoints, arch, backend):
     """Batch-1 decode steps with ``runner.gemv`` on (the projections as kernels/gemv.py, norms and SiLU folded in;

@@ -235,7 +235,7 @@ def _launch_gemv(dtype, prologue, k, n, residual, bias, tile, pdl=False) -> None
     norm = dict(residual=torch.zeros(1, k, dtype=dtype) if residual else None, norm_weight=torch.zeros(k, dtype=dtype)
                 ) if prologue == "rms_norm" else {}
     gemv.gemv(x, torch.zeros(n, k, dtype=dtype), torch.zeros(n, dtype=dtype) if bias else None, prologue, pdl=pdl,
-              tile=gemv.GPU_CONFIGS[tile], **norm)
+              tile=gemv.GPU_CONFIGS[tile], split_counters=torch.zeros(n, dtype=torch.int32), **norm)
 
 
 def _launch_silu_and_mul(dtype, intermediate, pdl=False) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from relaykern.kernels import gemv as gemv_module
 from relaykern.kernels.gemv import GPU_CONFIGS, gemv, gemv_reference, tile_name
+from relaykern.kernels.pdl import pdl_supported
 
 from test_kernels_norms import BF16_TOLERANCE, randn
 
@@ -42,9 +43,27 @@ def test_gemv(k, n, prologue, with_residual, with_bias, dtype):
 @pytest.mark.parametrize("tile", GPU_CONFIGS, ids=tile_name)
 def test_every_gpu_tile_computes_the_reference(tile):
     """``gemv(..., tile=...)`` (the benchmarks' tile sweep) launches that tile, bypassing the autotuner. K spans
-    several K steps of every tile (a prefetching one loads past K at its last step: masked off)."""
+    several K steps of every tile (a prefetching one loads past K at its last step: masked off); a split tile's
+    programs each take a slice of them (the last split of 3 has none at K 600 and BLOCK_K 512), and the last of an
+    output tile's splits to arrive sums them and leaves its counter zero for the next launch."""
     x, weight, kwargs = inputs("silu_and_mul", 600, 40, torch.float32, False, True)
-    assert_close(gemv(x, weight, tile=tile, **kwargs), gemv_reference(x, weight, **kwargs), torch.float32)
+    counters = torch.zeros(48, dtype=torch.int32)
+    for _ in range(2):
+        assert_close(gemv(x, weight, tile=tile, split_counters=counters, **kwargs),
+                     gemv_reference(x, weight, **kwargs), torch.float32)
+        assert not counters.any()
+
+
+@pytest.mark.parametrize("prologue,with_residual,with_bias", [("rms_norm", True, True), ("none", False, False)])
+def test_split_tile_in_bf16(prologue, with_residual, with_bias):
+    """Given counters, the autotuner's tiles include split ones (the interpreter's: 2 splits of K 100, the second
+    shorter): the reference's values, the residual stream written once, the counters left zero."""
+    x, weight, kwargs = inputs(prologue, 100, 7, torch.bfloat16, with_residual, with_bias)
+    counters = torch.zeros(7, dtype=torch.int32)
+    actual, expected = gemv(x, weight, split_counters=counters, **kwargs), gemv_reference(x, weight, **kwargs)
+    for got, want in zip(*((actual, expected) if prologue == "rms_norm" else ((actual,), (expected,)))):
+        assert_close(got, want, torch.bfloat16)
+    assert not counters.any()
 
 
 def test_recorded_launches_rerun_with_any_tile_and_a_served_tile_serves(monkeypatch):
@@ -55,23 +74,28 @@ def test_recorded_launches_rerun_with_any_tile_and_a_served_tile_serves(monkeypa
     with gemv_module.recording() as launches:
         out, _ = gemv(x, weight, **kwargs)
         gemv(x[:, :32], weight[:, :32].contiguous())
-    assert [launch.key for launch in launches] == [(40, 64, 1, torch.float32, False), (40, 32, 0, torch.float32, False)]
+        gemv(x[:, :32], weight[:, :32].contiguous(), split_counters=torch.zeros(40, dtype=torch.int32))
+    assert [launch.key for launch in launches] == [(40, 64, 1, torch.float32, False, False),
+                                                   (40, 32, 0, torch.float32, False, False),
+                                                   (40, 32, 0, torch.float32, False, True)]
     expected = out.clone()
     out.zero_()
-    launches[0].run(GPU_CONFIGS[-1])
+    launches[0].run(gemv_module.tiles(split=False)[-1])
     assert_close(out, expected, torch.float32)
     ran = []
     monkeypatch.setattr(gemv_module.Launch, "run", lambda launch, tile: ran.append((launch.key, tile)))
-    gemv_module.serve_tile((40, 64, 1, torch.float32, False), GPU_CONFIGS[2])
-    gemv_module.serve_tile((40, 64, 1, torch.float32, True), GPU_CONFIGS[4])  # launched with PDL: its own tile
+    gemv_module.serve_tile((40, 64, 1, torch.float32, False, False), GPU_CONFIGS[2])
+    gemv_module.serve_tile((40, 64, 1, torch.float32, True, False), GPU_CONFIGS[4])  # with PDL: its own tile
     gemv(x, weight, **kwargs)
     gemv(x, weight, pdl=True, **kwargs)
     gemv(x[:, :32], weight[:, :32].contiguous())
     gemv(x.double(), weight.double(), **{k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    assert ran == [((40, 64, 1, torch.float32, False), GPU_CONFIGS[2]),
-                   ((40, 64, 1, torch.float32, True), GPU_CONFIGS[4]),
-                   ((40, 32, 0, torch.float32, False), None),  # (None: autotuned)
-                   ((40, 64, 1, torch.float64, False), None)]
+    gemv(x, weight, split_counters=torch.zeros(40, dtype=torch.int32), **kwargs)  # with counters: its own tile
+    assert ran == [((40, 64, 1, torch.float32, False, False), GPU_CONFIGS[2]),
+                   ((40, 64, 1, torch.float32, True, False), GPU_CONFIGS[4]),
+                   ((40, 32, 0, torch.float32, False, False), None),  # (None: autotuned)
+                   ((40, 64, 1, torch.float64, False, False), None),
+                   ((40, 64, 1, torch.float32, False, True), None)]
 
 
 def test_gemv_bad_input():
@@ -86,3 +110,25 @@ def test_gemv_bad_input():
         gemv(x, weight, prologue="rms_norm")
     with pytest.raises(ValueError, match="norm_weight"):
         gemv(x, weight, residual=x)
+    with pytest.raises(ValueError, match=r"split_counters must be a contiguous int32 \[>= 8\] \(output features\)"):
+        gemv(x, weight, split_counters=torch.zeros(4, dtype=torch.int32))
+    split_tile = next(tile for tile in GPU_CONFIGS if tile.kwargs["SPLIT_K"] > 1)
+    with pytest.raises(ValueError, match="splits K: it needs split_counters"):
+        gemv(x, weight, tile=split_tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("tile", [tile for tile in GPU_CONFIGS if tile.kwargs["SPLIT_K"] > 1], ids=tile_name)
+def test_gpu_split_tile_qwen3_1p7b_down(tile, pdl):
+    """At the 1.7B down projection's shape (K 6144, N 2048, bf16): launches queued back to back, each reading the
+    counters the one before left zero, give the reference's values and the same bits every time."""
+    if pdl and not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU and a Triton that has it")
+    x, weight, kwargs = inputs("silu_and_mul", 6144, 2048, torch.bfloat16, False, False)
+    x, weight = x.cuda(), weight.cuda()
+    counters = torch.zeros(2048, dtype=torch.int32, device="cuda")
+    outs = [gemv(x, weight, tile=tile, split_counters=counters, pdl=pdl, **kwargs) for _ in range(20)]
+    assert_close(outs[0], gemv_reference(x, weight, **kwargs), torch.bfloat16)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert not counters.any()

@@ -111,6 +111,7 @@ class StepGraphs:
         self.gemv = runner.gemv
         self.pdl = runner.pdl
         self.split_counters = runner.split_counters
+        self.gemv_counters = runner.gemv_counters
         self.inject = inject_tokens if runner.backend == "triton" else inject_tokens_reference
         self.pin = runner.device.type == "cuda"
         config = runner.config
@@ -175,6 +176,7 @@ class StepGraphs:
             gemv=self.gemv,
             pdl=self.pdl,
             split_counters=self.split_counters,
+            gemv_counters=self.gemv_counters,
         )
         hidden = self.model(injected.input_ids, injected.positions, ctx)
         if not shape.decode:  # each row's last token (an empty padding row takes some other row's: ignored)

@@ -31,7 +31,8 @@ the same model) serves the same tiles without timing them again."""
 
 def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None) -> dict[str, dict[str, float]]:
     """Runs ``step`` (a batch-1 forward whose projections run as GEMV kernels) once, recording its launches, and
-    serves each shape the tile whose replays are fastest. Returns the ms per launch of every tile, by shape.
+    serves each shape the tile whose replays are fastest. Returns the ms per launch of every tile, by shape (no tile
+    timed, ``{}``: the shape is autotuned).
     A shape whose weights in the step total less than ``min_group_bytes`` (default: the device's L2) is left to the
     autotuner: replayed, they would be read from the L2, which a served step has long since filled with others."""
     with gemv.recording() as launches:
@@ -44,16 +45,17 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
         min_group_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     timing = {}
     for key, group in groups.items():
+        n, k, prologue, _, pdl, _ = key
+        name = f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}" + " pdl" * pdl
         if sum(launch.weight.nbytes for launch in group) < min_group_bytes:
+            timing[name] = {}
             continue
         if key not in _timed:
-            _timed[key] = [_replay_ms(group, tile) for tile in gemv.GPU_CONFIGS]
-        ms = _timed[key]
+            _timed[key] = [_replay_ms(group, tile) for tile in group[0].tiles]
+        ms, tiles = _timed[key], group[0].tiles
         if min(ms) < math.inf:
-            gemv.serve_tile(key, gemv.GPU_CONFIGS[ms.index(min(ms))])
-        n, k, prologue, _, pdl = key
-        timing[f"N{n} K{k} {gemv.PROLOGUE_NAMES[prologue]}" + " pdl" * pdl] = dict(
-            zip(map(gemv.tile_name, gemv.GPU_CONFIGS), ms))
+            gemv.serve_tile(key, tiles[ms.index(min(ms))])
+        timing[name] = dict(zip(map(gemv.tile_name, tiles), ms))
     return timing
 
 

@@ -59,6 +59,11 @@ class ModelRunner:
         """The decode attention's arrival counters (``AttentionContext.split_counters``: small decode steps fused;
         this model's forwards run one at a time: its background stream waits for its serving one and the other way
         round). None: separate kernels (start-up found them faster), or the torch backend's references."""
+        widest = max((mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, 2 * mc.intermediate_size, mc.hidden_size)
+        self.gemv_counters = (torch.zeros(widest, dtype=torch.int32, device=self.device)
+                              if self.backend == "triton" else None)
+        """The GEMV kernels' arrival counters (``AttentionContext.gemv_counters``), one per output feature of the
+        widest one-row projection."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         self.penalties = Penalties(mc.vocab_size, self.device, self.blocks.has_seq)
@@ -271,6 +276,7 @@ class ModelRunner:
             backend=self.backend,
             gemv=self.gemv,
             split_counters=None if self._must_store_first(rows) else self.split_counters,
+            gemv_counters=self.gemv_counters,
         )
         return ctx, injected.input_ids, injected.positions
 

@@ -4,6 +4,7 @@ from graph replays, those launched with PDL; a small decode step's attention fus
 Each runs forwards of a scratch sequence whose KV is forgotten."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -53,8 +54,10 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     attention kernels (q/k norm + RoPE + K/V store, attention, merge) and fused into one (``*_fused_attention_ms``:
     kernels/attention.py, for decode steps of a few sequences). The fastest serves: sets ``runner.gemv``,
     ``runner.pdl`` and ``runner.split_counters`` (fused: the counters). Which wins depends on the GPU and the shapes.
-    PDL must give exactly the logits of the step without it (the same kernels in the same order), and the fused
-    attention the logits of the separate kernels up to float rounding, or the variant is dropped with a warning."""
+    PDL must give exactly the logits of the step without it (the same kernels in the same order) where each
+    projection was served the same tile both ways (else up to float rounding: another tile sums in another order),
+    and the fused attention the logits of the separate kernels up to float rounding, or the variant is dropped with
+    a warning."""
     # (a small pool may hold fewer: the step's own token needs a place too)
     context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)
@@ -96,15 +99,26 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
             timing[name] = graphs.replay_ms(BATCH1)
     finally:
         runner.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
+    same_tiles = _same_tiles_with_pdl(runner.gemv_tiles)
     for name in list(timing):
         fused = "_fused_attention" in name
         plain = name.replace("_fused_attention", "") if fused else name.replace("_pdl", "")
-        if plain != name and plain in logits and not _agree(logits[name], logits[plain], exactly=not fused):
+        if plain != name and plain in logits and not _agree(logits[name], logits[plain], exactly=not fused and
+                                                             same_tiles):
             warnings.warn(f"the batch-1 step {name.removesuffix('_ms')} gave other logits than "
                           f"{plain.removesuffix('_ms')}: served without")
             del timing[name]
     runner.gemv, runner.pdl, runner.split_counters = variants[min(timing, key=timing.get)]
     return timing
+
+
+def _same_tiles_with_pdl(tiles: dict[str, dict[str, float]]) -> bool:
+    """Whether every projection shape was timed and served the same GEMV tile launched with PDL as without
+    (``choose_tiles``' timings by shape; an autotuned shape, no timings, may differ)."""
+    served = {shape: min(ms, key=ms.get) if ms and min(ms.values()) < math.inf else None
+              for shape, ms in tiles.items()}
+    return all(tile is not None and served.get(f"{shape} pdl") == tile
+               for shape, tile in served.items() if not shape.endswith(" pdl"))
 
 
 def _agree(logits: torch.Tensor, plain: torch.Tensor, exactly: bool) -> bool:

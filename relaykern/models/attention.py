@@ -37,6 +37,10 @@ class AttentionContext:
     run one after another). Given, a decode step of a few sequences runs fused: one kernel per layer norms, rotates
     and stores the new K/V and attends, its splits merging themselves (kernels/attention.py). The runner owns one
     per model and keeps it if start-up found the fused steps faster."""
+    gemv_counters: torch.Tensor | None = None
+    """The GEMV kernels' arrival counters (int32 zeros, at least as many as a projection's outputs, shared by the
+    layers' projections, which run one after another). Given, a one-row projection may be served a tile that splits
+    its K among several programs (kernels/gemv.py). The runner owns one per model."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -33,7 +33,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: "AttentionContext | None" = None) -> torch.Tensor:
         if ctx is not None and one_row_gemv(ctx, x):
-            return ctx.ops.gemv(x, self.weight, self.bias)
+            return ctx.ops.gemv(x, self.weight, self.bias, split_counters=ctx.gemv_counters)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -89,7 +89,8 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, l
     """``linear(norm(residual + x))`` and the new residual stream ``residual + x`` (``x`` itself when ``residual``
     is None, at the first layer): one fused GEMV kernel for a one-row step that asks for it (``ctx.gemv``)."""
     if one_row_gemv(ctx, x):
-        return ctx.ops.gemv(x, linear.weight, linear.bias, "rms_norm", residual, norm.weight, norm.eps)
+        return ctx.ops.gemv(x, linear.weight, linear.bias, "rms_norm", residual, norm.weight, norm.eps,
+                            split_counters=ctx.gemv_counters)
     normed, residual = (norm(x, ctx.ops), x) if residual is None else norm(x, ctx.ops, residual)
     return linear(normed), residual
 
@@ -97,7 +98,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, l
 def silu_linear(gate_up: torch.Tensor, linear: Linear, ctx: "AttentionContext") -> torch.Tensor:
     """``linear(silu(gate) * up)`` of ``gate_up = [gate | up]``; one fused GEMV kernel as in ``norm_linear``."""
     if one_row_gemv(ctx, gate_up):
-        return ctx.ops.gemv(gate_up, linear.weight, linear.bias, "silu_and_mul")
+        return ctx.ops.gemv(gate_up, linear.weight, linear.bias, "silu_and_mul", split_counters=ctx.gemv_counters)
     return linear(ctx.ops.silu_and_mul(gate_up))
 
 
