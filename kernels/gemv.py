@@ -218,10 +218,18 @@ class Launch:
             AUTOTUNED[self.split][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
                 *self.args, **self.constexprs)
             return
+        _gemv_kernel[self._grid(tile)](*self.args, **self.constexprs, **tile.kwargs, num_warps=tile.num_warps,
+                                       num_stages=tile.num_stages)
+
+    def compile(self, tile: triton.Config) -> None:
+        """Compiles the kernel ``run(tile)`` launches, without launching it."""
+        _gemv_kernel.warmup(*self.args, grid=self._grid(tile), **self.constexprs, **tile.kwargs,
+                            num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    def _grid(self, tile: triton.Config) -> tuple[int, int]:
         if tile.kwargs["SPLIT_K"] > 1 and not self.split:
             raise ValueError(f"the tile {tile_name(tile)} splits K: it needs split_counters")
-        _gemv_kernel[(triton.cdiv(n, tile.kwargs["BLOCK_N"]), tile.kwargs["SPLIT_K"])](
-            *self.args, **self.constexprs, **tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        return triton.cdiv(self.n, tile.kwargs["BLOCK_N"]), tile.kwargs["SPLIT_K"]
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """The paged engine serving one model (llm=None): exact greedy agreement with transformers, preemption without
 loss or leaks, sampling reproducibility, and bad input."""
+import math
 import random
 
 import numpy as np
@@ -136,6 +137,35 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     assert all(tile is fastest for tile in gemv_module._served_tiles.values())
     runner.gemv = False
     assert engine.generate(prompts, sampling)[0].token_ids == before
+
+
+def test_a_pdl_shape_times_the_tiles_fastest_without_pdl(monkeypatch):
+    """Tiles are chosen without PDL first; the same shape launched with PDL then times only the PDL_CANDIDATES
+    fastest of those (each timed tile costs compiles) and serves the fastest of them."""
+    monkeypatch.setattr(gemv_tiles, "_timed", {})
+    monkeypatch.setattr(gemv_module, "_served_tiles", {})
+    monkeypatch.setattr(gemv_module.Launch, "run", lambda launch, tile: None)  # (the recorded step launches nothing)
+    tiles = gemv_module.GPU_CONFIGS
+    made_up_ms = {False: {id(tile): 1.0 + i % 5 + i / 100 for i, tile in enumerate(tiles)},
+                  True: {id(tile): 2.0 - i / 100 for i, tile in enumerate(tiles)}}
+    timed = []
+
+    def replay_ms(group, tile):
+        pdl = group[0].key[4]
+        timed.append((pdl, tile))
+        return math.inf if tile is tiles[0] else made_up_ms[pdl][id(tile)]
+
+    monkeypatch.setattr(gemv_tiles, "_replay_ms", replay_ms)
+    x, weight, counters = torch.ones(1, 8), torch.ones(4, 8), torch.zeros(4, dtype=torch.int32)
+    for pdl in (False, True):
+        gemv_tiles.choose_tiles(lambda: gemv_module.gemv(x, weight, split_counters=counters, pdl=pdl), 0)
+    without = sorted((made_up_ms[False][id(tile)], i) for i, tile in enumerate(tiles) if i > 0)
+    candidates = [tiles[i] for _, i in without[:gemv_tiles.PDL_CANDIDATES]]
+    assert [tile for pdl, tile in timed if not pdl] == tiles
+    assert [tile for pdl, tile in timed if pdl] == candidates
+    served = gemv_module._served_tiles
+    assert served[(4, 8, 0, torch.float32, False, True)] is tiles[without[0][1]]
+    assert served[(4, 8, 0, torch.float32, True, True)] is max(candidates, key=tiles.index)  # (2 - i / 100: last)
 
 
 def test_pdl_step_is_checked_bit_for_bit_only_where_each_shape_kept_its_tile():

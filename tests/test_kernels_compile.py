@@ -336,13 +336,21 @@ def _probe_kernel(x_ptr, n, BLOCK: triton.language.constexpr):
     triton.language.store(x_ptr + offsets, offsets.to(triton.language.float32), mask=offsets < n)
 
 
-def _compile_cases(case_ids: list[str]) -> dict:
-    """{"unavailable": why} if this Triton cannot compile for sm_90 here, else {"cases": {id: result}}."""
+def _target_sm90() -> str | None:
+    """Makes sm_90 the compile target; why this Triton cannot compile for it here, if it cannot."""
     triton.runtime.driver.set_active(_CudaTargetDriver())
     try:
         _probe_kernel.warmup(torch.zeros(16), 16, grid=(1,), BLOCK=16)
     except Exception as error:  # noqa: BLE001 - any failure here is the environment's, reported as the skip reason
-        return {"unavailable": f"{type(error).__name__}: {error}"}
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _compile_cases(case_ids: list[str]) -> dict:
+    """{"unavailable": why} if this Triton cannot compile for sm_90 here, else {"cases": {id: result}}."""
+    unavailable = _target_sm90()
+    if unavailable:
+        return {"unavailable": unavailable}
     launches: list = []
     for module in _kernel_modules():
         for name, kernel in _kernels(module).items():
@@ -358,6 +366,29 @@ def _compile_cases(case_ids: list[str]) -> dict:
         except Exception:  # noqa: BLE001 - a kernel that does not compile: the test reports the traceback
             results[case_id] = {"launches": list(launches), "error": traceback.format_exc()}
     return {"cases": results}
+
+
+def _compile_gemv_tiles_at_once() -> dict:
+    """What the runner's tile choice does before it times tiles (engine/gemv_tiles.py ``_compile_at_once``, on
+    threads): 1.7B o and down projections' launches (with and without PDL) with the split tiles, each compiled once,
+    so that launching them later compiles nothing more (counted in the kernel's in-memory cache)."""
+    unavailable = _target_sm90()
+    if unavailable:
+        return {"unavailable": unavailable}
+    from relaykern.engine import gemv_tiles
+    x = torch.zeros(1, 2 * 6144, dtype=torch.bfloat16)
+    out = torch.empty(1, 2048, dtype=torch.bfloat16)
+    counters = torch.zeros(2048, dtype=torch.int32)
+    work = [(gemv.launch_arguments(x[:, :k * (1 + (prologue == "silu_and_mul"))], torch.zeros(2048, k, dtype=x.dtype),
+                                   None, prologue, None, None, 1e-6, out, x, counters, pdl=pdl), gemv.GPU_CONFIGS[-4:])
+            for prologue, k in (("none", 2048), ("silu_and_mul", 6144)) for pdl in (False, True)]
+    kernel_cache = gemv._gemv_kernel.device_caches[0][0]
+    gemv_tiles._compile_at_once(work)
+    compiled = len(kernel_cache)
+    for launch, tiles in work:
+        for tile in tiles:
+            launch.compile(tile)
+    return {"expected": sum(len(tiles) for _, tiles in work), "compiled": compiled, "after": len(kernel_cache)}
 
 
 # ---------------------------------------------------------------- the tests
@@ -428,6 +459,21 @@ def test_matrix_covers_every_kernel_and_variant(compiled: dict) -> None:
                   f"{launch['seconds']:>5}")
 
 
-if __name__ == "__main__":  # the child: python test_kernels_compile.py OUT.json CASE_ID...
+def test_gemv_tiles_compile_at_once_for_sm90(tmp_path) -> None:
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend: cannot compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_HOME=str(tmp_path))
+    child = subprocess.run([sys.executable, __file__, str(tmp_path / "at_once.json"), "--gemv-tiles-at-once"], env=env,
+                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 0, child.stdout + child.stderr
+    counts = json.loads((tmp_path / "at_once.json").read_text())
+    if "unavailable" in counts:
+        pytest.skip(f"cannot compile Triton kernels for sm_90 here: {counts['unavailable']}")
+    assert counts["compiled"] == counts["after"] == counts["expected"], counts
+
+
+if __name__ == "__main__":  # the child: python test_kernels_compile.py OUT.json (CASE_ID... | --gemv-tiles-at-once)
     with open(sys.argv[1], "w") as out:
-        json.dump(_compile_cases(sys.argv[2:]), out)
+        json.dump(_compile_gemv_tiles_at_once() if sys.argv[2:] == ["--gemv-tiles-at-once"] else
+                  _compile_cases(sys.argv[2:]), out)
