@@ -139,6 +139,30 @@ def test_start_up_serves_the_fastest_batch1_step(checkpoints, monkeypatch):
     assert engine.generate(prompts, sampling)[0].token_ids == before
 
 
+def test_a_batch1_variant_is_dropped_with_the_variants_checked_against_it():
+    """GEMV against cuBLAS, PDL against the same kernels without it (bit for bit where the tiles are the same),
+    fused attention against separate kernels: a wrong GEMV step takes the variants checked against it along."""
+    good = torch.tensor([1.0, -2.0, 3.0])
+    names = ["cublas_ms", "gemv_ms", "gemv_pdl_ms", "cublas_fused_attention_ms", "gemv_fused_attention_ms",
+             "gemv_pdl_fused_attention_ms"]
+    logits = dict.fromkeys(names, good)
+    timing = dict.fromkeys(names, 1.0)
+    startup._drop_wrong_variants(timing, {**logits, "gemv_pdl_ms": good + 1e-3}, same_tiles=False)
+    assert list(timing) == names  # (another tile: up to rounding)
+    with pytest.warns(UserWarning) as warned:
+        startup._drop_wrong_variants(timing, {**logits, "gemv_pdl_ms": good + 1e-3}, same_tiles=True)
+    assert "gemv_pdl_ms" not in timing and "gemv_pdl_fused_attention_ms" not in timing
+    assert [str(w.message).split(":")[0] for w in warned] == [
+        "the batch-1 step gemv_pdl gave other logits than gemv",
+        "the batch-1 step gemv_pdl_fused_attention is checked against gemv_pdl, which gave wrong logits"]
+    timing = dict.fromkeys(names, 1.0)
+    with pytest.warns(UserWarning) as warned:
+        startup._drop_wrong_variants(timing, {**logits, "gemv_ms": good * 2, "gemv_pdl_ms": good * 2,
+                                              "gemv_fused_attention_ms": good * 2}, same_tiles=True)
+    assert list(timing) == ["cublas_ms", "cublas_fused_attention_ms"]
+    assert "gemv gave other logits than cublas" in str(warned[0].message)
+
+
 def test_a_pdl_shape_times_the_tiles_fastest_without_pdl(monkeypatch):
     """Tiles are chosen without PDL first; the same shape launched with PDL then times only the PDL_CANDIDATES
     fastest of those (each timed tile costs compiles) and serves the fastest of them."""

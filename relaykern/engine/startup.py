@@ -54,10 +54,11 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
     attention kernels (q/k norm + RoPE + K/V store, attention, merge) and fused into one (``*_fused_attention_ms``:
     kernels/attention.py, for decode steps of a few sequences). The fastest serves: sets ``runner.gemv``,
     ``runner.pdl`` and ``runner.split_counters`` (fused: the counters). Which wins depends on the GPU and the shapes.
-    PDL must give exactly the logits of the step without it (the same kernels in the same order) where each
+    Each variant is checked against another (``_checked_against``): the GEMV kernels must give cuBLAS's logits up to
+    float rounding, PDL exactly the logits of the step without it (the same kernels in the same order) where each
     projection was served the same tile both ways (else up to float rounding: another tile sums in another order),
-    and the fused attention the logits of the separate kernels up to float rounding, or the variant is dropped with
-    a warning."""
+    and the fused attention the logits of the separate kernels up to float rounding; else the variant, and those
+    checked against it, are dropped with a warning."""
     # (a small pool may hold fewer: the step's own token needs a place too)
     context = min(BATCH1_CONTEXT, runner.max_model_len - 1, runner.blocks.num_free_blocks * runner.block_size - 1)
     if context < 1:  # a pool of one slot: nothing to time the step with (cuBLAS serves)
@@ -99,17 +100,36 @@ def choose_batch1_step(runner: ModelRunner) -> dict[str, float]:
             timing[name] = graphs.replay_ms(BATCH1)
     finally:
         runner.blocks.free(WARMUP_SEQ_ID, keep_cached=False)
-    same_tiles = _same_tiles_with_pdl(runner.gemv_tiles)
-    for name in list(timing):
-        fused = "_fused_attention" in name
-        plain = name.replace("_fused_attention", "") if fused else name.replace("_pdl", "")
-        if plain != name and plain in logits and not _agree(logits[name], logits[plain], exactly=not fused and
-                                                             same_tiles):
-            warnings.warn(f"the batch-1 step {name.removesuffix('_ms')} gave other logits than "
-                          f"{plain.removesuffix('_ms')}: served without")
-            del timing[name]
+    _drop_wrong_variants(timing, logits, _same_tiles_with_pdl(runner.gemv_tiles))
     runner.gemv, runner.pdl, runner.split_counters = variants[min(timing, key=timing.get)]
     return timing
+
+
+def _drop_wrong_variants(timing: dict[str, float], logits: dict[str, torch.Tensor], same_tiles: bool) -> None:
+    """Drops from ``timing`` (in order: each variant after the one it is checked against) the variants whose logits
+    disagree with their reference's, or whose reference was dropped, with a warning."""
+    for name in list(timing):
+        reference, exactly = _checked_against(name, same_tiles)
+        if reference not in logits:
+            continue
+        if reference not in timing:
+            warnings.warn(f"the batch-1 step {name.removesuffix('_ms')} is checked against "
+                          f"{reference.removesuffix('_ms')}, which gave wrong logits: served without both")
+            del timing[name]
+        elif not _agree(logits[name], logits[reference], exactly):
+            warnings.warn(f"the batch-1 step {name.removesuffix('_ms')} gave other logits than "
+                          f"{reference.removesuffix('_ms')}: served without")
+            del timing[name]
+
+
+def _checked_against(name: str, same_tiles: bool) -> tuple[str | None, bool]:
+    """The variant whose logits variant ``name``'s must give, and whether bit for bit: fused attention the separate
+    kernels', PDL the same kernels' without PDL (bit for bit if served the same tiles), GEMV kernels cuBLAS's."""
+    if "_fused_attention" in name:
+        return name.replace("_fused_attention", ""), False
+    if "_pdl" in name:
+        return name.replace("_pdl", ""), same_tiles
+    return ("cublas_ms", False) if name == "gemv_ms" else (None, False)
 
 
 def _same_tiles_with_pdl(tiles: dict[str, dict[str, float]]) -> bool:
