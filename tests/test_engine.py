@@ -1,5 +1,6 @@
 """The paged engine serving one model (llm=None): exact greedy agreement with transformers, preemption without
 loss or leaks, sampling reproducibility, and bad input."""
+import functools
 import math
 import random
 
@@ -179,17 +180,28 @@ def test_a_pdl_shape_times_the_tiles_fastest_without_pdl(monkeypatch):
         timed.append((pdl, tile))
         return math.inf if tile is tiles[0] else made_up_ms[pdl][id(tile)]
 
+    compiled = []
     monkeypatch.setattr(gemv_tiles, "_replay_ms", replay_ms)
+    monkeypatch.setattr(gemv_tiles, "_compile_at_once", compiled.append)
     x, weight, counters = torch.ones(1, 8), torch.ones(4, 8), torch.zeros(4, dtype=torch.int32)
+    norm = dict(prologue="rms_norm", norm_weight=torch.ones(8), split_counters=counters)
+
+    def step(pdl):  # the first layer's q/k/v projection adds no residual: another compiled variant of the shape
+        for residual in (None, x):
+            gemv_module.gemv(x, weight, residual=residual, pdl=pdl, **norm)
+
     for pdl in (False, True):
-        gemv_tiles.choose_tiles(lambda: gemv_module.gemv(x, weight, split_counters=counters, pdl=pdl), 0)
+        gemv_tiles.choose_tiles(functools.partial(step, pdl), 0)
     without = sorted((made_up_ms[False][id(tile)], i) for i, tile in enumerate(tiles) if i > 0)
     candidates = [tiles[i] for _, i in without[:gemv_tiles.PDL_CANDIDATES]]
     assert [tile for pdl, tile in timed if not pdl] == tiles
     assert [tile for pdl, tile in timed if pdl] == candidates
     served = gemv_module._served_tiles
-    assert served[(4, 8, 0, torch.float32, False, True)] is tiles[without[0][1]]
-    assert served[(4, 8, 0, torch.float32, True, True)] is max(candidates, key=tiles.index)  # (2 - i / 100: last)
+    assert served[(4, 8, 1, torch.float32, False, True)] is tiles[without[0][1]]
+    assert served[(4, 8, 1, torch.float32, True, True)] is max(candidates, key=tiles.index)  # (2 - i / 100: last)
+    # Compiled ahead: the tiles to time, once per kernel variant (without and with the residual).
+    assert [[(launch.constexprs["HAS_RESIDUAL"], tiles_) for launch, tiles_ in work] for work in compiled] == [
+        [(False, tiles), (True, tiles)], [(False, candidates), (True, candidates)]]
 
 
 def test_pdl_step_is_checked_bit_for_bit_only_where_each_shape_kept_its_tile():

@@ -388,7 +388,10 @@ def _compile_gemv_tiles_at_once() -> dict:
     for launch, tiles in work:
         for tile in tiles:
             launch.compile(tile)
-    return {"expected": sum(len(tiles) for _, tiles in work), "compiled": compiled, "after": len(kernel_cache)}
+    return {"expected": sum(len(tiles) for _, tiles in work), "compiled": compiled, "after": len(kernel_cache),
+            # (Triton 3.8 keeps a compile that failed in the cache, as the future that raised)
+            "not_compiled": [type(kernel).__name__ for kernel in kernel_cache.values()
+                             if not isinstance(kernel, triton.compiler.CompiledKernel)]}
 
 
 # ---------------------------------------------------------------- the tests
@@ -470,7 +473,7 @@ def test_gemv_tiles_compile_at_once_for_sm90(tmp_path) -> None:
     counts = json.loads((tmp_path / "at_once.json").read_text())
     if "unavailable" in counts:
         pytest.skip(f"cannot compile Triton kernels for sm_90 here: {counts['unavailable']}")
-    assert counts["compiled"] == counts["after"] == counts["expected"], counts
+    assert counts["compiled"] == counts["after"] == counts["expected"] and not counts["not_compiled"], counts
 
 
 if __name__ == "__main__":  # the child: python test_kernels_compile.py OUT.json (CASE_ID... | --gemv-tiles-at-once)

@@ -56,8 +56,8 @@ def test_every_gpu_tile_computes_the_reference(tile):
 
 @pytest.mark.parametrize("prologue,with_residual,with_bias", [("rms_norm", True, True), ("none", False, False)])
 def test_split_tile_in_bf16(prologue, with_residual, with_bias):
-    """Given counters, the autotuner's tiles include split ones (the interpreter's: 2 splits of K 100, the second
-    shorter): the reference's values, the residual stream written once, the counters left zero."""
+    """Given counters, the interpreter's autotuned tile splits (2 splits of K 100, the second shorter): the
+    reference's values and residual stream, the counters left zero."""
     x, weight, kwargs = inputs(prologue, 100, 7, torch.bfloat16, with_residual, with_bias)
     counters = torch.zeros(7, dtype=torch.int32)
     actual, expected = gemv(x, weight, split_counters=counters, **kwargs), gemv_reference(x, weight, **kwargs)
@@ -131,4 +131,34 @@ def test_gpu_split_tile_qwen3_1p7b_down(tile, pdl):
     outs = [gemv(x, weight, tile=tile, split_counters=counters, pdl=pdl, **kwargs) for _ in range(20)]
     assert_close(outs[0], gemv_reference(x, weight, **kwargs), torch.bfloat16)
     assert all(torch.equal(out, outs[0]) for out in outs)
+    assert not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [tile for tile in GPU_CONFIGS if tile.kwargs["SPLIT_K"] > 1], ids=tile_name)
+def test_gpu_split_tile_chained_as_layers(tile):
+    """Launches queued back to back, each normalizing the one before's output with the residual stream (q/k/v's
+    fused op, with a bias) at the 1.7B width: each output the reference's for its input; with PDL (each launch's
+    programs starting while the one before drains) the same bits as without."""
+    x, weight, kwargs = inputs("rms_norm", 2048, 2048, torch.bfloat16, True, True)
+    weights = [(weight * (1 + i / 10)).cuda() for i in range(6)]
+    kwargs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    counters = torch.zeros(2048, dtype=torch.int32, device="cuda")
+
+    def chain(pdl):
+        steps, hidden, residual = [], x.cuda(), kwargs["residual"]
+        for w in weights:
+            inputs_ = (hidden, residual)
+            hidden, residual = gemv(hidden, w, tile=tile, split_counters=counters, pdl=pdl,
+                                    **{**kwargs, "residual": residual})
+            steps.append((inputs_, w, hidden, residual))
+        return steps
+
+    steps = chain(pdl=False)
+    for (hidden_in, residual_in), w, hidden, residual in steps:
+        want_hidden, want_residual = gemv_reference(hidden_in, w, **{**kwargs, "residual": residual_in})
+        assert_close(hidden, want_hidden, torch.bfloat16)
+        assert_close(residual, want_residual, torch.bfloat16)
+    if pdl_supported(torch.device("cuda")):
+        assert all(torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) for a, b in zip(steps, chain(pdl=True)))
     assert not counters.any()

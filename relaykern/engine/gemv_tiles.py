@@ -30,6 +30,8 @@ REPLAY_MS = 10
 """Timing per tile and shape (a few dozen replays): the choice costs about a second per model."""
 PDL_CANDIDATES = 4
 """A shape launched with PDL times this many tiles: those fastest without PDL."""
+COMPILE_THREADS = 16
+"""At most this many compiles at once (each LLVM and ptxas run takes a few hundred MB)."""
 _timed: dict[gemv.ShapeKey, list[tuple[triton.Config, float]]] = {}
 """ms per launch of each tile timed, by shape, for this process: a later runner with the same shapes (another engine
 of the same model) serves the same tiles without timing them again."""
@@ -52,9 +54,8 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
     timed_groups = {key: group for key, group in groups.items()
                     if sum(launch.weight.nbytes for launch in group) >= min_group_bytes}
     candidates = {key: _candidates(key, group[0].tiles) for key, group in timed_groups.items() if key not in _timed}
-    if launches and launches[0].weight.device.type == "cuda":
-        _compile_at_once([(launch, candidates[key]) for key in candidates
-                          for launch in _one_per_variant(timed_groups[key])])
+    _compile_at_once([(launch, tiles) for key, tiles in candidates.items()
+                      for launch in _one_per_variant(timed_groups[key])])
     timing = {}
     for key, group in groups.items():
         n, k, prologue, _, pdl, _ = key
@@ -88,13 +89,15 @@ def _one_per_variant(group: list[gemv.Launch]) -> list[gemv.Launch]:
 
 
 def _compile_at_once(work: list[tuple[gemv.Launch, list[triton.Config]]]) -> None:
-    """Compiles each launch with each of its tiles on a thread per core (Triton's ``AsyncCompileMode``: its compiler
-    passes and ptxas run outside the GIL; on 2 cores 1.6x faster than one by one, at ~0.2 s a compile). A compile
-    that fails is left to fail again where the tile is timed (and to be left out there)."""
-    if not work or not hasattr(triton, "AsyncCompileMode"):
+    """Compiles (unless interpreted) each launch with each of its tiles on up to ``COMPILE_THREADS`` threads at once (Triton's
+    ``AsyncCompileMode``: its compiler passes and ptxas run outside the GIL; on 2 cores 1.6x faster than one by one,
+    at ~0.2 s a compile). A tile that does not compile fails (and is left out) where it is timed: Triton compiles it
+    again there, or raises the error it kept."""
+    if not work or gemv.INTERPRETED or not hasattr(triton, "AsyncCompileMode"):
         return
+    threads = min(len(os.sched_getaffinity(0)), COMPILE_THREADS)
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
             for launch, tiles in work:
                 for tile in tiles:
                     launch.compile(tile)
