@@ -48,6 +48,7 @@ from relaykern.kernels.rope import round_to
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_and_mul": 2}
 PROLOGUE_NAMES = {code: name for name, code in PROLOGUES.items()}
 INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 1})
+INTERPRETED_SPLIT_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 2})
 GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch, "SPLIT_K": split}, num_warps=warps,
                              num_stages=3)
                for n, k, warps, prefetch, split in (
@@ -160,7 +161,6 @@ def _gemv_kernel(
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-INTERPRETED_SPLIT_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 2})
 
 
 def tiles(split: bool) -> list[triton.Config]:
