@@ -111,7 +111,7 @@ step overlap 80 "$PYTHON" bench/overlap_experiment.py --out "$OUT/overlap.json" 
 # Each test compiles its own kernel variants: spread them over 8 processes when pytest-xdist is there.
 XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests
-step bench_kernels 60 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
+step bench_kernels 75 "$PYTHON" bench/bench_kernels.py --out "$OUT/kernels.json"
 
 set +x
 ls -la "$OUT" "$OUT/relay-plots" 2>/dev/null
