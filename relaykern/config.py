@@ -83,10 +83,8 @@ class SamplingParams:
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"SamplingParams.logprobs is True or False (the log-prob of each sampled token; no "
                              f"top-n alternatives), got {self.logprobs!r}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        require_at_least(self, 0, "top_k", why=" (0 = off)")
+        require_at_least(self, 1, "max_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"SamplingParams.min_tokens must be in [0, max_tokens={self.max_tokens}], got "
                              f"{self.min_tokens}")
@@ -190,19 +188,9 @@ class RelayConfig:
                              "None (256 on a GPU) is no longer accepted")
         require_ints(self, "max_calls", "max_call_tokens", "llm_batch_wait_steps", "llm_batch_min_rows",
                      "llm_prefetch_tokens", "early_catchup_tokens")
-        if self.max_calls < 0:
-            raise ValueError(f"RelayConfig.max_calls must be >= 0, got {self.max_calls}")
-        if self.max_call_tokens < 1:
-            raise ValueError(f"RelayConfig.max_call_tokens must be >= 1, got {self.max_call_tokens}")
-        if self.llm_batch_wait_steps < 0:
-            raise ValueError(f"RelayConfig.llm_batch_wait_steps must be >= 0, got {self.llm_batch_wait_steps}")
-        if self.llm_prefetch_tokens < 0:
-            raise ValueError(f"RelayConfig.llm_prefetch_tokens must be >= 0 (0 = off), got {self.llm_prefetch_tokens}")
-        if self.early_catchup_tokens < 0:
-            raise ValueError(f"RelayConfig.early_catchup_tokens must be >= 0 (0 = off), got "
-                             f"{self.early_catchup_tokens}")
-        if self.llm_batch_min_rows < 1:
-            raise ValueError(f"RelayConfig.llm_batch_min_rows must be >= 1, got {self.llm_batch_min_rows}")
+        require_at_least(self, 0, "max_calls", "llm_batch_wait_steps")
+        require_at_least(self, 0, "llm_prefetch_tokens", "early_catchup_tokens", why=" (0 = off)")
+        require_at_least(self, 1, "max_call_tokens", "llm_batch_min_rows")
         if self.after_max_calls not in ("continue", "finish"):
             raise ValueError("RelayConfig.after_max_calls must be 'continue' or 'finish', "
                              f"got {self.after_max_calls!r}")
@@ -235,13 +223,8 @@ class EngineConfig:
         require_ints(self, "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"EngineConfig.num_blocks must be >= 1, got {self.num_blocks}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("EngineConfig.max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"EngineConfig.max_model_len must be >= 2 (a prompt token and one more), got "
-                             f"{self.max_model_len}")
+        require_at_least(self, 1, "num_blocks", "max_num_seqs", "max_num_batched_tokens")
+        require_at_least(self, 2, "max_model_len", why=" (a prompt token and one more)")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"EngineConfig.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.attention_backend not in (None, "triton", "torch"):
@@ -267,6 +250,15 @@ class EngineConfig:
         if self.attention_backend is not None:
             return self.attention_backend
         return "triton" if self.device.type == "cuda" else "torch"
+
+
+def require_at_least(config: object, minimum: int, *names: str, why: str = "") -> None:
+    """Each of ``config``'s fields ``names`` (None where optional) is at least ``minimum``; ``why``: the error's note
+    after the bound."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= {minimum}{why}, got {value!r}")
 
 
 def require_ints(config: object, *names: str) -> None:

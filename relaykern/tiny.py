@@ -62,39 +62,15 @@ def tiny_config(
 
 
 def save_tiny_checkpoint(
-    path: str | Path,
-    *,
-    arch: str = "qwen3",
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 16,
-    intermediate_size: int = 128,
-    vocab_size: int = 151936,
-    tie_word_embeddings: bool = True,
-    max_position_embeddings: int = 4096,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    path: str | Path, *, arch: str = "qwen3", seed: int = 0, dtype: torch.dtype = torch.float32, **shape: int | bool
 ) -> Path:
     """Writes a tiny random model (weights ~ N(0, TINY_INIT_STD), norms 1) and the tokenizer; returns ``path``.
+    ``shape``: ``tiny_config``'s keyword arguments (``hidden_size``, ``num_layers``, ``vocab_size``, ...).
 
     The same arguments and seed give the same weights. The output rows of the ids past the tokenizer (151669..) are
     zero, so greedy decoding never picks them (sampling still may, rarely, as with any model).
     """
-    config = tiny_config(
-        arch,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        intermediate_size=intermediate_size,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        max_position_embeddings=max_position_embeddings,
-        dtype=dtype,
-    )
+    config = tiny_config(arch, dtype=dtype, **shape)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     output_name = _output_embedding_name(model)

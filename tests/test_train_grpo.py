@@ -41,6 +41,15 @@ def test_low_var_kl_and_advantages():
         group_advantages(torch.ones(3), group_size=2)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 1, r">= 2 \(advantages are relative\), got 1"), ("mini_batch_size", -1, ">= 0"),
+    ("reward_mode", "mean", "must be one of"),
+])
+def test_grpo_config_names_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=f"GRPOConfig.{field} .*{message}"):
+        GRPOConfig(**{field: value})
+
+
 def test_llm_tokens_are_masked_out_of_loss_and_kl():
     torch.manual_seed(0)
     shape = (3, 6)

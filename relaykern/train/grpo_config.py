@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from relaykern.config import require_at_least
 from relaykern.train.config import TrainingRun
 from relaykern.train.data import PromptSource
 from relaykern.train.reward import CALLED_IF
@@ -75,8 +76,5 @@ class GRPOConfig(TrainingRun):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.mini_batch_size < 0:
-            raise ValueError(f"GRPOConfig.mini_batch_size must be >= 0 (0: one update a step), got "
-                             f"{self.mini_batch_size}")
-        if self.group_size < 2:
-            raise ValueError(f"GRPOConfig.group_size must be >= 2 (advantages are relative), got {self.group_size}")
+        require_at_least(self, 0, "mini_batch_size", why=" (0: one update a step)")
+        require_at_least(self, 2, "group_size", why=" (advantages are relative)")
