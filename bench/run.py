@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from relaykern.cli import plain
 from relaykern.config import EngineConfig
 from relaykern.bench.presets import GPU_PAIRS, build_pair, get_preset, model_shape
 from relaykern.bench.report import GOAL_MAX_K, evaluate_goals, format_table, speedups
@@ -38,7 +39,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relaykern bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="relaykern bench", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "gpu"], default="tiny")
     parser.add_argument("--quick", action="store_true", help="smaller shapes (CI smoke run)")

@@ -1,4 +1,5 @@
-"""``relaykern generate | bench | train | eval``."""
+"""relaykern: RelayLLM serving and training. A small model writes; where it needs help it writes <call>N</call> and a
+large model writes the next N tokens."""
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,13 @@ def _stream(engine, prompts: list[str], sampling: SamplingParams) -> int:
     return 0
 
 
+def plain(doc: str | None) -> str:
+    """A docstring as ``--help`` shows it: without reStructuredText's double backticks."""
+    return (doc or "").replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relaykern", description=__doc__)
+    parser = argparse.ArgumentParser(prog="relaykern", description=plain(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="relay prompts between an SLM and an LLM")
     gen.add_argument("--slm", help="SLM checkpoint directory (HF format, safetensors)")

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from relaykern.cli import plain
 from relaykern.config import EngineConfig, RelayConfig, SamplingParams
 from relaykern.eval import grading
 from relaykern.eval.grading import extract_boxed, grader_in_use, is_correct
@@ -103,7 +104,7 @@ def evaluate(data: str | Path, slm: str | Path, llm: str | Path | None, *, sampl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="relaykern eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="relaykern eval", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="JSONL with problem/question and answer fields")
     parser.add_argument("--slm", required=True)

@@ -1,18 +1,20 @@
 """Training: warm-up SFT and relay GRPO, PyTorch-native (HF models, AdamW, DDP via torchrun).
 
-``main(["sft" | "grpo", "--config", FILE, "--set", "key=value", ...])`` is ``relaykern train``; ``sft-data`` builds
-SFT records from a config's ``data`` section (``--out FILE``; ``--in FILE`` for a prompt JSONL); ``filter --in FILE
---out FILE --llm DIR [--k 16 --temperature 0.7 --top-p 0.95]`` keeps the prompts the LLM solves at least once in k
-samples.
+``relaykern train sft|grpo --config FILE [--set key=value ...]`` trains (``main(argv)`` does the same from Python);
+``sft-data`` builds SFT records from a config's ``data`` section (``--out FILE``; ``--in FILE`` for a prompt JSONL);
+``filter --in FILE --out FILE --llm DIR [--k 16 --temperature 0.7 --top-p 0.95]`` keeps the prompts the LLM solves
+at least once in k samples.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from relaykern.cli import plain
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relaykern train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="relaykern train", description=plain(__doc__))
     parser.add_argument("stage", choices=["sft", "grpo", "sft-data", "filter"])
     parser.add_argument("--config", help="YAML or TOML file (see examples/sft.yaml, grpo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
