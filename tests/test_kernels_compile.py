@@ -26,10 +26,12 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import triton
+from filelock import FileLock
 
 import relaykern.kernels
 from relaykern.kernels import (activation, attention, attention_common, detect, gemv, inject, rms_norm, rope, sample,
@@ -398,10 +400,25 @@ def _compile_gemv_tiles_at_once() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
-    """Compiles CASES in two child processes (one per core); {case id: {"launches": [...], "error"?: str}}."""
+    """Compiles CASES once per test run, in two child processes (one per core); {case id: {"launches": [...],
+    "error"?: str}}. Under pytest-xdist the first worker to need them compiles them and the others read its results
+    (each worker sets a module fixture up on its own: the work would be done once per worker)."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend: cannot compile for sm_90")
-    tmp = tmp_path_factory.mktemp("triton_aot")
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, all workers'
+    with FileLock(str(shared / "sm90_compile.lock")):
+        done = shared / "sm90_compile.json"
+        if not done.is_file():
+            done.write_text(json.dumps(_compile_in_children(tmp_path_factory.mktemp("triton_aot"))))
+        results = json.loads(done.read_text())
+    if "unavailable" in results:
+        pytest.skip(f"cannot compile Triton kernels for sm_90 here: {results['unavailable']}")
+    return results["cases"]
+
+
+def _compile_in_children(tmp: Path) -> dict:
+    """{"cases": {...}} or {"unavailable": why}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_HOME=str(tmp))
     shards = [[case.id for case in CASES[i::2]] for i in range(2)]
@@ -415,12 +432,12 @@ def compiled(tmp_path_factory) -> dict:
             assert child.returncode == 0, f"compile child {i} failed:\n{output}"
             shard = json.loads((tmp / f"shard{i}.json").read_text())
             if "unavailable" in shard:
-                pytest.skip(f"cannot compile Triton kernels for sm_90 here: {shard['unavailable']}")
+                return {"unavailable": shard["unavailable"]}
             results.update(shard["cases"])
     finally:
         for child in children:
             child.kill()  # no-op for a child that has exited; stops the other one after a failure or timeout
-    return results
+    return {"cases": results}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
