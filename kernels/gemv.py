@@ -47,8 +47,10 @@ from relaykern.kernels.rope import round_to
 
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu_and_mul": 2}
 PROLOGUE_NAMES = {code: name for name, code in PROLOGUES.items()}
-INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 1})
-INTERPRETED_SPLIT_CONFIG = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 2})
+# Under the interpreter, which runs programs one at a time: few programs for the tiny test models' projections, still
+# several K steps each (tests/test_kernels_gemv.py runs every GPU tile under it too).
+INTERPRETED_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 1})
+INTERPRETED_SPLIT_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PREFETCH": 0, "SPLIT_K": 2})
 GPU_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch, "SPLIT_K": split}, num_warps=warps,
                              num_stages=3)
                for n, k, warps, prefetch, split in (
