@@ -32,7 +32,7 @@ from relaykern.kernels.attention_common import (LOG2E, PER_STEP_ARGS, attend_til
                                                 dot_precision, key_tile, kv_strides, load_kv_tile, merge_row,
                                                 merge_splits, partial_buffers, store_result)
 from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
-from relaykern.kernels.rope import NewKV, norm_rope_rows, store_kv_row
+from relaykern.kernels.rope import NewKV, norm_rope_rows, store_kv_rows
 
 MAX_DECODE_SPLITS = 64
 SMALL_DECODE_BATCH = 8
@@ -95,10 +95,13 @@ def _decode_kernel(
             k = norm_rope_rows(k_ptr, seq * stride_k_seq + kv_head * stride_k_head + tl.zeros([1], tl.int64), one_row,
                                position, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
                                HAS_NORM, dtype)
-            store_kv_row(kv_ptr, slot, kv_head, k, stride_kv, stride_offset, stride_head, 0, HEAD_DIM, BLOCK_D)
+            kv_heads = kv_head + tl.zeros([1], tl.int32)
+            store_kv_rows(kv_ptr, slot, kv_heads, k, one_row, stride_kv, stride_offset, stride_head, 0, HEAD_DIM,
+                          BLOCK_D)
             v = tl.load(v_ptr + seq * stride_v_seq + kv_head * stride_v_head + offs_d[None, :],
                         mask=d_mask[None, :])
-            store_kv_row(kv_ptr, slot, kv_head, v, stride_kv, stride_offset, stride_head, 1, HEAD_DIM, BLOCK_D)
+            store_kv_rows(kv_ptr, slot, kv_heads, v, one_row, stride_kv, stride_offset, stride_head, 1, HEAD_DIM,
+                          BLOCK_D)
             tl.debug_barrier()  # every thread's loads below see them
         q = norm_rope_rows(q_ptr, seq * stride_q_seq + heads * stride_q_head, h_mask, position, cos_sin_ptr,
                            stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype).to(dtype)

@@ -11,6 +11,7 @@ slot convention, -1 = not stored): k is never written anywhere else, and the sto
 q, k and v may be strided views of the fused qkv projection's output; the rotated q is a new contiguous tensor.
 A decode step does all this inside the decode attention kernel instead (``NewKV``; the same ``norm_rope_rows``).
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,12 @@ import triton.language as tl
 from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.store_kv import check_store_inputs, store_kv_reference
+
+
+HEADS_PER_PROGRAM = None if os.environ.get("TRITON_INTERPRET") == "1" else 1
+"""Heads of one token a program takes: one on a GPU (a program per token and head, of one warp); under the
+interpreter, which runs programs one at a time, every head of a kind (None), a third as many programs for the tiny
+test models (the op count per program is the same)."""
 
 
 @triton.jit
@@ -57,12 +64,14 @@ def norm_rope_rows(src_ptr, row_offsets, row_mask, position, cos_sin_ptr, stride
 
 
 @triton.jit
-def store_kv_row(cache_ptr, slot, kv_head, values, stride_cache_kv, stride_cache_slot, stride_cache_head,
-                 IS_VALUE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """values ([1, BLOCK_D]) into the K (or V) of ``kv_head`` at ``slot`` (kernels/store_kv.py's layout)."""
+def store_kv_rows(cache_ptr, slot, kv_heads, values, row_mask, stride_cache_kv, stride_cache_slot, stride_cache_head,
+                  IS_VALUE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """values ([R, BLOCK_D]) into the K (or V) of ``kv_heads`` ([R], rows where ``row_mask``) at ``slot``
+    (kernels/store_kv.py's layout)."""
     offs = tl.arange(0, BLOCK_D)[None, :]
-    dst = cache_ptr + IS_VALUE * stride_cache_kv + slot.to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head
-    tl.store(dst + offs, values.to(cache_ptr.dtype.element_ty), mask=offs < HEAD_DIM)
+    dst = cache_ptr + IS_VALUE * stride_cache_kv + slot.to(tl.int64) * stride_cache_slot + \
+        kv_heads[:, None] * stride_cache_head
+    tl.store(dst + offs, values.to(cache_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs < HEAD_DIM))
 
 
 @triton.jit
@@ -71,38 +80,42 @@ def _qk_norm_rope_store_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
     stride_cache_kv, stride_cache_slot, stride_cache_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_NORM: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Program (token, head): heads 0..Hq-1 are q's (rotated into q_out), the next Hkv k's (rotated into the cache),
-    # the last Hkv v's (copied into the cache).
+    # Program (token, block of BLOCK_HEADS heads): the first blocks cover q's heads (rotated into q_out), the next
+    # k's (rotated into the cache), the last v's (copied into the cache).
+    Q_BLOCKS: tl.constexpr = (NUM_Q_HEADS + BLOCK_HEADS - 1) // BLOCK_HEADS
+    KV_BLOCKS: tl.constexpr = (NUM_KV_HEADS + BLOCK_HEADS - 1) // BLOCK_HEADS
     wait_for_earlier_kernels(PDL)
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    one_row = tl.full([1], True, tl.int1)
+    block = tl.program_id(1)
+    offs_h = tl.arange(0, BLOCK_HEADS)
+    offs = tl.arange(0, BLOCK_D)[None, :]
     dtype = q_out_ptr.dtype.element_ty
     position = tl.load(positions_ptr + token)
-    if head < NUM_Q_HEADS:
-        q = norm_rope_rows(q_ptr, token * stride_q_token + head * stride_q_head + tl.zeros([1], tl.int64), one_row,
-                           position, cos_sin_ptr, stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM,
-                           dtype)
-        offs = tl.arange(0, BLOCK_D)[None, :]
-        tl.store(q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM + offs, q.to(dtype), mask=offs < HEAD_DIM)
+    if block < Q_BLOCKS:
+        heads = block * BLOCK_HEADS + offs_h
+        in_q = heads < NUM_Q_HEADS
+        q = norm_rope_rows(q_ptr, token * stride_q_token + heads * stride_q_head, in_q, position, cos_sin_ptr,
+                           stride_cos_sin, q_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype)
+        tl.store(q_out_ptr + (token * NUM_Q_HEADS + heads[:, None]) * HEAD_DIM + offs, q.to(dtype),
+                 mask=in_q[:, None] & (offs < HEAD_DIM))
         return
     slot = tl.load(slot_ptr + token)
     if slot < 0:
         return
-    kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
-    if head < NUM_Q_HEADS + NUM_KV_HEADS:
-        k = norm_rope_rows(k_ptr, token * stride_k_token + kv_head * stride_k_head + tl.zeros([1], tl.int64),
-                           one_row, position, cos_sin_ptr, stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D,
-                           HAS_NORM, dtype)
-        store_kv_row(cache_ptr, slot, kv_head, k, stride_cache_kv, stride_cache_slot, stride_cache_head, 0,
-                     HEAD_DIM, BLOCK_D)
+    kv_heads = (block - Q_BLOCKS) % KV_BLOCKS * BLOCK_HEADS + offs_h
+    in_kv = kv_heads < NUM_KV_HEADS
+    if block < Q_BLOCKS + KV_BLOCKS:
+        k = norm_rope_rows(k_ptr, token * stride_k_token + kv_heads * stride_k_head, in_kv, position, cos_sin_ptr,
+                           stride_cos_sin, k_weight_ptr, eps, HEAD_DIM, BLOCK_D, HAS_NORM, dtype)
+        store_kv_rows(cache_ptr, slot, kv_heads, k, in_kv, stride_cache_kv, stride_cache_slot, stride_cache_head, 0,
+                      HEAD_DIM, BLOCK_D)
     else:
-        offs = tl.arange(0, BLOCK_D)[None, :]
-        v = tl.load(v_ptr + token * stride_v_token + kv_head * stride_v_head + offs, mask=offs < HEAD_DIM)
-        store_kv_row(cache_ptr, slot, kv_head, v, stride_cache_kv, stride_cache_slot, stride_cache_head, 1,
-                     HEAD_DIM, BLOCK_D)
+        v = tl.load(v_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + offs,
+                    mask=in_kv[:, None] & (offs < HEAD_DIM))
+        store_kv_rows(cache_ptr, slot, kv_heads, v, in_kv, stride_cache_kv, stride_cache_slot, stride_cache_head, 1,
+                      HEAD_DIM, BLOCK_D)
 
 
 @dataclass
@@ -144,24 +157,29 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                       pdl: bool = False) -> torch.Tensor:
+                       pdl: bool = False, heads_per_program: int | None = None) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] at ``positions`` [T]: returns q rotated (normed first, if weights are
     given); k, rotated likewise, and v go to ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at ``slot_mapping``.
-    ``pdl``: launched with programmatic dependent launch (kernels/pdl.py)."""
+    ``pdl``: launched with programmatic dependent launch (kernels/pdl.py). ``heads_per_program`` (a power of two;
+    None: ``HEADS_PER_PROGRAM``) sets how many heads of one token a program takes."""
     _check_inputs(q, k, positions, cos_sin_cache, q_weight, k_weight)
     check_store_inputs(k, v, kv_cache, slot_mapping)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    block_heads = heads_per_program or HEADS_PER_PROGRAM or triton.next_power_of_2(max(num_q_heads, num_kv_heads))
+    if block_heads & (block_heads - 1):
+        raise ValueError(f"heads_per_program must be a power of two, got {block_heads}")
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens:
         has_norm = q_weight is not None
-        _qk_norm_rope_store_kernel[(num_tokens, num_q_heads + 2 * num_kv_heads)](
+        blocks = triton.cdiv(num_q_heads, block_heads) + 2 * triton.cdiv(num_kv_heads, block_heads)
+        _qk_norm_rope_store_kernel[(num_tokens, blocks)](
             q, k, v, q_out, kv_cache, slot_mapping, positions, cos_sin_cache, q_weight if has_norm else q,
             k_weight if has_norm else k, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_D=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, PDL=pdl, num_warps=1,
-            **launch_options(pdl),
+            BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_HEADS=block_heads, HAS_NORM=has_norm, PDL=pdl,
+            num_warps=1, **launch_options(pdl),
         )
     return q_out
 

@@ -34,13 +34,15 @@ def qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed, devi
     return q.view(num_tokens, num_q_heads, head_dim), *(t.view(num_tokens, num_kv_heads, head_dim) for t in (k, v))
 
 
-def check_qk_norm_rope_store(q, k, v, positions, cos_sin_cache, slots, norms, num_blocks, block_size=4):
+def check_qk_norm_rope_store(q, k, v, positions, cos_sin_cache, slots, norms, num_blocks, block_size=4,
+                             heads_per_program=None):
     """The kernel's rotated q and cache against the reference's, from the same random cache (unstored slots keep
     their values)."""
     cache = randn(2, num_blocks, block_size, k.shape[1], k.shape[2], dtype=q.dtype, seed=9)
     expected_cache = cache.clone()
     expected = qk_norm_rope_store_reference(q, k, v, positions, cos_sin_cache, expected_cache, slots, *norms)
-    actual = qk_norm_rope_store(q, k, v, positions, cos_sin_cache, cache, slots, *norms)
+    actual = qk_norm_rope_store(q, k, v, positions, cos_sin_cache, cache, slots, *norms,
+                                heads_per_program=heads_per_program)
     assert actual.is_contiguous() and actual.shape == expected.shape
     assert_close(actual, expected)
     assert_close(cache, expected_cache)
@@ -66,13 +68,15 @@ def test_rms_norm_rejects_strided_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3", "llama"])
 @pytest.mark.parametrize("num_tokens,num_q_heads,num_kv_heads,head_dim", [(5, 4, 2, 16), (3, 3, 1, 24)])
-def test_qk_norm_rope_store(num_tokens, num_q_heads, num_kv_heads, head_dim, with_norm, dtype):
+@pytest.mark.parametrize("heads_per_program", [1, 2, None], ids=["gpu", "2", "interpreted"])  # None: all heads
+def test_qk_norm_rope_store(num_tokens, num_q_heads, num_kv_heads, head_dim, with_norm, dtype, heads_per_program):
     q, k, v = qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed=num_tokens)
     cos_sin = RotaryEmbedding(head_dim, 64, 1e6, None).cos_sin_cache.to(DEVICE)
     positions = torch.tensor([0, 63, 7, 1, 30][:num_tokens], device=DEVICE)
     slots = torch.tensor([9, -1, 0, 17, 4][:num_tokens], device=DEVICE)  # -1: a padding row, stored nowhere
     norms = (randn(head_dim, dtype=dtype, seed=5), randn(head_dim, dtype=dtype, seed=6), 1e-6) if with_norm else ()
-    check_qk_norm_rope_store(q, k, v, positions, cos_sin, slots, norms, num_blocks=5)
+    check_qk_norm_rope_store(q, k, v, positions, cos_sin, slots, norms, num_blocks=5,
+                             heads_per_program=heads_per_program)
 
 
 def test_qk_norm_rope_store_bad_input():
@@ -88,6 +92,8 @@ def test_qk_norm_rope_store_bad_input():
         qk_norm_rope_store(q, k, v, positions, cos_sin, cache, slots[:1])
     with pytest.raises(ValueError, match="kv_cache"):
         qk_norm_rope_store(q, k, v, positions, cos_sin, cache[0], slots)
+    with pytest.raises(ValueError, match="power of two, got 3"):
+        qk_norm_rope_store(q, k, v, positions, cos_sin, cache, slots, heads_per_program=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
