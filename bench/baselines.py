@@ -22,9 +22,11 @@ import torch
 
 from relaykern.config import RelayConfig, SamplingParams
 from relaykern.engine.relay import RelayEngine
+from relaykern.outputs import RelayOutput
 from relaykern.reference import load_reference_models, reference_generate
 from relaykern.reference_hooks import generation_config
 from relaykern.bench.official_loop import official_loop
+from relaykern.bench.presets import Preset
 from relaykern.bench.relay_bench import run_workload
 from relaykern.bench.timing import timed
 from relaykern.bench.workloads import Workload
@@ -81,7 +83,7 @@ def official_rounds(build_engines: Callable[[], tuple[RelayEngine, RelayEngine]]
         release_memory()
 
 
-def hf_baselines(slm: Path, llm: Path, preset, relay_workload: Workload, ours: list,
+def hf_baselines(slm: Path, llm: Path, preset: Preset, relay_workload: Workload, ours: list[RelayOutput],
                  slm_only_workload: Workload, alone_prompt: list[int]) -> dict:
     """The reference relay on the first requests of ``relay_workload`` (``ours``: our outputs for it, to count
     identical ones), HF ``generate`` of the SLM on the whole ``slm_only_workload``, and on ``alone_prompt`` alone

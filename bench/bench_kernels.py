@@ -57,7 +57,7 @@ DECODE_SPLIT_SWEEP = (1, 4, 16)
 tile: 64 splits at 4096 keys, 8 at 512): whether a merge launch costs more than it saves at short contexts."""
 
 
-def bench_ms(fn, rep_ms: int) -> float:
+def bench_ms(fn: Callable[[], object], rep_ms: int) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
 
 
@@ -91,7 +91,7 @@ def bench_copy(rep_ms: int) -> dict:
 
 def bench_decode(batch: int, context: int, block_size: int, dtype: torch.dtype, copy_gbs: float, rep_ms: int,
                  num_splits: int | None = None, self_merge: bool = False, from_projections: bool = False,
-                 pdl: bool = False):
+                 pdl: bool = False) -> dict:
     """Replayed from a CUDA graph (launched one by one, a small batch times its launches) over copies of the cache
     larger than the L2 together. ``num_splits``: forced instead of the launcher's choice (the split sweep).
     ``self_merge``: the splits merge themselves, else a merge kernel follows. ``from_projections``: q/k norm, RoPE

@@ -19,9 +19,11 @@ from typing import Callable, Iterator
 import torch
 
 from relaykern.config import SamplingParams
+from relaykern.engine.relay import RelayEngine
 from relaykern.engine.row import Row
 from relaykern.engine.runner import ModelRunner
 from relaykern.bench.timing import median_ms, timed
+from relaykern.bench.presets import Preset
 
 GREEDY = SamplingParams(temperature=0)
 FIRST_PROBE_ID = 1 << 40
@@ -181,7 +183,7 @@ def kv_bytes_per_token(runner: ModelRunner) -> int:
     return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * torch.empty((), dtype=runner.dtype).element_size()
 
 
-def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_context: int) -> dict:
+def measure_model(runner: ModelRunner, preset: Preset, bandwidth_gb_per_s: float, mix_context: int) -> dict:
     """Decode sweep (ms/step of pipelined steps against the roofline: weights plus the batch's KV read at the copy
     bandwidth; ``synced_ms``: the step read back before the next is launched), one decode at the relay workload's
     shape (for the ideal mix), and one long prefill."""
@@ -221,7 +223,7 @@ def measure_model(runner: ModelRunner, preset, bandwidth_gb_per_s: float, mix_co
     }
 
 
-def engine_decode_alone(engine, prompt: list[int], tokens: int) -> dict:
+def engine_decode_alone(engine: RelayEngine, prompt: list[int], tokens: int) -> dict:
     """One request alone through ``engine.generate``, SLM only (no command is ever written), greedy, no logits
     processor: the engine's whole decode loop per token (CUDA graphs, sampling, detection, host bookkeeping),
     timed as ``HF generate`` is (prefill included). Warmed up on another prompt first."""

@@ -33,6 +33,7 @@ from relaykern.engine.relay import RelayEngine
 from relaykern.engine.sequence import Sequence
 from relaykern.bench.forward_trace import summarize, traced
 from relaykern.bench.model_bench import GREEDY, Probe, eager
+from relaykern.bench.presets import Preset
 from relaykern.bench.timing import median_ms, timed
 from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, preset_workload
 from relaykern.scripted import force_tokens
@@ -52,7 +53,7 @@ def detection_ms(engine: RelayEngine, batch: int, repeats: int) -> float:
     return median_ms(detection_step(engine, batch), engine.slm.device, repeats)
 
 
-def measure_latency(engine: RelayEngine, preset) -> dict:
+def measure_latency(engine: RelayEngine, preset: Preset) -> dict:
     slm, llm = Probe(engine.slm, preset.repeats), Probe(engine.llm, preset.repeats)
     context = preset.catchup_context
     detection = detection_ms(engine, preset.relay_batch, preset.repeats)
@@ -87,7 +88,7 @@ END_TO_END_SLM_TOKENS = 4
 END_TO_END_SEED = 7
 
 
-def measure_end_to_end(engine: RelayEngine, preset, max_k: int) -> dict:
+def measure_end_to_end(engine: RelayEngine, preset: Preset, max_k: int) -> dict:
     """One request at a time through ``generate``, as the engine's own loop serves a relay: its overhead with the
     engine's settings, with the LLM reading from the command's first tokens when at least the preset's
     ``early_catchup_tokens`` wait (``early``), and (on a GPU) that at the priority of the models' steps
@@ -181,7 +182,7 @@ RELAY_KNOBS = ("llm_batch_wait_steps", "llm_batch_min_rows", "llm_prefetch_token
 """The RelayConfig fields a run that changes the engine's scheduling records beside its figures."""
 
 
-def prefetching(relay: RelayConfig, preset) -> RelayConfig:
+def prefetching(relay: RelayConfig, preset: Preset) -> RelayConfig:
     """``relay`` with the LLM reading ahead, as the preset's prefetch runs do."""
     return dataclasses.replace(relay, llm_prefetch_tokens=preset.llm_prefetch_tokens)
 
@@ -254,7 +255,7 @@ def ideal_tokens_per_s(ratio: float, slm_decode: dict, llm_decode: dict) -> floa
     return 1.0 / ((1 - ratio) / slm_decode["tokens_per_s"] + ratio / llm_decode["tokens_per_s"])
 
 
-def measure_throughput(engine: RelayEngine, preset, slm_decode: dict, llm_decode: dict,
+def measure_throughput(engine: RelayEngine, preset: Preset, slm_decode: dict, llm_decode: dict,
                        on_run: Callable[[dict], None] = lambda partial: None) -> dict:
     """``slm_decode``/``llm_decode``: each model's decode point at the relay batch and the workload's mean context.
     ``on_run`` gets the figures so far after each run (the report saves them: a run cut off keeps the others).

@@ -26,12 +26,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from relaykern.cli import plain
 from relaykern.config import EngineConfig
-from relaykern.bench.presets import GPU_PAIRS, build_pair, get_preset, model_shape
+from relaykern.bench.presets import GPU_PAIRS, Preset, build_pair, get_preset, model_shape
 from relaykern.bench.report import GOAL_MAX_K, evaluate_goals, format_table, speedups
 from relaykern.bench.timing import copy_bandwidth, environment
 
@@ -62,7 +63,7 @@ class Report(dict):
         self.path = path
         self.started = time.perf_counter()
 
-    def section(self, name: str, fn, store: bool = True):
+    def section(self, name: str, fn: Callable[[], Any], store: bool = True) -> Any:
         """Runs ``fn``; files its result under ``name`` when ``store``; returns it (None if it raised)."""
         started = time.perf_counter()
         try:
@@ -78,7 +79,7 @@ class Report(dict):
             self["section_seconds"][name] = time.perf_counter() - started
             self.save()
 
-    def save_partial(self, name: str, value) -> None:
+    def save_partial(self, name: str, value: Any) -> None:
         """Files what a section has measured so far (it is replaced by the section's result when it ends)."""
         self[name] = value
         self.save()
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report["errors"] else 0
 
 
-def run_sections(report: Report, preset, root: Path, shapes_dir: Path | None) -> None:
+def run_sections(report: Report, preset: Preset, root: Path, shapes_dir: Path | None) -> None:
     from relaykern.config import RelayConfig
     from relaykern.engine.relay import RelayEngine
     from relaykern.bench.baselines import hf_baselines, official_rounds, official_style, release_memory

@@ -19,8 +19,15 @@ import random
 import zlib
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from relaykern.config import SamplingParams
 from relaykern.scripted import force_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from relaykern.bench.presets import Preset
 
 MAX_CALLS_PER_REQUEST = 4
 """Below RelayConfig's default max_calls (5), so every scripted call is served."""
@@ -69,7 +76,8 @@ def call_lengths(max_tokens: int, ratio: float) -> list[int]:
     return [llm_tokens // calls + (i < llm_tokens % calls) for i in range(calls)]
 
 
-def command_schedule(tokenizer, max_tokens: int, ratio: float, shift: float) -> dict[int, int]:
+def command_schedule(tokenizer: PreTrainedTokenizerBase, max_tokens: int, ratio: float, shift: float
+                     ) -> dict[int, int]:
     """Response position → forced token. ``shift`` in [0, 1] places each call within the room its segment leaves."""
     lengths = call_lengths(max_tokens, ratio)
     forced: dict[int, int] = {}
@@ -85,7 +93,7 @@ def command_schedule(tokenizer, max_tokens: int, ratio: float, shift: float) -> 
     return forced
 
 
-def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_tokens: int, ratio: float,
+def make_workload(tokenizer: PreTrainedTokenizerBase, *, name: str, batch: int, prompt_length: int, max_tokens: int, ratio: float,
                   vocab_size: int, staggered: bool = False, varied: bool = False, seed: int = 0) -> Workload:
     """``batch`` requests of random ``prompt_length``-token prompts scripted to hit ``ratio`` (0: SLM only; the
     processor is still attached, so its per-row cost is the same as in the relayed runs)."""
@@ -106,7 +114,7 @@ def make_workload(tokenizer, *, name: str, batch: int, prompt_length: int, max_t
     return Workload(name, prompts, samplings, schedules, lengths)
 
 
-def preset_workload(tokenizer, preset, vocab_size: int, name: str, ratio: float, *, long_prompts: bool = False,
+def preset_workload(tokenizer: PreTrainedTokenizerBase, preset: Preset, vocab_size: int, name: str, ratio: float, *, long_prompts: bool = False,
                     staggered: bool = False, varied: bool = False) -> Workload:
     """A workload of the bench preset's batch and ``max_tokens``: its short prompts (throughput runs) or its long
     ones (baselines). The prompts are drawn from the name, so that one engine running several workloads gets no
