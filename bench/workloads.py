@@ -93,8 +93,9 @@ def command_schedule(tokenizer: PreTrainedTokenizerBase, max_tokens: int, ratio:
     return forced
 
 
-def make_workload(tokenizer: PreTrainedTokenizerBase, *, name: str, batch: int, prompt_length: int, max_tokens: int, ratio: float,
-                  vocab_size: int, staggered: bool = False, varied: bool = False, seed: int = 0) -> Workload:
+def make_workload(tokenizer: PreTrainedTokenizerBase, *, name: str, batch: int, prompt_length: int, max_tokens: int,
+                  ratio: float, vocab_size: int, staggered: bool = False, varied: bool = False, seed: int = 0
+                  ) -> Workload:
     """``batch`` requests of random ``prompt_length``-token prompts scripted to hit ``ratio`` (0: SLM only; the
     processor is still attached, so its per-row cost is the same as in the relayed runs)."""
     rng = random.Random(seed)
@@ -114,8 +115,8 @@ def make_workload(tokenizer: PreTrainedTokenizerBase, *, name: str, batch: int, 
     return Workload(name, prompts, samplings, schedules, lengths)
 
 
-def preset_workload(tokenizer: PreTrainedTokenizerBase, preset: Preset, vocab_size: int, name: str, ratio: float, *, long_prompts: bool = False,
-                    staggered: bool = False, varied: bool = False) -> Workload:
+def preset_workload(tokenizer: PreTrainedTokenizerBase, preset: Preset, vocab_size: int, name: str, ratio: float, *,
+                    long_prompts: bool = False, staggered: bool = False, varied: bool = False) -> Workload:
     """A workload of the bench preset's batch and ``max_tokens``: its short prompts (throughput runs) or its long
     ones (baselines). The prompts are drawn from the name, so that one engine running several workloads gets no
     prefix-cache hits from one to the next, and the same name gives the same prompts to every system compared."""
