@@ -8,7 +8,7 @@ import pytest
 
 from relay_fixtures import *  # noqa: F401,F403
 from relay_fuzz.__main__ import main
-from relay_fuzz.cases import baseline_variant, random_case, random_variant
+from relay_fuzz.cases import baseline_variant, llm_sampling, random_case, random_variant, shrink, slm_sampling
 from relay_fuzz.harness import check_baseline, check_variant, differences, invariant_problems, reference_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore:an overlapped")  # raising processors fall back to steps in turn
@@ -57,3 +57,12 @@ def test_command_line_saves_and_replays_failures(tmp_path, slm_dir):
     saved = tmp_path / "failure.json"
     saved.write_text(json.dumps(dict(case=case, variant=None, problems=[])))
     assert main(["--replay", str(saved), "--workdir", str(slm_dir.parent)]) == 1
+
+
+def test_shrunk_cases_stay_valid():
+    """The Triton runs' smaller cases (``--backend triton``) keep every request valid: ``min_tokens`` came within the
+    shrunk ``max_tokens`` (seed 122 drew 18 for 14)."""
+    rng = random.Random(122)
+    for _ in range(200):
+        for request in shrink(random_case(rng), requests=3, prompt_tokens=12, max_tokens=14)["requests"]:
+            slm_sampling(request), llm_sampling(request)

@@ -202,7 +202,8 @@ def random_case(rng: random.Random) -> dict:
 
 def shrink(case: dict, requests: int, prompt_tokens: int, max_tokens: int) -> dict:
     """A smaller case, for the Triton interpreter (its forwards are ~100x slower)."""
-    smaller = [dict(r, prompt=r["prompt"][:prompt_tokens], max_tokens=min(r["max_tokens"], max_tokens))
+    smaller = [dict(r, prompt=r["prompt"][:prompt_tokens], max_tokens=min(r["max_tokens"], max_tokens),
+                    min_tokens=min(r.get("min_tokens", 0), max_tokens))
                for r in case["requests"][:requests]]
     return dict(case, requests=smaller)
 
