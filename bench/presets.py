@@ -16,7 +16,7 @@ import torch
 from relaykern.tiny import save_shaped_checkpoint, save_tiny_checkpoint
 
 TINY_VOCAB = 16384
-"""Holds every id of ``<call>N</call>`` (27, 6659, 29, digits 15-24, 522) and the random prompts."""
+"""Holds every id of the forced ``.<call>N</call>`` (15757, 6659, 29, digits 15-24, 522) and the random prompts."""
 TINY_SLM = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
                 vocab_size=TINY_VOCAB, seed=0)
 TINY_LLM = dict(hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16, intermediate_size=256,

@@ -35,7 +35,7 @@ from relaykern.bench.forward_trace import summarize, traced
 from relaykern.bench.model_bench import GREEDY, Probe, eager
 from relaykern.bench.presets import Preset
 from relaykern.bench.timing import median_ms, timed
-from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, preset_workload
+from relaykern.bench.workloads import LOWEST_PROMPT_TOKEN, Workload, command_ids, preset_workload
 from relaykern.scripted import force_tokens
 from relaykern.stop_rule import StopRule
 
@@ -125,7 +125,7 @@ def measure_end_to_end(engine: RelayEngine, preset: Preset, max_k: int) -> dict:
         llm_step = Probe(engine.llm, preset.repeats).pipelined_decode_ms(1, k)
         rows = []
         for n in preset.call_lengths:
-            command = engine.tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
+            command = command_ids(engine.tokenizer, n)
             length = ahead + len(command) + n + ahead
 
             def seconds() -> float:
@@ -215,6 +215,10 @@ def run_workload(engine: RelayEngine, workload: Workload) -> tuple[dict, list]:
     finally:
         faulthandler.cancel_dump_traceback_later()
     print(f"bench: workload {workload.name!r} (batch {workload.batch}): {seconds:.2f} s", file=sys.stderr, flush=True)
+    failed = [o for o in outputs if o.finish_reason != "length"]
+    if failed:  # (scripted, greedy and ignoring EOS, every request writes its max_tokens)
+        raise RuntimeError(f"workload {workload.name!r}: {len(failed)} of {len(outputs)} requests ended "
+                           f"{failed[0].finish_reason!r} ({failed[0].error}), not at max_tokens: not the work timed")
     tokens = sum(len(o.token_ids) for o in outputs)
     llm_tokens = sum(o.stats.llm_tokens for o in outputs)
     figures = {

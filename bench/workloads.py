@@ -76,6 +76,14 @@ def call_lengths(max_tokens: int, ratio: float) -> list[int]:
     return [llm_tokens // calls + (i < llm_tokens % calls) for i in range(calls)]
 
 
+def command_ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[int]:
+    """The forced command, ``.<call>N</call>``: as many tokens as ``<call>N</call>`` (``.<`` is one), and the text
+    before it, whatever the random SLM wrote, never touches the command's cut, so the LLM's view keeps that text's
+    ids as they are (encoded again, a token ending in whitespace may become an id past the tiny preset's 16,384
+    embedding rows, which fails its request)."""
+    return tokenizer.encode(f".<call>{n}</call>", add_special_tokens=False)
+
+
 def command_schedule(tokenizer: PreTrainedTokenizerBase, max_tokens: int, ratio: float, shift: float
                      ) -> dict[int, int]:
     """Response position → forced token. ``shift`` in [0, 1] places each call within the room its segment leaves."""
@@ -83,7 +91,7 @@ def command_schedule(tokenizer: PreTrainedTokenizerBase, max_tokens: int, ratio:
     forced: dict[int, int] = {}
     segment = max_tokens // max(len(lengths), 1)
     for index, n in enumerate(lengths):
-        command = tokenizer.encode(f"<call>{n}</call>", add_special_tokens=False)
+        command = command_ids(tokenizer, n)
         room = segment - len(command) - n - 1  # one SLM token at least after the LLM's turn, before the next segment
         if room < 0:
             raise ValueError(f"max_tokens {max_tokens} is too short for {len(lengths)} calls at ratio {ratio}: "

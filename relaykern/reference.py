@@ -52,8 +52,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from relaykern import protocol
 from relaykern.config import RelayConfig, SamplingParams
 from relaykern.outputs import CallRecord, RelayOutput, RelayStats, Source, append_span
-from relaykern.reference_hooks import (NoStopBefore, ProcessorAdapter, ResponsePenalties, TurnWatcher, bytes_of,
-                                       generation_config)
+from relaykern.reference_hooks import (NoStopBefore, ProcessorAdapter, ResponsePenalties, SharedIdsOnly, TurnWatcher,
+                                       bytes_of, generation_config)
 from relaykern.stop_rule import StopRule
 from relaykern.tokenizer import encode_bytes, load_qwen3_tokenizer, token_bytes
 
@@ -173,6 +173,9 @@ class _Request:
             processors.append(ResponsePenalties(params, len(self.prompt)))
         if params.logits_processors:
             processors.append(ProcessorAdapter(params.logits_processors, list(self.response), len(input_ids)))
+        shared = min(m.config.vocab_size for m in (self.slm, self.llm) if m is not None)
+        if shared < model.config.vocab_size:
+            processors.append(SharedIdsOnly(shared))
         max_length = len(input_ids) + (self.tokens_left if max_new_tokens is None else max_new_tokens)
         config = generation_config(params, max_length, output_scores=self.sampling.logprobs)
         if params.seed is not None:

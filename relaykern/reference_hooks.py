@@ -85,6 +85,18 @@ class NoStopBefore(LogitsProcessor):
         return scores
 
 
+class SharedIdsOnly(LogitsProcessor):
+    """Ids from ``limit`` on, which one model of the pair has no embedding for (vocabularies padded to different
+    sizes), cannot be sampled: the engine's ``ModelRunner.sampled_vocab``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.limit:] = float("-inf")
+        return scores
+
+
 class ResponsePenalties(LogitsProcessor):
     """vLLM's presence and frequency penalties over the response part of ``input_ids`` (HF has none; HF's
     ``repetition_penalty`` runs before it, over the whole of ``input_ids``, as vLLM's does)."""

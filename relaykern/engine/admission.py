@@ -41,8 +41,8 @@ def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_s
     """The request as a Sequence, or ValueError: an empty prompt, ids outside the vocabulary, a prompt + max_tokens
     longer than either model's context or than either KV pool can ever hold."""
     sampling = sampling or SamplingParams()
-    prompt_ids = _prompt_ids(prompt, tokenizer, slm.model_config.vocab_size)
     runners = [slm] + ([llm] if llm is not None else [])
+    prompt_ids = _prompt_ids(prompt, tokenizer, min(runner.model_config.vocab_size for runner in runners))
     limit = min(runner.max_model_len for runner in runners)
     if len(prompt_ids) + sampling.max_tokens > limit:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
@@ -71,9 +71,9 @@ def _prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase, voc
         except TypeError:
             raise ValueError(f"a prompt is a string or a sequence of integer token ids, got {_describe(prompt)}"
                              ) from None
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]  # (a string's too: a checkpoint may have fewer rows than ids)
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
     if not ids:
         raise ValueError("empty prompt: give at least one token")
     return ids

@@ -56,7 +56,9 @@ class ReadAhead:
         for seq in may_call if relay.llm_prefetch_tokens else opening:
             if seq.run_safe > seq.run_fed:
                 self.feed_view(seq, seq.run_safe)
-        opening = [s for s in opening if s.llm.num_pending >= max(threshold, 2)]  # (the last is left for the call)
+        # (A view that could not be extended finished its request; a read leaves a view's last token to the call.)
+        may_call = [s for s in may_call if not s.finished]
+        opening = [s for s in opening if not s.finished and s.llm.num_pending >= max(threshold, 2)]
         if opening:
             seqs, budget = opening, self.llm.config.max_num_batched_tokens
         elif relay.llm_prefetch_tokens and \

@@ -43,12 +43,19 @@ def end_run_at_call(seq: Sequence, data: bytes) -> None:
         seq.run_cuts[-1] = (start, seq.run_bytes)
 
 
-def feed_llm_view(seq: Sequence, upto: int, token_bytes: list[bytes], encode: Callable[[bytes], list[int]]) -> None:
+def feed_llm_view(seq: Sequence, upto: int, token_bytes: list[bytes], encode: Callable[[bytes], list[int]],
+                  vocab_size: int) -> None:
     """Appends the run's tokens ``[seq.run_fed, upto)`` (run-relative), stripped, to the LLM's view; ``upto`` is
-    the run's end (at a call) or a safe point."""
+    the run's end (at a call) or a safe point. A re-encoded id the LLM has no embedding for (``vocab_size``: a
+    checkpoint with fewer rows than its tokenizer has ids) finishes the request with an error instead."""
     run = seq.response[seq.run_start + seq.run_fed:seq.run_start + upto]
     data = [token_bytes[token] for token in run]
     offset = seq.run_fed_bytes  # the commands' byte ranges count from the run's start
     ranges = [(start - offset, end - offset) for start, end in seq.run_cuts if end > offset]
-    seq.llm.tokens += strip_commands(run, data, ranges, encode)
+    view = strip_commands(run, data, ranges, encode)
+    if max(view, default=0) >= vocab_size:
+        return seq.finish("error", f"the LLM's view of the response holds token id {max(view)} (text around a command, "
+                                   f"encoded again), past the LLM's {vocab_size} embedding rows: its checkpoint has "
+                                   "fewer rows than its tokenizer has ids")
+    seq.llm.tokens += view
     seq.run_fed, seq.run_fed_bytes = upto, offset + sum(len(piece) for piece in data)

@@ -80,6 +80,8 @@ class RelayEngine:
         self.slm = ModelRunner(slm, slm_config, kv_share=0.2 if llm is not None else 1.0)
         self.llm = ModelRunner(llm, llm_config, kv_share=1.0) if llm is not None else None
         vocab = max(r.model_config.vocab_size for r in (self.slm, self.llm) if r is not None)
+        if self.llm is not None:  # each model reads what the other writes
+            self.slm.sampled_vocab = self.llm.sampled_vocab = min(self.slm.sampled_vocab, self.llm.sampled_vocab)
         known = token_bytes(self.tokenizer)
         self.token_bytes = known + [b""] * (vocab - len(known))  # embedding padding rows write nothing
         with self.slm.scope():  # the table is copied on the stream that will read it
@@ -99,7 +101,8 @@ class RelayEngine:
         # (Callables held here must not refer back to the engine: a cycle would keep its pools, on a GPU most of its
         # memory, allocated after the engine is dropped, until Python's cycle collector happens to run.)
         self.feed_llm_view = functools.partial(feed_llm_view, token_bytes=self.token_bytes,
-                                               encode=functools.partial(encode_bytes, self.tokenizer))
+                                               encode=functools.partial(encode_bytes, self.tokenizer),
+                                               vocab_size=self.llm.model_config.vocab_size if self.llm else 0)
         """``feed_llm_view(seq, upto)``: extends the LLM's view of ``seq`` by its SLM run up to token ``upto``."""
         self.read_ahead = ReadAhead(self.scheduler, self.llm, self.feed_llm_view) if self.llm else None
 
@@ -291,6 +294,8 @@ class RelayEngine:
             self.scheduler.release_view(self.llm, seq, seq.llm)
         end_run_at_call(seq, self.token_bytes[seq.response[-1]])
         self.feed_llm_view(seq, len(seq.response) - seq.run_start)
+        if seq.finished:  # (its view would hold an id the LLM has no embedding for)
+            return
         seq.stats.calls += 1
         seq.call = PendingCall(CallRecord(n_asked=n, n_served=n_served), n_served, waiting_since=self.steps)
         seq.stats.call_records.append(seq.call.record)

@@ -64,6 +64,9 @@ class ModelRunner:
                               if self.backend == "triton" else None)
         """The GEMV kernels' arrival counters (``AttentionContext.gemv_counters``), one per output feature of the
         widest one-row projection."""
+        self.sampled_vocab = mc.vocab_size
+        """The ids it may sample: the relay narrows them to those both models embed (Qwen2.5-7B pads its vocabulary
+        to 152,064 rows, 1.5B to 151,936: ids past the tokenizer that the other model could not read)."""
         self.prefix_hit_tokens = 0
         """Tokens whose KV a sequence found computed in the pool when it was given blocks (prefix cache hits)."""
         self.penalties = Penalties(mc.vocab_size, self.device, self.blocks.has_seq)
@@ -158,6 +161,8 @@ class ModelRunner:
         self.penalties.apply(logits, rows, fed_tokens)
         block_early_stops(logits, rows, self.model_config.eos_token_ids)
         replaced = self._apply_logits_processors(logits, rows)
+        if self.sampled_vocab < logits.shape[1]:
+            logits[:, self.sampled_vocab:] = float("-inf")
         # A processor's logits may have nothing to sample (NaN, all -inf): their log-prob comes back NaN, which the
         # relay loop reads as that request's error, with no device sync here.
         want_logprobs = replaced or any(row.want_logprobs for row in rows)
