@@ -44,16 +44,17 @@ def end_run_at_call(seq: Sequence, data: bytes) -> None:
 
 
 def feed_llm_view(seq: Sequence, upto: int, token_bytes: list[bytes], encode: Callable[[bytes], list[int]],
-                  vocab_size: int) -> None:
+                  vocab_size: int | None = None) -> None:
     """Appends the run's tokens ``[seq.run_fed, upto)`` (run-relative), stripped, to the LLM's view; ``upto`` is
-    the run's end (at a call) or a safe point. A re-encoded id the LLM has no embedding for (``vocab_size``: a
-    checkpoint with fewer rows than its tokenizer has ids) finishes the request with an error instead."""
+    the run's end (at a call) or a safe point. A re-encoded id the LLM has no embedding for (``vocab_size``, its
+    rows: a checkpoint with fewer than its tokenizer has ids; None: unchecked) finishes the request with an error
+    instead."""
     run = seq.response[seq.run_start + seq.run_fed:seq.run_start + upto]
     data = [token_bytes[token] for token in run]
     offset = seq.run_fed_bytes  # the commands' byte ranges count from the run's start
     ranges = [(start - offset, end - offset) for start, end in seq.run_cuts if end > offset]
     view = strip_commands(run, data, ranges, encode)
-    if max(view, default=0) >= vocab_size:
+    if vocab_size is not None and max(view, default=0) >= vocab_size:
         return seq.finish("error", f"the LLM's view of the response holds token id {max(view)} (text around a command, "
                                    f"encoded again), past the LLM's {vocab_size} embedding rows: its checkpoint has "
                                    "fewer rows than its tokenizer has ids")
