@@ -89,10 +89,10 @@ def _one_per_variant(group: list[gemv.Launch]) -> list[gemv.Launch]:
 
 
 def _compile_at_once(work: list[tuple[gemv.Launch, list[triton.Config]]]) -> None:
-    """Compiles (unless interpreted) each launch with each of its tiles on up to ``COMPILE_THREADS`` threads at once (Triton's
-    ``AsyncCompileMode``: its compiler passes and ptxas run outside the GIL; on 2 cores 1.6x faster than one by one,
-    at ~0.2 s a compile). A tile that does not compile fails (and is left out) where it is timed: Triton compiles it
-    again there, or raises the error it kept."""
+    """Compiles (unless interpreted) each launch with each of its tiles on up to ``COMPILE_THREADS`` threads at
+    once (Triton's ``AsyncCompileMode``: its compiler passes and ptxas run outside the GIL; on 2 cores 1.6x faster
+    than one by one, at ~0.2 s a compile). A tile that does not compile fails (and is left out) where it is timed:
+    Triton compiles it again there, or raises the error it kept."""
     if not work or gemv.INTERPRETED or not hasattr(triton, "AsyncCompileMode"):
         return
     threads = min(len(os.sched_getaffinity(0)), COMPILE_THREADS)

@@ -102,7 +102,7 @@ class RelayEngine:
         # memory, allocated after the engine is dropped, until Python's cycle collector happens to run.)
         self.feed_llm_view = functools.partial(feed_llm_view, token_bytes=self.token_bytes,
                                                encode=functools.partial(encode_bytes, self.tokenizer),
-                                               vocab_size=self.llm.model_config.vocab_size if self.llm else 0)
+                                               vocab_size=self.llm.model_config.vocab_size if self.llm else None)
         """``feed_llm_view(seq, upto)``: extends the LLM's view of ``seq`` by its SLM run up to token ``upto``."""
         self.read_ahead = ReadAhead(self.scheduler, self.llm, self.feed_llm_view) if self.llm else None
 
