@@ -42,7 +42,7 @@ def new_sequence(prompt: str | list[int], sampling: SamplingParams | None, llm_s
     longer than either model's context or than either KV pool can ever hold."""
     sampling = sampling or SamplingParams()
     runners = [slm] + ([llm] if llm is not None else [])
-    prompt_ids = _prompt_ids(prompt, tokenizer, min(runner.model_config.vocab_size for runner in runners))
+    prompt_ids = _prompt_ids(prompt, tokenizer, slm.sampled_vocab)  # (the ids both models embed)
     limit = min(runner.max_model_len for runner in runners)
     if len(prompt_ids) + sampling.max_tokens > limit:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
