@@ -31,7 +31,6 @@ by launch. The runner uses these kernels only if a batch-1 decode step replays f
 import contextlib
 import dataclasses
 import functools
-import os
 from typing import Iterator
 
 import torch
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from relaykern.kernels.activation import silu_and_mul_reference
 from relaykern.kernels.decode_attention import check_split_counters
-from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
+from relaykern.kernels.pdl import INTERPRETED, launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.rope import round_to
 
@@ -160,9 +159,6 @@ def _gemv_kernel(
             for split in tl.static_range(SPLIT_K):  # (L1 skipped: other programs just wrote them)
                 y += tl.load(partials_ptr + split * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
             _store_output(out_ptr, bias_ptr, y, offs_n, n_mask, HAS_BIAS)
-
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def tiles(split: bool) -> list[triton.Config]:

@@ -15,9 +15,15 @@ chain holds only if some program of every launch waits: a program may return bef
 Off PDL (``PDL=False``, the default, and always under the Triton interpreter) the kernels are unchanged. The runner
 serves with PDL only if a batch-1 step replays faster with it and gives the same logits (engine/startup.py).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether Triton runs the kernels in its interpreter (set before it was imported): no PDL there, and launches whose
+programs the interpreter would run one by one take fewer, larger ones."""
 
 
 @triton.jit

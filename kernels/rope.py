@@ -11,19 +11,18 @@ slot convention, -1 = not stored): k is never written anywhere else, and the sto
 q, k and v may be strided views of the fused qkv projection's output; the rotated q is a new contiguous tensor.
 A decode step does all this inside the decode attention kernel instead (``NewKV``; the same ``norm_rope_rows``).
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from relaykern.kernels.pdl import launch_options, wait_for_earlier_kernels
+from relaykern.kernels.pdl import INTERPRETED, launch_options, wait_for_earlier_kernels
 from relaykern.kernels.rms_norm import rms_norm_reference
 from relaykern.kernels.store_kv import check_store_inputs, store_kv_reference
 
 
-HEADS_PER_PROGRAM = None if os.environ.get("TRITON_INTERPRET") == "1" else 1
+HEADS_PER_PROGRAM = None if INTERPRETED else 1
 """Heads of one token a program takes: one on a GPU (a program per token and head, of one warp); under the
 interpreter, which runs programs one at a time, every head of a kind (None), a third as many programs for the tiny
 test models (the op count per program is the same)."""
