@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from relaykern.engine.gemv_tiles import served_tile
+
 GOAL_MAX_K = 512
 
 # (goal, target, higher is better, how to read the value from the report)
@@ -113,10 +115,11 @@ def format_table(report: dict) -> str:
                                   if name != "chosen")
                 lines.append(f"  {role} batch-1 steps (ms): {steps}: {choice['chosen']} serves")
             for shape, ms in m.get("gemv_tiles", {}).items():
-                if not ms:
-                    lines.append(f"    {shape}: autotuned (its weights fit the L2)")
+                best = served_tile(ms)
+                if best is None:
+                    lines.append(f"    {shape}: autotuned (" + ("its weights fit the L2)" if not ms else
+                                                               "no tile ran)"))
                     continue
-                best = min(ms, key=ms.get)
                 lines.append(f"    {shape}: {best} serves, {ms[best] * 1e3:.3g} us/launch (tiles "
                              f"{min(ms.values()) * 1e3:.3g}-{max(ms.values()) * 1e3:.3g} us)")
     for role, k in report.get("decode_kernels", {}).items():

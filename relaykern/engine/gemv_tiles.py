@@ -65,11 +65,18 @@ def choose_tiles(step: Callable[[], object], min_group_bytes: int | None = None)
             continue
         if key not in _timed:
             _timed[key] = [(tile, _replay_ms(group, tile)) for tile in candidates[key]]
-        fastest, ms = min(_timed[key], key=lambda timed: timed[1])
-        if ms < math.inf:
-            gemv.serve_tile(key, fastest)
         timing[name] = {gemv.tile_name(tile): ms for tile, ms in _timed[key]}
+        fastest = served_tile(timing[name])
+        if fastest is not None:
+            gemv.serve_tile(key, next(tile for tile, _ in _timed[key] if gemv.tile_name(tile) == fastest))
     return timing
+
+
+def served_tile(ms_by_tile: dict[str, float]) -> str | None:
+    """The tile ``choose_tiles`` serves a shape, from its timings (one of its values): the fastest that ran; None
+    where none ran or none was timed (the shape is autotuned)."""
+    ran = {tile: ms for tile, ms in ms_by_tile.items() if ms < math.inf}
+    return min(ran, key=ran.get) if ran else None
 
 
 def _candidates(key: gemv.ShapeKey, tiles: list[triton.Config]) -> list[triton.Config]:

@@ -4,7 +4,6 @@ from graph replays, those launched with PDL; a small decode step's attention fus
 Each runs forwards of a scratch sequence whose KV is forgotten."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ import torch
 
 from relaykern.config import SamplingParams
 from relaykern.engine.cuda_graphs import GraphShape, StepGraphs
-from relaykern.engine.gemv_tiles import choose_tiles
+from relaykern.engine.gemv_tiles import choose_tiles, served_tile
 from relaykern.engine.row import Row
 from relaykern.kernels.extend_attention import choose_extend_tile
 from relaykern.kernels.pdl import pdl_supported
@@ -135,8 +134,7 @@ def _checked_against(name: str, same_tiles: bool) -> tuple[str | None, bool]:
 def _same_tiles_with_pdl(tiles: dict[str, dict[str, float]]) -> bool:
     """Whether every projection shape was timed and served the same GEMV tile launched with PDL as without
     (``choose_tiles``' timings by shape; an autotuned shape, no timings, may differ)."""
-    served = {shape: min(ms, key=ms.get) if ms and min(ms.values()) < math.inf else None
-              for shape, ms in tiles.items()}
+    served = {shape: served_tile(ms) for shape, ms in tiles.items()}
     return all(tile is not None and served.get(f"{shape} pdl") == tile
                for shape, tile in served.items() if not shape.endswith(" pdl"))
 
