@@ -26,7 +26,7 @@ else:
 
 setup(
     packages=["relaykern", "relaykern.models", "relaykern.engine", "relaykern.train", "relaykern.eval",
-              "relaykern.kernels", "relaykern.bench"],
+              "relaykern.server", "relaykern.kernels", "relaykern.bench"],
     package_dir={"relaykern.kernels": "kernels", "relaykern.bench": "bench"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from relaykern.engine.relay import RelayEngine
 
         return RelayEngine
+    if name == "BackgroundEngine":
+        from relaykern.engine.background import BackgroundEngine
+
+        return BackgroundEngine
     if name in ("load_qwen3_tokenizer", "TextStream"):
         from relaykern import tokenizer
 
@@ -22,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'relaykern' has no attribute {name!r}")
 
 
-__all__ = ["generate", "RelayEngine", "Engine", "SamplingParams", "RelayConfig", "EngineConfig", "RelayOutput",
-           "RelayStats", "CallRecord", "load_qwen3_tokenizer", "TextStream"]
+__all__ = ["generate", "RelayEngine", "Engine", "BackgroundEngine", "SamplingParams", "RelayConfig", "EngineConfig",
+           "RelayOutput", "RelayStats", "CallRecord", "load_qwen3_tokenizer", "TextStream"]

@@ -7,34 +7,62 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
-from relaykern.config import EngineConfig, RelayConfig, SamplingParams
+from relaykern.config import EngineConfig, LogitsProcessor, RelayConfig, SamplingParams
 from relaykern.scripted import force_command
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    return _with_engine(args, _generate)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _with_engine(args, _serve)
+
+
+def _with_engine(args: argparse.Namespace, run: Callable[[argparse.Namespace, Any], int]) -> int:
+    """``run(args, engine)`` with the engine of ``--slm``/``--llm``, or of a tiny random pair (``--tiny``)."""
     if not args.tiny:
-        return _generate(args, args.slm, args.llm)
+        return _run_engine(args, run, args.slm, args.llm)
     from relaykern.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="relaykern-tiny-") as root:
         slm = save_tiny_checkpoint(Path(root) / "slm", hidden_size=64, seed=1)
         llm = save_tiny_checkpoint(Path(root) / "llm", hidden_size=128, num_layers=3, seed=2)
         print(f"built a tiny random SLM/LLM pair in {root} (removed afterwards)")
-        return _generate(args, slm, llm)
+        return _run_engine(args, run, slm, llm)
 
 
-def _generate(args: argparse.Namespace, slm: str | Path | None, llm: str | Path | None) -> int:
+def _run_engine(args: argparse.Namespace, run: Callable[[argparse.Namespace, Any], int], slm: str | Path | None,
+                llm: str | Path | None) -> int:
     from relaykern.engine.relay import RelayEngine
 
     if slm is None:
         print("error: give --slm DIR (and --llm DIR), or --tiny", file=sys.stderr)
         return 2
-    engine = RelayEngine(slm, llm, relay=RelayConfig(max_calls=args.max_calls),
-                         slm_config=EngineConfig(device=args.device),
-                         llm_config=EngineConfig(device=args.llm_device or args.device))
+    return run(args, RelayEngine(slm, llm, relay=RelayConfig(max_calls=args.max_calls),
+                                 slm_config=EngineConfig(device=args.device),
+                                 llm_config=EngineConfig(device=args.llm_device or args.device)))
+
+
+def _forced_commands(args: argparse.Namespace, tokenizer: Any) -> list[LogitsProcessor]:
+    return [force_command(tokenizer, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
+
+
+def _serve(args: argparse.Namespace, engine: Any) -> int:
+    from relaykern.engine.background import BackgroundEngine
+    from relaykern.server import serve
+
+    name = args.served_model_name or Path(args.slm or "tiny").name
+    serve(BackgroundEngine(engine), args.host, args.port, model_name=name, default_max_tokens=args.max_tokens,
+          logits_processors=_forced_commands(args, engine.tokenizer))
+    return 0
+
+
+def _generate(args: argparse.Namespace, engine: Any) -> int:
     tok = engine.tokenizer
-    processors = [force_command(tok, args.force_call_at, args.force_call_n)] if args.force_call_at >= 0 else []
+    processors = _forced_commands(args, tok)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
@@ -86,14 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relaykern", description=plain(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="relay prompts between an SLM and an LLM")
-    gen.add_argument("--slm", help="SLM checkpoint directory (HF format, safetensors)")
-    gen.add_argument("--llm", help="LLM checkpoint directory (same tokenizer); omit for SLM only")
-    gen.add_argument("--tiny", action="store_true", help="build a tiny random pair on the fly (demo, no download)")
+    _add_engine_arguments(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     gen.add_argument("--no-thinking", action="store_true", help="with --chat: Qwen3's non-thinking mode")
-    gen.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
-    gen.add_argument("--llm-device", help="the LLM's device (default: --device)")
     gen.add_argument("--max-tokens", type=int, default=48)
     gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -104,13 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--presence-penalty", type=float, default=0.0, help="0: off")
     gen.add_argument("--frequency-penalty", type=float, default=0.0, help="0: off")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-calls", type=int, default=5)
-    gen.add_argument("--force-call-at", type=int, default=-1,
-                     help="make the SLM write <call>N</call> at this response position (demo of a relay)")
-    gen.add_argument("--force-call-n", type=int, default=8)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--stream", action="store_true", help="print the text as it is written")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_engine_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0: any free port")
+    srv.add_argument("--served-model-name", help="the model name clients give (default: the SLM directory's)")
+    srv.add_argument("--max-tokens", type=int, default=1024, help="a chat request's max_tokens when it gives none")
+    srv.set_defaults(func=cmd_serve)
 
     # Listed for --help; main() hands their arguments to their own parsers.
     sub.add_parser("bench", help="run the benchmark suite (relaykern bench --help)")
@@ -118,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(relaykern train sft|grpo|sft-data|filter ...)")
     sub.add_parser("eval", help="accuracy and call ratio on a JSONL maths set (relaykern eval --help)")
     return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slm", help="SLM checkpoint directory (HF format, safetensors)")
+    parser.add_argument("--llm", help="LLM checkpoint directory (same tokenizer); omit for SLM only")
+    parser.add_argument("--tiny", action="store_true", help="build a tiny random pair on the fly (demo, no download)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
+    parser.add_argument("--llm-device", help="the LLM's device (default: --device)")
+    parser.add_argument("--max-calls", type=int, default=5)
+    parser.add_argument("--force-call-at", type=int, default=-1,
+                        help="make the SLM write <call>N</call> at this response position (demo of a relay)")
+    parser.add_argument("--force-call-n", type=int, default=8)
 
 
 def _delegate(module: str, argv: list[str]) -> int:

@@ -90,7 +90,8 @@ class SamplingParams:
                              f"{self.min_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+        if self.stop is not None and not (isinstance(self.stop, (list, tuple)) and
+                                          all(isinstance(s, str) and s for s in self.stop)):
             raise ValueError(f"SamplingParams.stop holds non-empty strings (token ids go in stop_token_ids), got "
                              f"{self.stop!r:.60}")
         if self.stop_token_ids is not None:

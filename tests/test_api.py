@@ -49,6 +49,7 @@ def test_generate_slm_alone_and_bad_input(slm_dir, tmp_path):
     ("top_k", 2.5, "must be an int"), ("max_tokens", 0, ">= 1"), ("max_tokens", 8.0, "must be an int"),
     ("seed", "7", "must be an int"), ("stop", [""], "non-empty"), ("stop_token_ids", [1.0], "must be ints"),
     ("stop", [151645], "token ids go in stop_token_ids"), ("stop", [b"x"], "non-empty strings"),
+    ("stop", 3, "non-empty strings"), ("stop_token_ids", 3, "must be ints"),
     ("temperature", "0.5", "must be a number"), ("top_p", True, "must be a number"),
     ("max_tokens", True, "must be an int"), ("logprobs", 5, "True or False"),
 ])

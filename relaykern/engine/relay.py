@@ -118,7 +118,7 @@ class RelayEngine:
                  llm_sampling: SamplingParams | None = None) -> list[RelayOutput]:
         """Runs the prompts to completion with continuous batching; outputs in prompt order. Interrupted (Ctrl-C),
         it aborts its requests, so the engine's next call does not run them."""
-        seqs = self._queue(prompts, sampling, llm_sampling)
+        seqs = self.add_requests(prompts, sampling, llm_sampling)
         try:
             while not all(s.finished for s in seqs):
                 self.step()
@@ -131,15 +131,13 @@ class RelayEngine:
                llm_sampling: SamplingParams | None = None) -> Iterator[tuple[int, Source, list[int]]]:
         """Yields ``(prompt index, source model, new token ids)`` as tokens are written. Closing the iterator early
         (a ``break``, a client gone) aborts its requests that have not finished."""
-        seqs = self._queue(prompts, sampling, llm_sampling)
+        seqs = self.add_requests(prompts, sampling, llm_sampling)
         try:
             while not all(s.finished for s in seqs):
                 self.step()
                 for index, seq in enumerate(seqs):
-                    for source, start, end in seq.spans:
-                        if end > seq.streamed:
-                            yield index, source, seq.response[max(start, seq.streamed):end]
-                    seq.streamed = len(seq.response)
+                    for source, start, end in seq.take_new_spans():
+                        yield index, source, seq.response[start:end]
         finally:
             for seq in seqs:
                 self.abort(seq)
@@ -155,10 +153,10 @@ class RelayEngine:
         request.finish("abort")
         self.scheduler.finish(request)
 
-    def _queue(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None,
-               llm_sampling: SamplingParams | None) -> list[Sequence]:
+    def add_requests(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None,
+                     llm_sampling: SamplingParams | None = None) -> list[Sequence]:
         """Queues a batch (one SamplingParams for all, or one per prompt) only once every request in it is valid: a
-        bad prompt leaves nothing half-submitted."""
+        bad prompt raises ValueError and leaves nothing half-submitted."""
         seqs = new_sequences(prompts, sampling, llm_sampling, self.tokenizer, self.slm, self.llm)
         for seq in seqs:
             self.scheduler.add(seq)

@@ -108,6 +108,12 @@ class Sequence:
             self.llm.tokens.append(token)
         return self.stop_rules[source].ends(token, self.text, before, len(self.response))
 
+    def take_new_spans(self) -> list[tuple[Source, int, int]]:
+        """The ``(source, start, end)`` runs of the response written since the last call (streaming's cursor)."""
+        new = [(source, max(start, self.streamed), end) for source, start, end in self.spans if end > self.streamed]
+        self.streamed = len(self.response)
+        return new
+
     def command_stays_text(self, relay: RelayConfig) -> bool:
         """Whether a command completed now would be left as text: no LLM, or ``max_calls`` served with
         ``after_max_calls="continue"`` (with ``"finish"`` it ends the request)."""
