@@ -1,6 +1,6 @@
 """``relaykern serve``: the OpenAI-compatible HTTP server over an engine stepped by its own thread."""
-import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -150,6 +150,17 @@ def test_a_bad_request_gets_400_naming_the_problem_and_the_server_goes_on(server
     assert post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2})[0] == 200
 
 
+def test_a_bug_serving_one_request_is_a_500_naming_it(server, monkeypatch):
+    from relaykern.server import app
+
+    def broken(*args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(app, "parse_request", broken)
+    status, reply = post(server, "/v1/completions", {"prompt": "x"})
+    assert status == 500 and reply["error"]["message"] == "KeyError: 'oops'"
+
+
 def test_routes_health_and_models(server):
     assert get(server, "/health") == (200, {"status": "ok"})
     assert get(server, "/v1/models")[1]["data"][0]["id"] == "tiny-relay"
@@ -157,22 +168,30 @@ def test_routes_health_and_models(server):
     assert post(server, "/v1/embeddings", {})[0] == 404
 
 
-def test_a_client_leaving_a_stream_aborts_its_request(server, monkeypatch):
-    """The server notices at its next write; the request is aborted and its KV blocks freed."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_aborts_its_request(server, monkeypatch, stream):
+    """The server notices at its next write, or (waiting for a whole reply) within half a second; the request is
+    aborted and its KV blocks freed."""
     background, submitted = server.background, []
 
     def submit(*args):
         submitted.append(BackgroundEngine.submit(background, *args))
         return submitted[-1]
 
+    def slow_step(step=background.engine.step):  # (400 tokens take 4 s at least: the client leaves before)
+        time.sleep(0.01)
+        step()
+
     monkeypatch.setattr(background, "submit", submit)
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
-    connection.request("POST", "/v1/completions", body=json.dumps(
-        {"prompt": "Count", "max_tokens": 400, "ignore_eos": True, "stream": True}))
-    response = connection.getresponse()
-    assert response.readline().startswith(b"data: ")
-    response.close()  # (the response holds the socket open too)
-    connection.close()
+    monkeypatch.setattr(background.engine, "step", slow_step)
+    body = json.dumps({"prompt": "Count", "max_tokens": 400, "ignore_eos": True, "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=60) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        if stream:
+            assert client.recv(64).startswith(b"HTTP/1.0 200")
+        else:
+            while not submitted:
+                time.sleep(0.01)
     deadline = time.monotonic() + 60
     while background.live and time.monotonic() < deadline:
         time.sleep(0.05)

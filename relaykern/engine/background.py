@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
 from relaykern.config import SamplingParams
 from relaykern.engine.relay import RelayEngine
@@ -54,18 +55,26 @@ class Submission:
         self.seqs: list[Sequence] = []
         self.queue: queue.SimpleQueue[Delta | Done] = queue.SimpleQueue()
 
-    def events(self) -> Iterator[Delta | Done]:
-        """Blocks for each event until every prompt is done."""
-        left = self.size
+    def events(self, heartbeat: Callable[[], None] | None = None, every_s: float = 0.5) -> Iterator[Delta | Done]:
+        """Blocks for each event until every prompt is done; ``heartbeat()`` runs every ``every_s`` seconds or so
+        meanwhile (a server checks there that its client is still connected)."""
+        left, beat = self.size, time.monotonic()
         while left:
-            event = self.queue.get()
-            left -= isinstance(event, Done)
-            yield event
+            try:
+                event = self.queue.get(timeout=every_s if heartbeat else None)
+            except queue.Empty:
+                event = None
+            if heartbeat and time.monotonic() - beat >= every_s:
+                heartbeat()
+                beat = time.monotonic()
+            if event is not None:
+                left -= isinstance(event, Done)
+                yield event
 
-    def results(self) -> list[RelayOutput]:
-        """Waits for every prompt's output; in prompt order."""
+    def results(self, heartbeat: Callable[[], None] | None = None) -> list[RelayOutput]:
+        """Waits for every prompt's output (see ``events``); in prompt order."""
         outputs: list[RelayOutput | None] = [None] * self.size
-        for event in self.events():
+        for event in self.events(heartbeat):
             if isinstance(event, Done):
                 outputs[event.index] = event.output
         return outputs

@@ -1,7 +1,7 @@
 """``relaykern serve``: an OpenAI-compatible HTTP server (``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /health``) over one engine stepped by its own thread, so concurrent requests share its
-batches. Streams are server-sent events (``"stream": true``), ended by ``data: [DONE]``; a client that leaves a
-stream aborts its requests. Built on the standard library's threading HTTP server: a thread per connection, which
+batches. Streams are server-sent events (``"stream": true``), ended by ``data: [DONE]``; a client that leaves
+aborts its requests (a waiting handler looks every half second). Built on the standard library's threading HTTP server: a thread per connection, which
 only waits on its requests' tokens.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import select
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
 
@@ -73,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_error(503, str(err), "engine_dead")
         except ValueError as err:  # bad JSON, a field relaykern cannot serve, a prompt too long, ...
             return self._send_error(400, str(err), "invalid_request_error")
+        except Exception as err:  # noqa: BLE001 - a bug in serving one request must not cost the client its answer
+            log.exception("relaykern: a request failed")
+            return self._send_error(500, f"{type(err).__name__}: {err}", "internal_error")
         reply = Reply(request.chat, self.server.model_name)
         try:
             if request.stream:
@@ -82,8 +87,14 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client left: its requests need not run on
             submission.cancel()
 
+    def _client_still_there(self) -> None:
+        """Raises ConnectionResetError once the client has closed its side (its socket reads as ended)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            raise ConnectionResetError("the client closed the connection")
+
     def _respond(self, reply: Reply, submission: Submission) -> None:
-        outputs = submission.results()
+        outputs = submission.results(heartbeat=self._client_still_there)
         token_bytes = self.server.background.engine.token_bytes
         choices = [reply.choice(i, out.text, out.finish_reason,
                                 logprobs_body(reply.chat, token_bytes, out.token_ids, out.logprobs),
@@ -99,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
         texts = [TextStream(engine.tokenizer) for _ in request.prompts]
         started: set[int] = set()
         outputs = [None] * len(request.prompts)
-        for event in submission.events():
+        for event in submission.events(heartbeat=self._client_still_there):
             first = event.index not in started
             started.add(event.index)
             if isinstance(event, Delta):
