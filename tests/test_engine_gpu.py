@@ -129,6 +129,26 @@ def test_relay_on_gpu_equals_reference(slm_dir, llm_dir, slm_model, llm_model, t
     assert all(o.stats.calls == 2 for o in ours)
 
 
+def test_an_engine_stepped_by_its_own_thread_on_gpu_gives_the_same_tokens(slm_dir, llm_dir, tokenizer):
+    """``BackgroundEngine`` (``relaykern serve``'s): the engine thread launches on each model's device and streams,
+    submissions from two threads share its batches, and every request writes what ``generate`` writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relaykern.engine.background import BackgroundEngine
+
+    engine = RelayEngine(slm_dir, llm_dir, slm_config=gpu_config(), llm_config=gpu_config())
+    prompts = [text_tokens(tokenizer, f"Question {i}") for i in range(4)]
+    sampling = SamplingParams(temperature=0, max_tokens=24, logits_processors=[force_tokens(
+        {3: command_tokens(tokenizer, 5)})])
+    alone = engine.generate(prompts, sampling)
+    with BackgroundEngine(engine) as background, ThreadPoolExecutor(2) as pool:
+        halves = pool.map(lambda half: background.submit(half, sampling).results(), [prompts[:2], prompts[2:]])
+        threaded = [out for half in halves for out in half]
+    assert [(o.token_ids, o.spans) for o in threaded] == [(o.token_ids, o.spans) for o in alone]
+    assert all(o.stats.calls == 1 for o in threaded)
+    assert_no_blocks_held(engine)
+
+
 @pytest.mark.parametrize("lagging", [False, True], ids=["llm_read_when_ready", "llm_read_late"])
 def test_random_aborts_on_gpu_change_no_other_output(slm_dir, llm_dir, tokenizer, lagging):
     """The blocks of an aborted request go to others at once while its rows may still be in flight (overlapped steps,
