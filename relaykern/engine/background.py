@@ -84,7 +84,8 @@ class Submission:
 
 
 class BackgroundEngine:
-    """Steps ``engine`` on its own thread until ``close()`` (or the ``with`` block ends)."""
+    """Steps ``engine`` on its own thread until ``close()`` (or the ``with`` block ends); meanwhile no other
+    thread may call the engine's methods (``generate``, ``step``, ``load_slm_weights``...)."""
 
     def __init__(self, engine: RelayEngine) -> None:
         self.engine = engine
