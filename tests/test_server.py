@@ -129,6 +129,7 @@ def test_a_chat_stream_gives_the_tokens_of_the_plain_reply_with_the_model_that_w
 
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/completions", {"prompt": "x", "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "include_stop_str_in_output": False}, "the stop string in the text"),
     ("/v1/completions", {"prompt": "x", "tempreature": 0}, "unsupported field(s): tempreature"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature must be finite and >= 0"),
     ("/v1/completions", {"prompt": [10**9]}, "out of range"),

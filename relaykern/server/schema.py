@@ -20,7 +20,8 @@ from relaykern.outputs import RelayOutput
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "max_tokens", "min_tokens", "seed", "stop", "stop_token_ids", "ignore_eos")
 """Request fields that go to ``SamplingParams`` as they are (vLLM's extra fields included)."""
-COMMON_FIELDS = ("model", "stream", "stream_options", "user", "n", "llm_sampling", "logprobs")
+COMMON_FIELDS = ("model", "stream", "stream_options", "user", "n", "llm_sampling", "logprobs",
+                 "include_stop_str_in_output")
 COMPLETION_FIELDS = COMMON_FIELDS + SAMPLING_FIELDS + ("prompt", "echo", "best_of")
 CHAT_FIELDS = COMMON_FIELDS + SAMPLING_FIELDS + ("messages", "max_completion_tokens", "top_logprobs",
                                                  "chat_template_kwargs")
@@ -53,10 +54,11 @@ def parse_request(body: Any, chat: bool, apply_chat_template: Any, default_max_t
     unknown = sorted(set(fields) - set(CHAT_FIELDS if chat else COMPLETION_FIELDS))
     if unknown:
         raise BadRequest(f"unsupported field(s): {', '.join(unknown)}")
-    for name, served in (("n", 1), ("best_of", 1), ("echo", False)):
+    for name, served, why in (("n", 1, "one choice per prompt"), ("best_of", 1, "one choice per prompt"),
+                              ("echo", False, "the completion only"),
+                              ("include_stop_str_in_output", True, "the stop string in the text")):
         if name in fields and fields[name] != served:
-            raise BadRequest(f"{name} must be {served!r} (relaykern returns one choice per prompt), got "
-                             f"{fields[name]!r}")
+            raise BadRequest(f"{name} must be {served!r} (relaykern returns {why}), got {fields[name]!r}")
     sampling = {name: fields[name] for name in SAMPLING_FIELDS if name in fields}
     if chat:
         prompts = [_chat_prompt(fields, apply_chat_template)]
