@@ -175,8 +175,8 @@ def test_a_client_that_leaves_aborts_its_request(server, monkeypatch, stream):
     aborted and its KV blocks freed."""
     background, submitted = server.background, []
 
-    def submit(*args):
-        submitted.append(BackgroundEngine.submit(background, *args))
+    def submit(*args, **kwargs):
+        submitted.append(BackgroundEngine.submit(background, *args, **kwargs))
         return submitted[-1]
 
     def slow_step(step=background.engine.step):  # (400 tokens take 4 s at least: the client leaves before)
@@ -267,3 +267,32 @@ def test_cli_serve_answers_as_the_model_it_names_until_stopped(slm_dir, llm_dir,
     (status, reply), = replies
     assert status == 200 and reply["model"] == "m" and reply["choices"][0]["relay"]["llm_tokens"] == 3
     assert "serving m on http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_queued_deltas_come_merged_per_prompt_and_model_in_order():
+    """A reader slower than the engine gets what queued up as fewer, larger deltas: each prompt's consecutive
+    tokens from one model joined, each prompt's order kept."""
+    from relaykern.engine.background import Delta, Done, Submission
+
+    submission = Submission(None, size=2, stream=True)
+    outputs = [object(), object()]
+    for event in [Delta(0, "slm", [1], [-0.1]), Delta(1, "slm", [5], [-0.5]), Delta(0, "slm", [2], [-0.2]),
+                  Delta(0, "llm", [3], [-0.3]), Delta(0, "llm", [4], [-0.4]), Done(1, outputs[1]),
+                  Done(0, outputs[0])]:
+        submission.queue.put(event)
+    assert list(submission.events()) == [Delta(0, "slm", [1, 2], [-0.1, -0.2]), Delta(1, "slm", [5], [-0.5]),
+                                         Delta(0, "llm", [3, 4], [-0.3, -0.4]), Done(1, outputs[1]),
+                                         Done(0, outputs[0])]
+
+
+def test_a_submission_that_does_not_stream_gets_its_outputs_only(slm_dir):
+    engine = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))
+    sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = engine.generate([[1, 2, 3], [4, 5]], sampling)
+    with BackgroundEngine(engine) as background:
+        for stream in (False, True):
+            events = list(background.submit([[1, 2, 3], [4, 5]], sampling, stream=stream).events())
+            deltas = [e for e in events if not hasattr(e, "output")]
+            assert (len(deltas) > 0) == stream
+            assert sorted((e.index, e.output.token_ids) for e in events if hasattr(e, "output")) == \
+                [(i, out.token_ids) for i, out in enumerate(alone)]

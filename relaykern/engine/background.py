@@ -46,28 +46,33 @@ class Done:
 
 
 class Submission:
-    """Prompts submitted together: ``events()`` yields their ``Delta``s and ``Done``s as they come; ``cancel()``
-    aborts those not finished (each still ends with a ``Done``, ``finish_reason="abort"``)."""
+    """Prompts submitted together: ``events()`` yields their ``Delta``s (unless submitted with ``stream=False``) and
+    ``Done``s as they come; ``cancel()`` aborts those not finished (each still ends with a ``Done``,
+    ``finish_reason="abort"``)."""
 
-    def __init__(self, background: BackgroundEngine, size: int) -> None:
+    def __init__(self, background: BackgroundEngine, size: int, stream: bool) -> None:
         self.background = background
         self.size = size
+        self.stream = stream
         self.seqs: list[Sequence] = []
         self.queue: queue.SimpleQueue[Delta | Done] = queue.SimpleQueue()
 
     def events(self, heartbeat: Callable[[], None] | None = None, every_s: float = 0.5) -> Iterator[Delta | Done]:
         """Blocks for each event until every prompt is done; ``heartbeat()`` runs every ``every_s`` seconds or so
-        meanwhile (a server checks there that its client is still connected)."""
+        meanwhile (a server checks there that its client is still connected). The deltas of a prompt that queued up
+        while the reader was busy come as one (a reader slower than the engine catches up in fewer, larger ones)."""
         left, beat = self.size, time.monotonic()
         while left:
             try:
-                event = self.queue.get(timeout=every_s if heartbeat else None)
+                arrived = [self.queue.get(timeout=every_s if heartbeat else None)]
+                while True:
+                    arrived.append(self.queue.get_nowait())
             except queue.Empty:
-                event = None
+                pass
             if heartbeat and time.monotonic() - beat >= every_s:
                 heartbeat()
                 beat = time.monotonic()
-            if event is not None:
+            for event in _merged(arrived):
                 left -= isinstance(event, Done)
                 yield event
 
@@ -81,6 +86,21 @@ class Submission:
 
     def cancel(self) -> None:
         self.background.commands.put(("cancel", self))
+
+
+def _merged(events: list[Delta | Done]) -> list[Delta | Done]:
+    """``events`` with each prompt's consecutive deltas from one model joined (each prompt's order kept)."""
+    merged: list[Delta | Done] = []
+    open_delta: dict[int, Delta] = {}
+    for event in events:
+        last = open_delta.get(event.index)
+        if isinstance(event, Delta) and last is not None and last.source == event.source:
+            last.token_ids = last.token_ids + event.token_ids
+            last.logprobs = None if last.logprobs is None else last.logprobs + event.logprobs
+            continue
+        merged.append(event)
+        open_delta[event.index] = event if isinstance(event, Delta) else None
+    return merged
 
 
 class BackgroundEngine:
@@ -97,10 +117,10 @@ class BackgroundEngine:
         self.thread.start()
 
     def submit(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
-               llm_sampling: SamplingParams | None = None) -> Submission:
+               llm_sampling: SamplingParams | None = None, stream: bool = True) -> Submission:
         """Queues the prompts (all or none: a bad one raises ValueError, as ``RelayEngine.add_requests``); raises
-        ``EngineDead`` once the thread has stopped."""
-        submission = Submission(self, len(prompts))
+        ``EngineDead`` once the thread has stopped. ``stream=False``: their outputs only, no deltas."""
+        submission = Submission(self, len(prompts), stream)
         admitted: Future[None] = Future()
         self.commands.put(("add", submission, list(prompts), sampling, llm_sampling, admitted))
         if self.failure is not None and not admitted.done():  # (stopped before it could take the command)
@@ -171,7 +191,7 @@ class BackgroundEngine:
     def _publish(self) -> None:
         """Hands each live request's new tokens, then (finished) its output, to its submission."""
         for seq, (submission, index) in list(self.live.items()):
-            for source, start, end in seq.take_new_spans():
+            for source, start, end in seq.take_new_spans() if submission.stream else ():
                 logprobs = seq.logprobs[start:end] if seq.sampling.logprobs else None
                 submission.queue.put(Delta(index, source, seq.response[start:end], logprobs))
             if seq.finished:

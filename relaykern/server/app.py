@@ -70,7 +70,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.server.logits_processors:
                 sampling = dataclasses.replace(sampling, logits_processors=[*sampling.logits_processors,
                                                                             *self.server.logits_processors])
-            submission = self.server.background.submit(request.prompts, sampling, request.llm_sampling)
+            submission = self.server.background.submit(request.prompts, sampling, request.llm_sampling,
+                                                       stream=request.stream)
         except EngineDead as err:
             return self._send_error(503, str(err), "engine_dead")
         except ValueError as err:  # bad JSON, a field relaykern cannot serve, a prompt too long, ...
