@@ -1,8 +1,8 @@
 """``relaykern serve``: an OpenAI-compatible HTTP server (``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /health``) over one engine stepped by its own thread, so concurrent requests share its
 batches. Streams are server-sent events (``"stream": true``), ended by ``data: [DONE]``; a client that leaves
-aborts its requests (a waiting handler looks every half second). Built on the standard library's threading HTTP server: a thread per connection, which
-only waits on its requests' tokens.
+aborts its requests (a waiting handler looks every half second). Built on the standard library's threading HTTP
+server: a thread per connection, which only waits on its requests' tokens.
 """
 from __future__ import annotations
 
