@@ -285,6 +285,23 @@ def test_queued_deltas_come_merged_per_prompt_and_model_in_order():
                                          Done(0, outputs[0])]
 
 
+def test_a_reader_waiting_longer_than_a_heartbeat_beats_and_gets_every_event(slm_dir, monkeypatch):
+    engine = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))
+    sampling = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    alone = engine.generate([[1, 2, 3]], sampling)
+
+    def slow_step(step=engine.step):  # (longer than a heartbeat: the reader's wait times out between events)
+        time.sleep(0.03)
+        step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    beats = []
+    with BackgroundEngine(engine) as background:
+        events = list(background.submit([[1, 2, 3]], sampling).events(lambda: beats.append(1), every_s=0.01))
+    assert len(beats) >= 5 and sum((e.token_ids for e in events[:-1]), []) == alone[0].token_ids
+    assert events[-1].output.token_ids == alone[0].token_ids
+
+
 def test_a_submission_that_does_not_stream_gets_its_outputs_only(slm_dir):
     engine = RelayEngine(slm_dir, slm_config=EngineConfig(device="cpu"))
     sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

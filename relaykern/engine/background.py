@@ -63,8 +63,9 @@ class Submission:
         while the reader was busy come as one (a reader slower than the engine catches up in fewer, larger ones)."""
         left, beat = self.size, time.monotonic()
         while left:
+            arrived: list[Delta | Done] = []
             try:
-                arrived = [self.queue.get(timeout=every_s if heartbeat else None)]
+                arrived.append(self.queue.get(timeout=every_s if heartbeat else None))
                 while True:
                     arrived.append(self.queue.get_nowait())
             except queue.Empty:
