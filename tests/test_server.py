@@ -101,6 +101,22 @@ def test_a_batch_relays_as_the_reference_does_and_concurrent_requests_share_the_
                                                                                 for w in expected[:2])}
 
 
+def test_n_choices_per_prompt_come_in_openai_order_each_drawn_with_its_own_seed(server):
+    """``n`` choices of each prompt at ``i * n + j``; choice j draws with seed + j, so they differ and a request
+    asking for that seed alone writes choice j again; usage counts each prompt once."""
+    body = {"prompt": ["Roll a die", "Flip a coin"], "n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 8}
+    status, reply = post(server, "/v1/completions", body)
+    assert status == 200 and [c["index"] for c in reply["choices"]] == list(range(6))
+    ids = [c["token_ids"] for c in reply["choices"]]
+    assert len({tuple(i) for i in ids[:3]}) == 3
+    assert post(server, "/v1/completions", body)[1]["choices"] == reply["choices"]
+    first = post(server, "/v1/completions", {**body, "prompt": "Roll a die", "n": 1})[1]
+    fifth = post(server, "/v1/completions", {**body, "prompt": "Flip a coin", "n": 1, "seed": 6})[1]
+    assert first["choices"][0]["token_ids"] == ids[0] and fifth["choices"][0]["token_ids"] == ids[4]
+    assert reply["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"] + fifth["usage"]["prompt_tokens"]
+    assert reply["usage"]["completion_tokens"] == sum(len(i) for i in ids)
+
+
 def test_a_chat_stream_gives_the_tokens_of_the_plain_reply_with_the_model_that_wrote_them(server):
     """Streamed chunks join to the non-streamed reply's text and ids; each names its model (the LLM's 3 tokens are
     ``llm``); the first delta names the role, the last carries the finish reason and the relay's account, then
@@ -128,7 +144,8 @@ def test_a_chat_stream_gives_the_tokens_of_the_plain_reply_with_the_model_that_w
 
 
 @pytest.mark.parametrize("path, body, message", [
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n must be an int >= 1"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}, "best_of must be 2"),
     ("/v1/completions", {"prompt": "x", "include_stop_str_in_output": False}, "the stop string in the text"),
     ("/v1/completions", {"prompt": "x", "tempreature": 0}, "unsupported field(s): tempreature"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature must be finite and >= 0"),

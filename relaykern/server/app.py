@@ -66,11 +66,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             request = parse_request(self._read_json(), ROUTES[path], self.server.background.engine.tokenizer
                                     .apply_chat_template, self.server.default_max_tokens)
-            sampling = request.sampling
-            if self.server.logits_processors:
-                sampling = dataclasses.replace(sampling, logits_processors=[*sampling.logits_processors,
-                                                                            *self.server.logits_processors])
-            submission = self.server.background.submit(request.prompts, sampling, request.llm_sampling,
+            extra = self.server.logits_processors
+            samplings = [dataclasses.replace(s, logits_processors=[*s.logits_processors, *extra])
+                         for s in request.samplings] if extra else request.samplings
+            submission = self.server.background.submit(request.prompts, samplings, request.llm_sampling,
                                                        stream=request.stream)
         except EngineDead as err:
             return self._send_error(503, str(err), "engine_dead")
@@ -84,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(reply, request, submission)
             else:
-                self._respond(reply, submission)
+                self._respond(reply, request, submission)
         except (BrokenPipeError, ConnectionResetError):  # the client left: its requests need not run on
             submission.cancel()
 
@@ -94,13 +93,13 @@ class Handler(BaseHTTPRequestHandler):
         if readable and not self.connection.recv(1, socket.MSG_PEEK):
             raise ConnectionResetError("the client closed the connection")
 
-    def _respond(self, reply: Reply, submission: Submission) -> None:
+    def _respond(self, reply: Reply, request: Request, submission: Submission) -> None:
         outputs = submission.results(heartbeat=self._client_still_there)
         token_bytes = self.server.background.engine.token_bytes
         choices = [reply.choice(i, out.text, out.finish_reason,
                                 logprobs_body(reply.chat, token_bytes, out.token_ids, out.logprobs),
                                 token_ids=out.token_ids, relay=relay_info(out)) for i, out in enumerate(outputs)]
-        self._send_json(200, reply.body(choices, usage=usage(outputs)))
+        self._send_json(200, reply.body(choices, usage=usage(outputs, request.n)))
 
     def _stream(self, reply: Reply, request: Request, submission: Submission) -> None:
         self.send_response(200)
@@ -123,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
                                       delta=True, first=first, relay=relay_info(event.output))
             self._send_event(reply.body([choice], chunk=True))
         if request.include_usage:
-            self._send_event(reply.body([], chunk=True, usage=usage(outputs)))
+            self._send_event(reply.body([], chunk=True, usage=usage(outputs, request.n)))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

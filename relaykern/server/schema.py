@@ -1,7 +1,7 @@
 """OpenAI-style request bodies to relaykern's settings, and relaykern's outputs to OpenAI-style response bodies.
 
 A request is checked whole before anything runs: a field relaykern does not know, or a value it cannot serve
-(``n > 1``, top-n log-probs, tools), is a ``BadRequest`` naming it, never silently dropped. Each choice also says how
+(top-n log-probs, ``echo``), is a ``BadRequest`` naming it, never silently dropped. Each choice also says how
 the relay went (``relay``: who wrote which tokens, the calls, the call ratio) and holds its ``token_ids``; each
 streamed chunk names the model that wrote it (``source``).
 """
@@ -35,11 +35,13 @@ class BadRequest(ValueError):
 
 @dataclass
 class Request:
-    """What one HTTP request asks for: prompts (strings or token id lists), each model's sampling, how to answer."""
+    """What one HTTP request asks for: a prompt (a string or token ids) and the SLM's sampling per choice (``n`` a
+    prompt, in OpenAI's order: prompt i's j-th at ``i * n + j``), the LLM's sampling, how to answer."""
 
     chat: bool
     prompts: list[str | list[int]]
-    sampling: SamplingParams
+    samplings: list[SamplingParams]
+    n: int
     llm_sampling: SamplingParams | None
     stream: bool
     include_usage: bool
@@ -54,7 +56,10 @@ def parse_request(body: Any, chat: bool, apply_chat_template: Any, default_max_t
     unknown = sorted(set(fields) - set(CHAT_FIELDS if chat else COMPLETION_FIELDS))
     if unknown:
         raise BadRequest(f"unsupported field(s): {', '.join(unknown)}")
-    for name, served, why in (("n", 1, "one choice per prompt"), ("best_of", 1, "one choice per prompt"),
+    n = fields.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BadRequest(f"n must be an int >= 1 (choices per prompt), got {n!r}")
+    for name, served, why in (("best_of", n, "the n choices it samples, none ranked out"),
                               ("echo", False, "the completion only"),
                               ("include_stop_str_in_output", True, "the stop string in the text")):
         if name in fields and fields[name] != served:
@@ -80,7 +85,11 @@ def parse_request(body: Any, chat: bool, apply_chat_template: Any, default_max_t
     llm_fields = fields.get("llm_sampling")
     if llm_fields is not None and not isinstance(llm_fields, dict):
         raise BadRequest("llm_sampling must be an object of sampling fields")
-    return Request(chat=chat, prompts=prompts, sampling=_sampling_params(sampling, logprobs, "request"),
+    base = _sampling_params(sampling, logprobs, "request")
+    # The n choices of a prompt differ: choice j draws with seed + j (reproducible when a seed is given).
+    choices = [base if base.seed is None or j == 0 else dataclasses.replace(base, seed=base.seed + j)
+               for j in range(n)]
+    return Request(chat=chat, prompts=[p for p in prompts for _ in range(n)], samplings=choices * len(prompts), n=n,
                    llm_sampling=None if llm_fields is None else _sampling_params(llm_fields, False, "llm_sampling"),
                    stream=_flag(fields, "stream"), include_usage=_flag(options, "include_usage"), logprobs=logprobs)
 
@@ -177,8 +186,9 @@ def relay_info(output: RelayOutput) -> dict[str, Any]:
     return {**info, "error": output.error} if output.error else info
 
 
-def usage(outputs: list[RelayOutput]) -> dict[str, int]:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+def usage(outputs: list[RelayOutput], n: int) -> dict[str, int]:
+    """Token counts, each prompt's counted once for its ``n`` choices (as OpenAI's)."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs[::n])
     completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
