@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +57,8 @@ def _serve(args: argparse.Namespace, engine: Any) -> int:
 
     name = args.served_model_name or Path(args.slm or "tiny").name
     serve(BackgroundEngine(engine), args.host, args.port, model_name=name, default_max_tokens=args.max_tokens,
-          logits_processors=_forced_commands(args, engine.tokenizer))
+          logits_processors=_forced_commands(args, engine.tokenizer),
+          api_key=args.api_key or os.environ.get("RELAYKERN_API_KEY"))
     return 0
 
 
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="0: any free port")
     srv.add_argument("--served-model-name", help="the model name clients give (default: the SLM directory's)")
     srv.add_argument("--max-tokens", type=int, default=1024, help="a chat request's max_tokens when it gives none")
+    srv.add_argument("--api-key", help="answer only requests with 'Authorization: Bearer KEY' (default: "
+                                       "$RELAYKERN_API_KEY; none: open)")
     srv.set_defaults(func=cmd_serve)
 
     # Listed for --help; main() hands their arguments to their own parsers.

@@ -33,10 +33,10 @@ def server(slm_dir, llm_dir, tokenizer):
         httpd.server_close()
 
 
-def post(server, path: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+def post(server, path: str, body, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -179,6 +179,16 @@ def test_a_bug_serving_one_request_is_a_500_naming_it(server, monkeypatch):
     assert status == 500 and reply["error"]["message"] == "KeyError: 'oops'"
 
 
+def test_with_an_api_key_the_v1_routes_answer_only_requests_that_carry_it(server, monkeypatch):
+    monkeypatch.setattr(server, "api_key", "s3cret")
+    assert post(server, "/v1/completions", {"prompt": "x"})[0] == 401
+    status, reply = post(server, "/v1/completions", {"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+    assert status == 401 and "API key" in reply["error"]["message"]
+    assert get(server, "/v1/models")[0] == 401 and get(server, "/health")[0] == 200
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2},
+                headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
 def test_routes_health_and_models(server):
     assert get(server, "/health") == (200, {"status": "ok"})
     assert get(server, "/v1/models")[1]["data"][0]["id"] == "tiny-relay"
@@ -273,14 +283,15 @@ def test_cli_serve_answers_as_the_model_it_names_until_stopped(slm_dir, llm_dir,
     def serve_one_request(httpd):
         thread = threading.Thread(target=served, args=(httpd,))
         thread.start()
-        replies.append(post(httpd, "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 12}))
+        replies.append(post(httpd, "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 12},
+                            headers={"Authorization": "Bearer k"}))
         httpd.shutdown()
         thread.join()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(app.RelayServer, "serve_forever", serve_one_request)
     assert cli_main(["serve", "--slm", str(slm_dir), "--llm", str(llm_dir), "--device", "cpu", "--port", "0",
-                     "--served-model-name", "m", "--force-call-at", "2", "--force-call-n", "3"]) == 0
+                     "--served-model-name", "m", "--force-call-at", "2", "--force-call-n", "3", "--api-key", "k"]) == 0
     (status, reply), = replies
     assert status == 200 and reply["model"] == "m" and reply["choices"][0]["relay"]["llm_tokens"] == 3
     assert "serving m on http://127.0.0.1:" in capsys.readouterr().out

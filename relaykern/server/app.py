@@ -7,6 +7,7 @@ server: a thread per connection, which only waits on its requests' tokens.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
 import select
@@ -30,18 +31,20 @@ MAX_BODY_BYTES = 64 << 20
 class RelayServer(ThreadingHTTPServer):
     """Serves ``background``'s engine at ``address`` (port 0: any free port, see ``server_port``) as ``model_name``.
     ``default_max_tokens`` is a chat request's ``max_tokens`` when it gives none; ``logits_processors`` are applied
-    to every request's SLM (the demo's scripted commands)."""
+    to every request's SLM (the demo's scripted commands). With an ``api_key``, the ``/v1`` routes answer only
+    requests that carry it (``Authorization: Bearer <key>``, as OpenAI's clients send it); ``/health`` stays open."""
 
     daemon_threads = True
 
     def __init__(self, background: BackgroundEngine, address: tuple[str, int] = ("127.0.0.1", 8000),
                  model_name: str = "relaykern", default_max_tokens: int = 1024,
-                 logits_processors: Sequence[LogitsProcessor] = ()) -> None:
+                 logits_processors: Sequence[LogitsProcessor] = (), api_key: str | None = None) -> None:
         super().__init__(address, Handler)
         self.background = background
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.logits_processors = tuple(logits_processors)
+        self.api_key = api_key
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -54,6 +57,8 @@ class Handler(BaseHTTPRequestHandler):
             if background.alive:
                 return self._send_json(200, {"status": "ok"})
             return self._send_error(503, f"the engine is not running: {background.failure}", "engine_dead")
+        if not self._authorized():
+            return None
         if path == "/v1/models":
             return self._send_json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "owned_by": "relaykern"}]})
@@ -61,6 +66,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0]
+        if not self._authorized():
+            return None
         if path not in ROUTES:
             return self._send_error(404, f"no route POST {path}", "not_found")
         try:
@@ -127,6 +134,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     # ------------------------------------------------------------------ plumbing
+    def _authorized(self) -> bool:
+        """True, or (a key is set and the request does not carry it) False with a 401 sent."""
+        key = self.server.api_key
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+            return True
+        self._send_error(401, "a valid API key is needed: Authorization: Bearer <key>", "authentication_error")
+        return False
+
     def _read_json(self) -> Any:
         try:
             length = int(self.headers.get("Content-Length", ""))
