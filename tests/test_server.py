@@ -117,6 +117,17 @@ def test_n_choices_per_prompt_come_in_openai_order_each_drawn_with_its_own_seed(
     assert reply["usage"]["completion_tokens"] == sum(len(i) for i in ids)
 
 
+def test_a_stream_of_several_choices_names_each_chunk_s_choice(server):
+    body = {"prompt": ["One", "Two"], "n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 12}
+    plain = post(server, "/v1/completions", body)[1]["choices"]
+    events = stream_events(server, "/v1/completions", body)[:-1]
+    for choice in plain:
+        chunks = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in chunks) == choice["text"]
+        assert sum((c.get("token_ids", []) for c in chunks), []) == choice["token_ids"]
+        assert [c["finish_reason"] for c in chunks][-1] == "length"
+
+
 def test_a_chat_stream_gives_the_tokens_of_the_plain_reply_with_the_model_that_wrote_them(server):
     """Streamed chunks join to the non-streamed reply's text and ids; each names its model (the LLM's 3 tokens are
     ``llm``); the first delta names the role, the last carries the finish reason and the relay's account, then
