@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relaykern.config import SamplingParams
@@ -45,7 +45,6 @@ class Request:
     llm_sampling: SamplingParams | None
     stream: bool
     include_usage: bool
-    logprobs: bool
 
 
 def parse_request(body: Any, chat: bool, apply_chat_template: Any, default_max_tokens: int) -> Request:
@@ -91,7 +90,7 @@ def parse_request(body: Any, chat: bool, apply_chat_template: Any, default_max_t
                for j in range(n)]
     return Request(chat=chat, prompts=[p for p in prompts for _ in range(n)], samplings=choices * len(prompts), n=n,
                    llm_sampling=None if llm_fields is None else _sampling_params(llm_fields, False, "llm_sampling"),
-                   stream=_flag(fields, "stream"), include_usage=_flag(options, "include_usage"), logprobs=logprobs)
+                   stream=_flag(fields, "stream"), include_usage=_flag(options, "include_usage"))
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -154,12 +153,11 @@ class Reply:
 
     chat: bool
     model: str
-    id: str = ""
-    created: int = 0
+    id: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()), init=False)
 
     def __post_init__(self) -> None:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
 
     def body(self, choices: list[dict[str, Any]], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         kind = ("chat.completion" + ".chunk" * chunk) if self.chat else "text_completion"
